@@ -1,0 +1,111 @@
+"""Singular values and thin/top-k SVD with one entry point and several methods.
+
+Methods
+-------
+``exact``       LAPACK/cuSOLVER SVD (``torch.linalg.svd``); the reference.
+``gram``        ``eigvalsh``/``eigh`` of the smaller Gram matrix; the fastest way to a
+                full spectrum, accurate to about ``ε·σ₁`` (see :mod:`.gram`).
+``randomized``  Gaussian sketch + power iterations; for the top ``k ≪ min(m, n)``.
+``auto``        picks one by shape and ``k`` (rules in :func:`choose_method`).
+
+Every method works on batches ``(..., m, n)``, on any device, computes fp16/bf16
+inputs in fp32 (or in ``dtype`` when given, e.g. ``torch.float64``) and returns
+singular values in descending order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SpectrakitError
+from ._prepare import as_matrix, check_rank
+from .gram import gram_svd, gram_svdvals
+from .randomized import randomized_svd
+
+METHODS = ("auto", "exact", "gram", "randomized")
+
+# Below this smaller side an exact SVD costs little, so auto keeps full accuracy.
+_SMALL_SIDE = 128
+# Randomized only pays off when k is a small fraction of the smaller side.
+_RANDOMIZED_FRACTION = 0.125
+_RANDOMIZED_MIN_SIDE = 256
+
+
+def choose_method(shape: tuple[int, ...], k: int | None, want_vectors: bool) -> str:
+    """The method ``auto`` resolves to for a matrix of ``shape`` and rank ``k``.
+
+    * top-``k`` with ``k ≤ min(m, n)/8`` on a side of at least 256: ``randomized``;
+    * a full spectrum (values only) of a matrix whose smaller side exceeds 128: ``gram``;
+    * everything else, including all full factorizations: ``exact``.
+    """
+    small = min(shape[-2], shape[-1])
+    if k is not None and small >= _RANDOMIZED_MIN_SIDE and k <= _RANDOMIZED_FRACTION * small:
+        return "randomized"
+    if not want_vectors and small > _SMALL_SIDE:
+        return "gram"
+    return "exact"
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise SpectrakitError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    return method
+
+
+def svdvals(W: torch.Tensor, k: int | None = None, method: str = "auto", *,
+            dtype: torch.dtype | None = None, niter: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Singular values of ``W`` (shape ``(..., m, n)``), largest first.
+
+    Args:
+        W: a matrix or a batch of matrices.
+        k: return only the ``k`` largest (``None``: all ``min(m, n)``).
+        method: ``"auto"``, ``"exact"``, ``"gram"`` or ``"randomized"``.
+        dtype: compute dtype; default fp32 for half-precision input, else ``W``'s.
+        niter, seed: power iterations and seed of the randomized method.
+
+    >>> import spectrakit as sk
+    >>> W = torch.randn(512, 256)
+    >>> sk.linalg.svdvals(W).shape
+    torch.Size([256])
+    >>> sk.linalg.svdvals(W, k=8, method="randomized").shape
+    torch.Size([8])
+    """
+    _check_method(method)
+    W = as_matrix(W, dtype)
+    k_eff = check_rank(k, W)
+    if method == "auto":
+        method = choose_method(tuple(W.shape), k, want_vectors=False)
+    if method == "randomized":
+        return randomized_svd(W, k_eff, niter=niter, seed=seed)[1]
+    if method == "gram":
+        values = gram_svdvals(W)
+    else:
+        values = torch.linalg.svdvals(W)
+    return values[..., :k_eff]
+
+
+def svd(W: torch.Tensor, k: int | None = None, method: str = "auto", niter: int | None = None,
+        seed: int = 0, *, dtype: torch.dtype | None = None,
+        oversample: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin (or top-``k``) SVD ``W ≈ U diag(S) Vh`` with ``S`` descending.
+
+    Shapes: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)`` with
+    ``r = k or min(m, n)``. The same ``seed`` always gives the same result.
+
+    >>> import spectrakit as sk
+    >>> W = torch.randn(64, 32, dtype=torch.float64)
+    >>> U, S, Vh = sk.linalg.svd(W)
+    >>> torch.allclose(U @ torch.diag(S) @ Vh, W)
+    True
+    """
+    _check_method(method)
+    W = as_matrix(W, dtype)
+    k_eff = check_rank(k, W)
+    if method == "auto":
+        method = choose_method(tuple(W.shape), k, want_vectors=True)
+    if method == "randomized":
+        return randomized_svd(W, k_eff, niter=niter, oversample=oversample, seed=seed)
+    if method == "gram":
+        return gram_svd(W, k_eff)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[..., :k_eff], S[..., :k_eff], Vh[..., :k_eff, :]
