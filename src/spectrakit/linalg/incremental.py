@@ -78,7 +78,7 @@ class IncrementalSVD:
     >>> X = torch.randn(1000, 64, dtype=torch.float64)
     >>> tracker = sk.linalg.IncrementalSVD(k=64)
     >>> for block in X.split(100):
-    ...     tracker.update(block)
+    ...     _ = tracker.update(block)
     >>> torch.allclose(tracker.S, torch.linalg.svdvals(X))
     True
     """

@@ -30,7 +30,9 @@ def randomized_svd(W: torch.Tensor, k: int, niter: int | None = None, oversample
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets of ``W`` (batched over leading dimensions).
 
-    >>> W = torch.randn(500, 300, dtype=torch.float64) * torch.logspace(0, -4, 300, dtype=torch.float64)
+    >>> Q1 = torch.linalg.qr(torch.randn(500, 300, dtype=torch.float64)).Q
+    >>> Q2 = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64)).Q
+    >>> W = Q1 @ torch.diag(0.9 ** torch.arange(300, dtype=torch.float64)) @ Q2.T
     >>> U, S, Vh = randomized_svd(W, k=10, seed=0)
     >>> bool(torch.allclose(S, torch.linalg.svdvals(W)[:10], rtol=1e-6))
     True
