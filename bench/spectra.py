@@ -1,0 +1,142 @@
+"""Full spectra of every weight matrix: spectrakit vs. plain torch vs. weightwatcher.
+
+Run:  python bench/spectra.py [--repeats 3] [--skip-ww] [--models gpt2,reference]
+
+For each model it times, in one process on the same matrices:
+  * ``spectrakit.analyze`` (spectra + the per-matrix metrics table);
+  * ``spectrakit.linalg.svdvals`` over ``iter_matrices`` (spectra only);
+  * the plain-torch floor: ``eigvalsh`` of the smaller Gram matrix in fp32;
+  * a plain ``torch.linalg.svdvals`` loop (fp32);
+  * ``weightwatcher.WeightWatcher(model).analyze()`` (default settings: it also fits
+    power laws, so it does more work per matrix than the others).
+It then streams the GPT-2 safetensors file through ``iter_matrices`` in a fresh
+process and reports its peak resident memory next to the largest tensor and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, machine, markdown_table  # noqa: E402
+
+import spectrakit as sk  # noqa: E402
+
+
+def gpt2_small():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def matrices(model) -> list[torch.Tensor]:
+    return [record.matrix() for record in sk.weights.iter_matrices(model)]
+
+
+def gram_floor(mats: list[torch.Tensor]) -> None:
+    for W in mats:
+        G = W.T @ W if W.shape[0] >= W.shape[1] else W @ W.T
+        torch.linalg.eigvalsh(G)
+
+
+def svdvals_loop(mats: list[torch.Tensor]) -> None:
+    for W in mats:
+        torch.linalg.svdvals(W)
+
+
+def spectrakit_spectra(model) -> None:
+    for record in sk.weights.iter_matrices(model):
+        sk.linalg.svdvals(record.matrix())
+
+
+def weightwatcher_analyze(model) -> None:
+    import weightwatcher as ww
+
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ww.WeightWatcher(model=model).analyze()
+
+
+PEAK_SCRIPT = r"""
+import resource, sys, torch, spectrakit as sk
+torch.set_num_threads(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+largest = 0
+for record in sk.weights.iter_matrices(sys.argv[1]):
+    W = record.matrix()
+    largest = max(largest, W.numel() * W.element_size())
+    sk.linalg.svdvals(W)
+    del W
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) * 1024, largest)
+"""
+
+
+def streaming_peak(model) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        path = os.path.join(folder, "model.safetensors")
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, path], capture_output=True,
+                             text=True, check=True).stdout.split()
+        growth, largest = float(out[0]), float(out[1])
+        return {"file_mb": os.path.getsize(path) / 2**20, "largest_tensor_mb": largest / 2**20,
+                "peak_rss_growth_mb": growth / 2**20}
+
+
+def bench_model(name: str, model, repeats: int, with_ww: bool) -> list[list[object]]:
+    mats = matrices(model)
+    timings = {
+        "spectrakit analyze()": best_of(lambda: sk.analyze(model, progress=False), repeats),
+        "spectrakit svdvals loop": best_of(lambda: spectrakit_spectra(model), repeats),
+        "torch Gram+eigvalsh fp32 (floor)": best_of(lambda: gram_floor(mats), repeats),
+        "torch.linalg.svdvals loop": best_of(lambda: svdvals_loop(mats), repeats),
+    }
+    if with_ww:
+        timings["weightwatcher analyze()"] = best_of(lambda: weightwatcher_analyze(model), 1)
+    floor = timings["torch Gram+eigvalsh fp32 (floor)"][0]
+    analyze_time = timings["spectrakit analyze()"][0]
+    rows = []
+    for label, (best, median) in timings.items():
+        rows.append([name, len(mats), label, best, median, best / floor, best / analyze_time])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-ww", action="store_true", help="skip weightwatcher (slow)")
+    parser.add_argument("--models", default="gpt2,reference")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}\n")
+    rows, peak = [], None
+    for name in args.models.split(","):
+        model = gpt2_small() if name == "gpt2" else sk.reference_model()
+        rows += bench_model(name, model, args.repeats, not args.skip_ww)
+        if name == "gpt2":
+            peak = streaming_peak(model)
+        del model
+    header = ["model", "matrices", "method", "best s", "median s", "× floor", "× spectrakit analyze"]
+    print(markdown_table(header, rows))
+    if peak:
+        print(f"\nstreaming GPT-2 safetensors ({peak['file_mb']:.0f} MB, largest tensor "
+              f"{peak['largest_tensor_mb']:.0f} MB): peak RSS growth {peak['peak_rss_growth_mb']:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "streaming": peak}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
