@@ -4,8 +4,9 @@
 >>> table = sk.analyze(sk.reference.reference_weights_path())   # doctest: +SKIP
 >>> print(table.summary())                                       # doctest: +SKIP
 
-Submodules load on first use, so ``import spectrakit`` needs only torch, numpy and
-safetensors; Hugging Face support and reports are optional extras.
+``import spectrakit`` needs only torch, numpy and safetensors; the data, reference-model
+and command-line modules load on first use, and Hugging Face support and reports are
+optional extras.
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import linalg, weights
+from .analyze import SpectrumTable, analyze  # binds the name `analyze` to the function, not the folder
 from .errors import SpectrakitError
+from .weights import iter_matrices
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("linalg", "weights", "analyze", "data", "reference", "cli")
-# public name -> (submodule, attribute)
-_EXPORTS = {
-    "analyze": ("spectrakit.analyze", "analyze"),
-    "SpectrumTable": ("spectrakit.analyze", "SpectrumTable"),
-    "iter_matrices": ("spectrakit.weights", "iter_matrices"),
-    "reference_model": ("spectrakit.reference", "reference_model"),
-}
+# Loaded on first use: they pull in optional dependencies or data.
+_SUBMODULES = ("data", "reference", "cli")
+_EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
-__all__ = ["SpectrakitError", "__version__", *_SUBMODULES, *_EXPORTS]
+__all__ = ["SpectrakitError", "SpectrumTable", "__version__", "analyze", "iter_matrices", "linalg",
+           "weights", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
