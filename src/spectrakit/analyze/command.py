@@ -1,4 +1,4 @@
-"""``spectrakit analyze [SOURCE] [--out DIR]``."""
+"""``spectrakit analyze [SOURCE] [--out DIR]`` and ``spectrakit compare BASE TUNED``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--float64", action="store_true", help="compute spectra in float64")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
     parser.set_defaults(run=run)
+    _add_compare(commands)
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare", help="intruder dimensions and ΔW between a base and a fine-tuned model",
+        description="Compare every weight matrix of TUNED with the same-named matrix of BASE.")
+    parser.add_argument("base", help="the base checkpoint (file or folder)")
+    parser.add_argument("tuned", help="the fine-tuned checkpoint (file or folder)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("-k", type=int, default=10, help="top singular vectors tested per matrix (default 10)")
+    parser.add_argument("--epsilon", type=float, default=0.5, help="intruder similarity threshold (default 0.5)")
+    parser.add_argument("--include", action="append", help="only matrices matching this name pattern")
+    parser.add_argument("--exclude", action="append", help="skip matrices matching this name pattern")
+    parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
+    parser.set_defaults(run=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    table = compare(args.base, args.tuned, k=args.k, epsilon=args.epsilon, include=args.include,
+                    exclude=args.exclude, progress=not args.quiet)
+    _write(table, Path(args.out), "compare", args.quiet)
+    return 0
+
+
+def _write(table, out: Path, stem: str, quiet: bool) -> None:
+    table.to_csv(out / f"{stem}.csv")
+    table.to_json(out / f"{stem}.json")
+    if not quiet:
+        print(table.format())
+        summary = table.summary()
+        print(f"\n{summary['analyzed']} matrices analyzed, {summary['skipped']} skipped; "
+              f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.json'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,12 +70,5 @@ def run(args: argparse.Namespace) -> int:
         source = str(reference_weights_path())
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
                     dtype=torch.float64 if args.float64 else None, progress=not args.quiet)
-    out = Path(args.out)
-    table.to_csv(out / "spectra.csv")
-    table.to_json(out / "spectra.json")
-    if not args.quiet:
-        print(table.format())
-        summary = table.summary()
-        print(f"\n{summary['analyzed']} matrices analyzed, {summary['skipped']} skipped; "
-              f"wrote {out / 'spectra.csv'} and {out / 'spectra.json'}")
+    _write(table, Path(args.out), "spectra", args.quiet)
     return 0

@@ -15,7 +15,7 @@ from .._atomic import atomic_write
 from ..errors import SpectrakitError
 
 # Columns shown in the terminal, in order, with their headers.
-_DISPLAY = (
+ANALYZE_DISPLAY = (
     ("name", "name"), ("shape", "shape"), ("sigma_max", "σ₁"), ("frobenius_norm", "‖W‖_F"),
     ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"),
     ("condition_number", "cond"), ("status", "status"),
@@ -53,6 +53,7 @@ class SpectrumTable:
     rows: list[dict[str, Any]]
     source: str = ""
     spectra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    display: tuple[tuple[str, str], ...] = field(default=ANALYZE_DISPLAY, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -96,7 +97,10 @@ class SpectrumTable:
                       and math.isfinite(row[column])]
             if values:
                 summary[f"median_{column}"] = float(torch.tensor(values, dtype=torch.float64).median())
-        sigma = [row["sigma_max"] for row in ok]
+        if any("intruders" in row for row in ok):
+            summary["total_intruders"] = sum(int(row["intruders"]) for row in ok)
+            summary["layers_with_intruders"] = sum(1 for row in ok if row["intruders"] > 0)
+        sigma = [row["sigma_max"] for row in ok if "sigma_max" in row]
         if sigma:
             summary["max_sigma_max"] = max(sigma)
         return summary
@@ -129,15 +133,15 @@ class SpectrumTable:
 
     def format(self, max_name: int = 48) -> str:
         """The table as aligned text, with skip reasons listed underneath."""
-        header = [title for _, title in _DISPLAY]
+        header = [title for _, title in self.display]
         body = []
         for row in self.rows:
-            cells = [_format(row.get(key)) for key, _ in _DISPLAY]
+            cells = [_format(row.get(key)) for key, _ in self.display]
             if len(cells[0]) > max_name:
                 cells[0] = "…" + cells[0][-(max_name - 1):]
             body.append(cells)
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        numeric = {i for i, (key, _) in enumerate(_DISPLAY) if key not in ("name", "shape", "status")}
+        numeric = {i for i, (key, _) in enumerate(self.display) if key not in ("name", "shape", "status")}
         lines = []
         for cells in [header, *body]:
             lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
