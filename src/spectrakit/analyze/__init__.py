@@ -1,6 +1,7 @@
 """Diagnostics on weight spectra: per-matrix metrics and the table that holds them."""
 
 from .compare import compare, compare_matrices, intruder_dimensions, principal_angles
+from .features import analyze_features, feature_spectrum
 from .metrics import condition_number, effective_rank, frobenius_norm, spectral_entropy, stable_rank
 from .run import analyze, analyze_record
 from .table import SpectrumTable
@@ -8,7 +9,9 @@ from .table import SpectrumTable
 __all__ = [
     "SpectrumTable",
     "analyze",
+    "analyze_features",
     "compare",
+    "feature_spectrum",
     "compare_matrices",
     "intruder_dimensions",
     "principal_angles",

@@ -53,6 +53,8 @@ class SpectrumTable:
     rows: list[dict[str, Any]]
     source: str = ""
     spectra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # pooled eigenvalues of each matrix's FARMS submatrices, when FARMS was computed
+    farms_spectra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     display: tuple[tuple[str, str], ...] = field(default=ANALYZE_DISPLAY, repr=False)
 
     def __len__(self) -> int:
