@@ -2,6 +2,7 @@
 
 from .compare import compare, compare_matrices, intruder_dimensions, principal_angles
 from .features import analyze_features, feature_spectrum
+from .lipschitz import layer_norms, lipschitz, product_bound
 from .metrics import condition_number, effective_rank, frobenius_norm, spectral_entropy, stable_rank
 from .run import analyze, analyze_record
 from .table import SpectrumTable
@@ -14,6 +15,9 @@ __all__ = [
     "feature_spectrum",
     "compare_matrices",
     "intruder_dimensions",
+    "layer_norms",
+    "lipschitz",
+    "product_bound",
     "principal_angles",
     "analyze_record",
     "condition_number",

@@ -56,6 +56,8 @@ class SpectrumTable:
     # pooled eigenvalues of each matrix's FARMS submatrices, when FARMS was computed
     farms_spectra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     display: tuple[tuple[str, str], ...] = field(default=ANALYZE_DISPLAY, repr=False)
+    # model-level figures computed by the producer of the table, merged into summary()
+    extra_summary: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,6 +107,7 @@ class SpectrumTable:
         sigma = [row["sigma_max"] for row in ok if "sigma_max" in row]
         if sigma:
             summary["max_sigma_max"] = max(sigma)
+        summary.update(self.extra_summary)
         return summary
 
     def to_pandas(self):
