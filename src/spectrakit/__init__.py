@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from . import linalg, weights
-from .analyze import SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
+from .analyze import SpectralMonitor, SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
 from .errors import SpectrakitError
 from .weights import iter_matrices
 
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _SUBMODULES = ("data", "reference", "cli")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
-__all__ = ["SpectrakitError", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
+__all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
            "weights", *_SUBMODULES, *_EXPORTS]
 
 
