@@ -20,6 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="spectrum method (default: auto)")
     parser.add_argument("--float64", action="store_true", help="compute spectra in float64")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
+    parser.add_argument("--workers", type=int, default=1, help="local processes sharing the matrices")
     parser.set_defaults(run=run)
     _add_compare(commands)
 
@@ -68,7 +69,23 @@ def run(args: argparse.Namespace) -> int:
         from ..reference import reference_weights_path
 
         source = str(reference_weights_path())
+    rank = _join_torchrun()
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
-                    dtype=torch.float64 if args.float64 else None, progress=not args.quiet)
-    _write(table, Path(args.out), "spectra", args.quiet)
+                    dtype=torch.float64 if args.float64 else None, progress=not args.quiet,
+                    workers=args.workers)
+    if rank == 0:
+        _write(table, Path(args.out), "spectra", args.quiet)
     return 0
+
+
+def _join_torchrun() -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; returns this rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend=os.environ.get("SPECTRAKIT_BACKEND", "gloo"))
+    return dist.get_rank()

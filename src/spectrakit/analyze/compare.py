@@ -30,7 +30,7 @@ from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
 from ..weights import MatrixRecord, iter_matrices
 from .metrics import effective_rank
-from .run import _base_row, _skip_reason
+from .run import base_row, skip_reason
 from .table import SpectrumTable
 
 COMPARE_DISPLAY = (
@@ -87,7 +87,7 @@ def compare_matrices(base: torch.Tensor, tuned: torch.Tensor, k: int = 10, epsil
 
 
 def _pair_row(base: MatrixRecord | None, tuned: MatrixRecord, k: int, epsilon: float) -> dict[str, Any]:
-    row = _base_row(tuned)
+    row = base_row(tuned)
     if base is None:
         row.update(status="skipped", reason="not present in the base model")
         return row
@@ -100,7 +100,7 @@ def _pair_row(base: MatrixRecord | None, tuned: MatrixRecord, k: int, epsilon: f
         for label, matrix in (("base", base_matrix), ("tuned", tuned_matrix)):
             if reason is None and not matrix.dtype.is_floating_point:
                 reason = f"{label}: dtype {matrix.dtype} is not floating point"
-            if reason is None and (problem := _skip_reason(matrix)) is not None:
+            if reason is None and (problem := skip_reason(matrix)) is not None:
                 reason = f"{label}: {problem}"
         if reason is None:
             row.update(compare_matrices(base_matrix, tuned_matrix, k=k, epsilon=epsilon))

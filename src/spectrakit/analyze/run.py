@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from .. import linalg
-from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
 from ..weights import MatrixRecord, iter_matrices
 from .metrics import BASIC_METRICS
 from .table import SpectrumTable
 
 
-def _skip_reason_before_load(record: MatrixRecord) -> str | None:
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """Everything a worker needs to turn one matrix into metrics."""
+
+    method: str = "auto"
+    dtype: torch.dtype | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MatrixResult:
+    """What one matrix contributes to the table: metrics or a skip reason, and its spectra."""
+
+    name: str
+    metrics: dict[str, Any]
+    spectrum: torch.Tensor | None = None
+    farms_spectrum: torch.Tensor | None = None
+
+
+def skip_reason_before_load(record: MatrixRecord) -> str | None:
     if record.is_meta:
         return "meta tensor: it holds no data"
     if not record.dtype.is_floating_point:
@@ -22,7 +41,8 @@ def _skip_reason_before_load(record: MatrixRecord) -> str | None:
     return None
 
 
-def _skip_reason(matrix: torch.Tensor) -> str | None:
+def skip_reason(matrix: torch.Tensor) -> str | None:
+    """Why ``matrix`` has no meaningful spectrum, or ``None``."""
     rows, cols = matrix.shape
     if min(rows, cols) < 2:
         return f"degenerate {rows}x{cols} matrix: a single singular value has no spectrum"
@@ -33,7 +53,8 @@ def _skip_reason(matrix: torch.Tensor) -> str | None:
     return None
 
 
-def _base_row(record: MatrixRecord) -> dict[str, Any]:
+def base_row(record: MatrixRecord) -> dict[str, Any]:
+    """The identifying columns of a record's row (no data is loaded)."""
     shape = tuple(record.shape)
     rows, cols = shape[0], 1
     for size in shape[1:]:
@@ -52,36 +73,40 @@ def _base_row(record: MatrixRecord) -> dict[str, Any]:
     }
 
 
-def analyze_record(record: MatrixRecord, method: str = "auto",
-                   dtype: torch.dtype | None = None) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """One table row and the singular values of ``record`` (``None`` when skipped).
+def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Metrics of one loaded matrix (or ``status/reason`` when it must be skipped)."""
+    reason = skip_reason(matrix)
+    if reason is not None:
+        return {"status": "skipped", "reason": reason}, None
+    spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
+    metrics: dict[str, Any] = {"sigma_max": float(spectrum[0])}
+    for name, metric in BASIC_METRICS.items():
+        metrics[name] = metric(spectrum)
+    return metrics, spectrum
 
-    Never raises for a bad tensor: the reason goes into the row instead.
-    """
-    row = _base_row(record)
-    reason = _skip_reason_before_load(record)
-    spectrum = None
+
+def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResult:
+    """One matrix's result; never raises for a bad tensor (the reason goes in the row)."""
+    reason = skip_reason_before_load(record)
     if reason is None:
         try:
-            matrix = record.matrix()
-            reason = _skip_reason(matrix)
-            if reason is None:
-                spectrum = linalg.svdvals(matrix, method=method, dtype=dtype).double().cpu()
+            metrics, spectrum = matrix_metrics(record.matrix(), options)
+            return MatrixResult(record.name, metrics, spectrum)
         except SpectrakitError as error:
             reason = str(error)
-    if spectrum is None:
-        row.update(status="skipped", reason=reason)
-        return row, None
-    row["sigma_max"] = float(spectrum[0])
-    for name, metric in BASIC_METRICS.items():
-        row[name] = metric(spectrum)
-    return row, spectrum
+    return MatrixResult(record.name, {"status": "skipped", "reason": reason})
+
+
+def _label(source: Any) -> str:
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        return str(source)
+    return type(source).__name__
 
 
 def analyze(source: Any, *, include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, method: str = "auto",
-            dtype: torch.dtype | None = None, progress: bool = True,
-            keep_spectra: bool = True) -> SpectrumTable:
+            dtype: torch.dtype | None = None, progress: bool = True, keep_spectra: bool = True,
+            workers: int = 1, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
 
     Args:
@@ -94,6 +119,10 @@ def analyze(source: Any, *, include: str | Sequence[str] | None = None,
         dtype: compute dtype, e.g. ``torch.float64``.
         progress: show a progress bar on stderr.
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
+        workers: local processes sharing the matrices (files stream in each worker).
+        distributed: split the matrices over the ranks of an initialized
+            ``torch.distributed`` group (e.g. under ``torchrun``); every rank gets the
+            whole table back. ``None``: on when such a group with > 1 rank exists.
 
     Returns:
         A :class:`SpectrumTable`: one row per matrix with ``sigma_max``,
@@ -107,14 +136,24 @@ def analyze(source: Any, *, include: str | Sequence[str] | None = None,
     >>> [row["shape"] for row in table]
     ['32x16', '4x32']
     """
+    from .parallel import run_records
+
     if method not in linalg.METHODS:
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
+    if workers < 1:
+        raise SpectrakitError(f"workers={workers} must be ≥ 1")
+    options = AnalyzeOptions(method=method, dtype=dtype)
     records = list(iter_matrices(source, include=include, exclude=exclude))
-    rows, spectra = [], {}
-    for record in progress_bar(records, total=len(records), desc="spectra", enabled=progress):
-        row, spectrum = analyze_record(record, method=method, dtype=dtype)
+    results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
+                          distributed=distributed, progress=progress)
+    rows, spectra, farms = [], {}, {}
+    for record in records:
+        result = results[record.name]
+        row = base_row(record)
+        row.update(result.metrics)
         rows.append(row)
-        if spectrum is not None and keep_spectra:
-            spectra[record.name] = spectrum
-    label = source if isinstance(source, str) else getattr(source, "__fspath__", lambda: type(source).__name__)()
-    return SpectrumTable(rows=rows, source=str(label), spectra=spectra)
+        if keep_spectra and result.spectrum is not None:
+            spectra[record.name] = result.spectrum
+        if keep_spectra and result.farms_spectrum is not None:
+            farms[record.name] = result.farms_spectrum
+    return SpectrumTable(rows=rows, source=_label(source), spectra=spectra, farms_spectra=farms)

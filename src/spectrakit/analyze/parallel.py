@@ -1,0 +1,142 @@
+"""Sharing the matrices of one analysis among local processes or distributed ranks.
+
+Matrices are dealt out by size (largest first, each to the least-loaded share), so
+shares finish at about the same time. Local workers are *spawned* (GNU OpenMP is
+not fork-safe): for a file or folder each worker opens the source itself and
+streams its own tensors; an in-memory model's matrices travel through shared
+memory. Under ``torch.distributed`` every rank analyzes its share and
+``all_gather_object`` gives each rank the full result.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .._progress import progress as progress_bar
+from ..weights import MatrixRecord, iter_matrices
+from .run import AnalyzeOptions, MatrixResult, analyze_record, matrix_metrics, skip_reason_before_load
+
+
+def partition(sizes: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of ``sizes`` dealt into ``parts`` shares of about equal total (LPT rule)."""
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = loads.index(min(loads))
+        shares[target].append(index)
+        loads[target] += sizes[index]
+    return [sorted(share) for share in shares]
+
+
+def _cost(record: MatrixRecord) -> int:
+    rows, cols = record.matrix_shape
+    return rows * cols * min(rows, cols)
+
+
+def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: bool,
+            desc: str = "spectra") -> dict[str, MatrixResult]:
+    results = {}
+    for record in progress_bar(records, total=len(records), desc=desc, enabled=progress):
+        results[record.name] = analyze_record(record, options)
+    return results
+
+
+# --- local worker processes ------------------------------------------------------------------
+
+_WORKER_RECORDS: dict[str, MatrixRecord] = {}
+_WORKER_MATRICES: dict[str, torch.Tensor] = {}
+_WORKER_OPTIONS = AnalyzeOptions()
+
+
+def _init_worker(source: Any, include: Any, exclude: Any, matrices: dict[str, torch.Tensor] | None,
+                 options: AnalyzeOptions, threads: int) -> None:
+    global _WORKER_RECORDS, _WORKER_MATRICES, _WORKER_OPTIONS
+    torch.set_num_threads(threads)
+    _WORKER_OPTIONS = options
+    if matrices is not None:
+        _WORKER_MATRICES = matrices
+    else:
+        _WORKER_RECORDS = {r.name: r for r in iter_matrices(source, include=include, exclude=exclude)}
+
+
+def _work(name: str) -> MatrixResult:
+    if name in _WORKER_MATRICES:
+        metrics, spectrum = matrix_metrics(_WORKER_MATRICES[name], _WORKER_OPTIONS)
+        return MatrixResult(name, metrics, spectrum)
+    return analyze_record(_WORKER_RECORDS[name], _WORKER_OPTIONS)
+
+
+def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions, include: Any, exclude: Any,
+          workers: int, progress: bool) -> dict[str, MatrixResult]:
+    import torch.multiprocessing as mp
+
+    in_memory = not (isinstance(source, str) or hasattr(source, "__fspath__"))
+    results: dict[str, MatrixResult] = {}
+    matrices = None
+    todo = list(records)
+    if in_memory:
+        matrices = {}
+        for record in records:
+            if skip_reason_before_load(record) is None:
+                matrices[record.name] = record.matrix().contiguous().share_memory_()
+        # records that cannot be loaded are answered here, without a worker
+        todo = [r for r in records if r.name in matrices]
+        for record in records:
+            if record.name not in matrices:
+                results[record.name] = analyze_record(record, options)
+    names = [r.name for r in sorted(todo, key=_cost, reverse=True)]  # big ones first: less idle at the end
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = mp.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker,
+                      initargs=(None if in_memory else str(source), include, exclude, matrices, options,
+                                threads)) as pool:
+        for result in progress_bar(pool.imap_unordered(_work, names), total=len(names), desc="spectra",
+                                   enabled=progress):
+            results[result.name] = result
+    return results
+
+
+# --- torch.distributed -----------------------------------------------------------------------
+
+def _distributed_group(distributed: bool | None) -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is None:
+        distributed = active
+    if not distributed:
+        return None
+    if not active:
+        from ..errors import SpectrakitError
+
+        raise SpectrakitError("distributed=True needs an initialized torch.distributed group (e.g. torchrun)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gathered(records: Sequence[MatrixRecord], options: AnalyzeOptions, rank: int, world: int,
+              progress: bool) -> dict[str, MatrixResult]:
+    import torch.distributed as dist
+
+    share = partition([_cost(r) for r in records], world)[rank]
+    mine = _serial([records[i] for i in share], options, progress and rank == 0, desc=f"spectra (rank {rank})")
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    results: dict[str, MatrixResult] = {}
+    for part in everyone:
+        results.update(part)
+    return results
+
+
+def run_records(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions, *, include: Any = None,
+                exclude: Any = None, workers: int = 1, distributed: bool | None = None,
+                progress: bool = True) -> dict[str, MatrixResult]:
+    """Results for every record, computed serially, by local workers or across ranks."""
+    group = _distributed_group(distributed)
+    if group is not None:
+        return _gathered(records, options, *group, progress)
+    if workers > 1 and len(records) > 1:
+        return _pool(source, records, options, include, exclude, workers, progress)
+    return _serial(records, options, progress)
