@@ -1,0 +1,27 @@
+"""Fine-tuning inside a weight's own spectrum: SVD-based adapters behind one API.
+
+>>> import torch, spectrakit as sk
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+>>> _ = sk.adapt(model, "svfit", rank=4)       # in place; returns the model
+>>> sk.trainable_parameters(model)
+8
+>>> sk.save_adapter(model, "svfit.safetensors")  # doctest: +SKIP
+>>> _ = sk.merge(model)                          # plain nn.Linear layers again
+
+Methods (one file each, the formula in its docstring): ``lora`` (and rsLoRA),
+``pissa``, ``milora``, ``soma``, ``svfit``, ``svft``, ``sorsa``, ``salt``, ``eva``,
+``spectral``, ``hra``, ``fourierft``. Every method is exact at initialization.
+
+Importing this package needs only torch; ``export_peft`` imports peft-free code, and
+``safetensors`` is loaded when saving or loading.
+"""
+
+from __future__ import annotations
+
+from .api import adapt, adapter_config, adapter_penalty, load_adapter, merge, read_adapter, save_adapter, \
+    trainable_parameters
+from .base import AdaptedLinear, find_targets, methods
+from .peft_export import export_peft
+
+__all__ = ["AdaptedLinear", "adapt", "adapter_config", "adapter_penalty", "export_peft", "find_targets",
+           "load_adapter", "merge", "methods", "read_adapter", "save_adapter", "trainable_parameters"]

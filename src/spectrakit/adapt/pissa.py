@@ -1,0 +1,56 @@
+"""PiSSA: LoRA started on the principal singular triplets (Meng et al., 2024).
+
+With ``W = U Σ Vᵀ`` and its top-r triplets ``U_r, Σ_r, V_r``:
+
+    A = Σ_r^{1/2} V_rᵀ / √s,   B = U_r Σ_r^{1/2} / √s,   W_res = W − s · B A,
+    y = x W_resᵀ + b + s · (x Aᵀ) Bᵀ,
+
+so the adapted layer equals the base layer at initialization and the frozen residual
+``W_res`` is the best rank-deficient approximation of W (Eckart–Young). The top-r
+factors come from ``spectrakit.linalg.svd(W, k=r)`` (Gram method, float64 eigensolver;
+``svd_method="exact"`` or ``"randomized"`` to choose another). Trainable parameters
+per layer: ``r · (in + out)``; ``s = α / r`` with ``alpha`` defaulting to ``r``.
+
+The initial factors ``A₀, B₀`` are kept as (unsaved) buffers: they turn the adapter
+into a plain LoRA on the *original* weight, ``ΔW = s·(B A − B₀ A₀)``, for PEFT export.
+
+>>> import torch, spectrakit as sk
+>>> model = sk.adapt(torch.nn.Sequential(torch.nn.Linear(64, 32)), "pissa", rank=4)
+>>> sk.trainable_parameters(model)
+384
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import register
+from .lora import LoRALinear
+
+
+@register
+class PiSSALinear(LoRALinear):
+    method = "pissa"
+    options = ("alpha", "svd_method")
+    which = "top"  # MiLoRA takes the bottom triplets instead
+
+    def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,
+                 svd_method: str = "gram", init: dict[str, Any] | None = None) -> None:
+        self.svd_method = svd_method
+        super().__init__(base_layer, rank, name=name, alpha=alpha, rslora=False, init=init)
+        with torch.no_grad():
+            self.new_buffer("A0", self.lora_A.detach().clone())
+            self.new_buffer("B0", self.lora_B.detach().clone())
+            residual = self.base_weight().to(self.adapter_dtype) - self.scaling * (self.B0 @ self.A0)
+            self.write_base_weight(residual)
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "svd_method": self.svd_method}
+
+    def initial_factors(self, init: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        U, S, Vh = self.factors(self.rank, self.which, self.svd_method)
+        root = (S / self.scaling).sqrt()
+        return root[:, None] * Vh, U * root[None, :]

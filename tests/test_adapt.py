@@ -1,0 +1,177 @@
+"""spectrakit.adapt: every method × every target type on tiny random GPT-2 (Conv1D), Llama
+and BERT models — exact at init, exact merge, bitwise save/load, parameter counts."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+import spectrakit as sk
+from spectrakit.adapt import AdaptedLinear, find_targets, read_adapter
+from spectrakit.errors import SpectrakitError
+
+transformers = pytest.importorskip("transformers")
+
+RANK = 4
+TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _base(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32))
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=100, max_position_embeddings=32))
+    else:
+        model = transformers.BertModel(transformers.BertConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=100, max_position_embeddings=32))
+    return model.eval()
+
+
+def make_model(kind: str) -> torch.nn.Module:
+    return copy.deepcopy(_base(kind))
+
+
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    out = model(TOKENS)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, 100, (2, 16), generator=g) for _ in range(3)]
+
+
+CASES = {
+    "lora": ("lora", {}),
+    "rslora": ("lora", {"rslora": True, "alpha": 8}),
+    "pissa": ("pissa", {}),
+    "milora": ("milora", {}),
+    "soma": ("soma", {"freeze_blocks": 1}),
+    "svfit": ("svfit", {}),
+    "svft-diagonal": ("svft", {"pattern": "diagonal"}),
+    "svft-banded": ("svft", {"pattern": "banded", "width": 1}),
+    "svft-random": ("svft", {"pattern": "random", "width": 2}),
+    "svft-topk": ("svft", {"pattern": "top-k", "width": 1}),
+    "sorsa": ("sorsa", {}),
+    "salt": ("salt", {}),
+    "eva": ("eva", {}),
+    "spectral-additive": ("spectral", {"variant": "additive"}),
+    "spectral-rotational": ("spectral", {"variant": "rotational"}),
+    "hra": ("hra", {}),
+    "fourierft": ("fourierft", {"n_frequencies": 50}),
+}
+MODELS = ("gpt2", "llama", "bert")
+
+
+def adapt_case(model: torch.nn.Module, case: str) -> torch.nn.Module:
+    method, options = CASES[case]
+    options = dict(options)
+    if method == "eva":
+        options["calibration"] = calibration()
+    return sk.adapt(model, method, rank=RANK, **options)
+
+
+def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
+    """Trainable parameters of one layer, from each method's published formula."""
+    method, options = CASES[case]
+    width = options.get("width", 1)
+    return {
+        "lora": r * (in_f + out_f), "rslora": r * (in_f + out_f), "pissa": r * (in_f + out_f),
+        "milora": r * (in_f + out_f), "soma": r * (in_f + out_f), "eva": r * (in_f + out_f),
+        "svfit": r,
+        "svft-diagonal": r,
+        "svft-banded": r * (2 * width + 1) - width * (width + 1),
+        "svft-random": r * (1 + width),
+        "svft-topk": r * (1 + width),
+        "sorsa": r * (in_f + out_f + 1),
+        "salt": 2 * r + r * (in_f + out_f),
+        "spectral-additive": r * (in_f + out_f),
+        "spectral-rotational": r * (r - 1),
+        "hra": r * in_f,
+        "fourierft": min(50, in_f * out_f),
+    }[case]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def train_a_little(model: torch.nn.Module, steps: int = 3) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = outputs(model)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        loss = (out - target).square().mean() + 1e-3 * sk.adapter_penalty(model)
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_exact_init_merge_roundtrip_and_count(case: str, kind: str, tmp_path) -> None:
+    model = make_model(kind)
+    with torch.no_grad():
+        reference = outputs(model)
+    shapes = {name: _shape(layer) for name, layer in find_targets(model, "all-linear").items()}
+    adapt_case(model, case)
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    assert adapted, "no layer was adapted"
+
+    # exact at initialization
+    with torch.no_grad():
+        assert relative(outputs(model), reference) < 1e-5
+
+    # trainable parameters: the method's formula, summed over the adapted layers
+    if case == "eva":
+        ranks = {n: m.rank for n, m in adapted.items()}
+        assert sum(ranks.values()) == RANK * len(shapes)
+        expected = sum(per_layer_count(case, *shapes[n], r=r) for n, r in ranks.items())
+    else:
+        expected = sum(per_layer_count(case, *shapes[n]) for n in adapted)
+    if case == "soma":  # the first block is left frozen
+        assert set(adapted) == {n for n in shapes if ".0." not in n} != set(shapes)
+    else:
+        assert set(adapted) == set(shapes)
+    assert sk.trainable_parameters(model) == expected
+
+    # a few optimizer steps move the output
+    train_a_little(model)
+    with torch.no_grad():
+        tuned = outputs(model)
+    assert relative(tuned, reference) > 1e-6
+
+    # save / load into a fresh base model: bitwise
+    path = tmp_path / "adapter.safetensors"
+    sk.save_adapter(model, path)
+    config, tensors = read_adapter(path)
+    assert config["method"] == CASES[case][0]
+    assert sum(t.numel() for t in tensors.values()) == expected
+    fresh = sk.load_adapter(make_model(kind), path)
+    for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(fresh.state_dict().items())):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(outputs(fresh), tuned)
+
+    # merge: exact, original module types, no adapter left
+    types = {n: type(m) for n, m in make_model(kind).named_modules()}
+    sk.merge(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    with torch.no_grad():
+        assert relative(outputs(model), tuned) < 1e-5
+
+
+def _shape(layer: torch.nn.Module) -> tuple[int, int]:
+    w = layer.weight
+    return (w.shape[1], w.shape[0]) if type(layer).__name__ == "Conv1D" else tuple(w.shape)
