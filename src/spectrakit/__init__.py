@@ -16,6 +16,7 @@ from typing import Any
 
 from . import linalg, weights
 from .analyze import SpectralMonitor, SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
+from .adapt import adapt, adapter_penalty, load_adapter, merge, save_adapter, trainable_parameters  # the functions, not the folder
 from .errors import SpectrakitError
 from .weights import iter_matrices
 
@@ -26,7 +27,8 @@ _SUBMODULES = ("data", "reference", "cli")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
-           "weights", *_SUBMODULES, *_EXPORTS]
+           "weights", "adapt", "adapter_penalty", "load_adapter", "merge", "save_adapter",
+           "trainable_parameters", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
