@@ -70,13 +70,14 @@ def singular_factors(W: torch.Tensor, rank: int, which: str = "top", svd_method:
                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U (m×r), S (r), Vh (r×n)`` of ``W``'s top or bottom ``rank`` singular triplets.
 
-    Top triplets come from ``spectrakit.linalg.svd(W, k=rank)`` (Gram method by default:
-    one ``eigh`` of the smaller Gram matrix in float64, exact to working precision for the
-    leading directions). Bottom triplets need the whole thin SVD, computed once exactly.
+    Top triplets come from ``spectrakit.linalg.svd(W, k=rank)`` with the Gram method by
+    default: one ``eigh`` of the smaller Gram matrix (fp32 for fp32/bf16/fp16 weights),
+    exact to working precision for the leading directions whatever the spectrum's decay —
+    unlike a few randomized power iterations, which miss a flat spectrum's top subspace.
+    Bottom triplets need the whole thin SVD, computed once exactly (float64).
     """
     if which == "top":
-        compute = torch.float64 if svd_method == "gram" else None
-        U, S, Vh = linalg.svd(W, k=rank, method=svd_method, dtype=compute)
+        U, S, Vh = linalg.svd(W, k=rank, method=svd_method)
     elif which == "bottom":
         U, S, Vh = linalg.svd(W, method="exact", dtype=torch.float64)
         U, S, Vh = U[:, -rank:], S[-rank:], Vh[-rank:]

@@ -7,8 +7,8 @@ With ``W = U Σ Vᵀ`` and its top-r triplets ``U_r, Σ_r, V_r``:
 
 so the adapted layer equals the base layer at initialization and the frozen residual
 ``W_res`` is the best rank-deficient approximation of W (Eckart–Young). The top-r
-factors come from ``spectrakit.linalg.svd(W, k=r)`` (Gram method, float64 eigensolver;
-``svd_method="exact"`` or ``"randomized"`` to choose another). Trainable parameters
+factors come from ``spectrakit.linalg.svd(W, k=r)`` (Gram method: one symmetric
+eigensolve, exact quality; ``svd_method="exact"`` or ``"randomized"`` to choose another). Trainable parameters
 per layer: ``r · (in + out)``; ``s = α / r`` with ``alpha`` defaulting to ``r``.
 
 The initial factors ``A₀, B₀`` are kept as (unsaved) buffers: they turn the adapter

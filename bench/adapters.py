@@ -1,0 +1,334 @@
+"""Every spectrakit adapter vs PEFT LoRA, PEFT PiSSA and full fine-tuning, at one budget.
+
+Run:  python bench/adapters.py [--steps 120] [--rank 8] [--only lora,pissa] [--skip-init] [--skip-step]
+
+Three parts, each printing a markdown table (and everything to ``--json``):
+
+1. **Fine-tuning** the bundled reference model (byte-level Llama pretrained on Python
+   code) on the English docs corpus: every method at ``--rank`` plus PEFT LoRA,
+   PEFT PiSSA (``pissa_niter_4``) and full fine-tuning, same data, steps, batch and
+   seed. Each run is a fresh process (so its peak RSS is its own). Recorded: held-out
+   bits/byte after fixed step counts, trainable parameters, median step time, peak RSS.
+   The loss curves go to ``--plot`` (PNG).
+2. **PiSSA initialization** on a GPT-2-small-shaped model (random init, 768 wide):
+   ``spectrakit.adapt(model, "pissa")`` (exact-quality top-r factors) vs PEFT's
+   ``init_lora_weights="pissa_niter_4"``, wall time and the residual's distance to the
+   Eckart–Young optimum.
+3. **Training step** of the LoRA-shaped methods vs PEFT LoRA at the same rank on the
+   GPT-2-small-shaped model, and merged-model inference vs the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import json
+import math
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, machine, markdown_table  # noqa: E402
+
+import spectrakit as sk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# (label, kind, method, options); kind: "sk" | "peft" | "full"
+RUNS = [
+    ("lora", "sk", "lora", {}),
+    ("pissa", "sk", "pissa", {}),
+    ("milora", "sk", "milora", {}),
+    ("soma", "sk", "soma", {"freeze_blocks": 1}),
+    ("svfit", "sk", "svfit", {}),
+    ("svfit r=128", "sk", "svfit", {"rank": 128}),
+    ("svft banded", "sk", "svft", {"pattern": "banded", "width": 2}),
+    ("sorsa", "sk", "sorsa", {}),
+    ("salt", "sk", "salt", {}),
+    ("eva", "sk", "eva", {}),
+    ("spectral", "sk", "spectral", {}),
+    ("spectral rot", "sk", "spectral", {"variant": "rotational", "rank": 32}),
+    ("hra", "sk", "hra", {}),
+    ("fourierft", "sk", "fourierft", {}),
+    ("peft lora", "peft", "lora", {}),
+    ("peft pissa", "peft", "pissa_niter_4", {}),
+    ("full", "full", "full", {}),
+]
+SORSA_GAMMA = 4e-4
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def finetune_run(label: str, kind: str, method: str, options: dict, rank: int, steps: int,
+                 eval_at: list[int], batch_size: int, seq_len: int, windows: int, threads: int) -> dict:
+    """One fine-tuning run (meant for a fresh process)."""
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    from spectrakit import data
+    from spectrakit.adapt.train import DEFAULT_LR, bits_per_byte, finetune
+
+    torch.manual_seed(0)
+    model = sk.reference_model()
+    train = data.docs_corpus("train")
+    heldout = data.eval_windows(data.docs_corpus("validation"), seq_len, windows)
+    options = dict(options)
+    run_rank = options.pop("rank", rank)
+    start = time.perf_counter()
+    if kind == "sk":
+        if method == "eva":
+            options["calibration"] = [b[:, :-1] for b in data.byte_batches(train, batch_size, seq_len, seed=1,
+                                                                          steps=4)]
+        sk.adapt(model, method, rank=run_rank, **options)
+        lr = DEFAULT_LR[method]
+    elif kind == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=run_rank, lora_alpha=run_rank, target_modules=LLAMA_TARGETS, lora_dropout=0.0,
+                                 init_lora_weights=True if method == "lora" else method)
+        model = peft.get_peft_model(model, config)
+        lr = DEFAULT_LR["lora"]
+    else:
+        lr = DEFAULT_LR["full"]
+    init_seconds = time.perf_counter() - start
+    trainable = sk.trainable_parameters(model)
+    curve = [(0, bits_per_byte(model, heldout))]
+    rss_before = _rss_mib()
+    log = finetune(model, data.byte_batches(train, batch_size, seq_len, seed=0, steps=steps), lr,
+                   penalty_weight=SORSA_GAMMA if method == "sorsa" else 0.0,
+                   eval_every=1, evaluate=_evaluator(heldout, eval_at, bits_per_byte))
+    curve += [(s, v) for s, v in log.evals if v is not None]
+    return {
+        "label": label, "kind": kind, "method": method, "rank": run_rank, "lr": lr,
+        "trainable": trainable, "init_seconds": init_seconds,
+        "step_seconds": statistics.median(log.step_seconds[3:] or log.step_seconds),
+        "peak_rss_mib": _rss_mib(), "train_rss_growth_mib": _rss_mib() - rss_before,
+        "curve": curve, "train_loss": log.losses,
+    }
+
+
+def _evaluator(heldout, eval_at, bits_per_byte):
+    counter = {"step": 0}
+    wanted = set(eval_at)
+
+    def evaluate(model):
+        counter["step"] += 1
+        return bits_per_byte(model, heldout) if counter["step"] in wanted else None
+
+    return evaluate
+
+
+def run_finetuning(args) -> list[dict]:
+    eval_at = sorted({s for s in (10, 25, 50, args.steps // 2, args.steps) if 0 < s <= args.steps})
+    runs = [r for r in RUNS if not args.only or r[0] in args.only or r[2] in args.only]
+    results = []
+    context = multiprocessing.get_context("spawn")
+    for label, kind, method, options in runs:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            result = pool.submit(finetune_run, label, kind, method, options, args.rank, args.steps, eval_at,
+                                 args.batch_size, args.seq_len, args.windows, args.threads).result()
+        results.append(result)
+        print(f"  {label:14s} bpb {result['curve'][0][1]:.3f} -> {result['curve'][-1][1]:.3f}  "
+              f"{result['trainable']:>9,} params  {1e3 * result['step_seconds']:.0f} ms/step", flush=True)
+    header = ["method", "rank", "lr", "trainable"] + [f"bpb@{s}" for s, _ in results[0]["curve"]] + \
+        ["ms/step", "peak RSS MiB", "init s"]
+    rows = [[r["label"], r["rank"], r["lr"], f"{r['trainable']:,}"] + [round(v, 3) for _, v in r["curve"]] +
+            [round(1e3 * r["step_seconds"]), round(r["peak_rss_mib"]), round(r["init_seconds"], 2)]
+            for r in results]
+    print(markdown_table(header, rows))
+    return results
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spectrakit._atomic import atomic_save_path
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        steps, values = zip(*r["curve"])
+        style = "--" if r["kind"] != "sk" else "-"
+        ax.plot(steps, values, style, marker="o", markersize=3, label=f"{r['label']} ({r['trainable']:,})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out bits/byte (docs)")
+    ax.set_title("Fine-tuning the reference model on English docs (legend: trainable parameters)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_save_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def gpt2_small():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def _quality(originals: dict[str, torch.Tensor], residuals: dict[str, torch.Tensor], rank: int
+             ) -> tuple[float, float]:
+    """(max ‖W_res‖_F / Eckart–Young optimum, min fraction of the top-r energy Σσᵢ² (i ≤ r)
+    that the removed rank-r part holds), float64 ground truth, over the sampled layers."""
+    worst_residual, worst_energy = 0.0, 1.0
+    for name, W in originals.items():
+        W = W.double()
+        S = torch.linalg.svdvals(W)
+        optimum = math.sqrt(float((S[rank:] ** 2).sum()))
+        removed = W - residuals[name].double()
+        worst_residual = max(worst_residual, float(residuals[name].double().norm()) / optimum)
+        worst_energy = min(worst_energy, float(removed.norm() ** 2) / float((S[:rank] ** 2).sum()))
+    return worst_residual, worst_energy
+
+
+def run_pissa_init(args) -> dict:
+    import peft
+
+    warnings.filterwarnings("ignore")
+    rank = args.init_rank
+    base = gpt2_small()
+    targets = ["c_attn", "c_proj", "c_fc"]
+    names = [n for n, m in base.named_modules() if type(m).__name__ == "Conv1D"]
+    check = names[:: max(1, len(names) // 8)]  # ground-truth SVDs on a sample of layers
+    originals = {n: base.get_submodule(n).weight.detach().T.clone() for n in check}
+
+    def ours():
+        return sk.adapt(copy.deepcopy(base), "pissa", rank=rank)
+
+    def theirs():
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, fan_in_fan_out=True,
+                                 init_lora_weights="pissa_niter_4")
+        return peft.get_peft_model(copy.deepcopy(base), config)
+
+    copy_time, _ = best_of(lambda: copy.deepcopy(base), 2)
+    t_ours, _ = best_of(ours, args.repeats)
+    t_peft, _ = best_of(theirs, args.repeats)
+    model = ours()
+    ours_q = _quality(originals, {n: model.get_submodule(n).base_layer.weight.detach().T for n in check}, rank)
+    del model
+    pmodel = theirs()
+    peft_q = _quality(originals, {n: pmodel.base_model.model.get_submodule(n).base_layer.weight.detach().T
+                                  for n in check}, rank)
+    result = {
+        "rank": rank, "layers": len(names), "deepcopy_seconds": copy_time,
+        "spectrakit_seconds": t_ours - copy_time, "peft_niter4_seconds": t_peft - copy_time,
+        "spectrakit_residual_vs_optimum": ours_q[0], "spectrakit_topr_energy": ours_q[1],
+        "peft_niter4_residual_vs_optimum": peft_q[0], "peft_niter4_topr_energy": peft_q[1],
+    }
+    print(markdown_table([f"PiSSA init (GPT-2-small shape, r={rank}, {len(names)} layers)", "seconds",
+                          "max residual / Eckart–Young", "min top-r energy captured"],
+                         [["spectrakit pissa (Gram eigensolve)", f"{result['spectrakit_seconds']:.2f}",
+                           f"{ours_q[0]:.6f}", f"{ours_q[1]:.6f}"],
+                          ["PEFT pissa_niter_4", f"{result['peft_niter4_seconds']:.2f}",
+                           f"{peft_q[0]:.6f}", f"{peft_q[1]:.6f}"]]))
+    print(f"ratio spectrakit/PEFT init time: {result['spectrakit_seconds'] / result['peft_niter4_seconds']:.2f}")
+    return result
+
+
+def run_step_time(args) -> dict:
+    import peft
+
+    warnings.filterwarnings("ignore")
+    rank = args.init_rank
+    base = gpt2_small()
+    tokens = torch.randint(0, 50257, (args.step_batch, args.step_seq + 1), generator=torch.Generator().manual_seed(0))
+
+    def stepper(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        model.train()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            model(tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()
+            optimizer.step()
+
+        step()  # warm-up (allocates optimizer state)
+        return step
+
+    models = {
+        "PEFT lora": lambda: peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+            lora_dropout=0.0)),
+    }
+    for method in ("lora", "pissa", "milora", "eva", "svfit", "sorsa"):
+        options = {"calibration": [tokens[:1, :64]]} if method == "eva" else {}
+        models[f"spectrakit {method}"] = (lambda m=method, o=options: sk.adapt(copy.deepcopy(base), m, rank=rank,
+                                                                               **o))
+    times = {}
+    for label, build in models.items():
+        times[label] = best_of(stepper(build()), args.repeats)[0]
+    reference = times["PEFT lora"]
+    rows = [[label, round(t, 3), round(t / reference, 3)] for label, t in times.items()]
+    print(markdown_table([f"train step (GPT-2-small shape, r={rank}, batch {args.step_batch}×{args.step_seq})",
+                          "seconds (best)", "× PEFT LoRA"], rows))
+
+    # merged inference: same modules, same cost as the base model
+    merged = sk.merge(sk.adapt(copy.deepcopy(base), "pissa", rank=rank))
+    same_types = [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
+    with torch.no_grad():
+        t_base = best_of(lambda: base(tokens[:, :-1]), args.repeats)[0]
+        t_merged = best_of(lambda: merged(tokens[:, :-1]), args.repeats)[0]
+    print(f"merged inference: {t_merged:.4f} s vs base {t_base:.4f} s (ratio {t_merged / t_base:.3f}); "
+          f"module types identical: {same_types}")
+    return {"step_seconds": times, "merged_forward_seconds": t_merged, "base_forward_seconds": t_base,
+            "merged_module_types_identical": same_types}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=48, help="held-out evaluation windows")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated labels or methods")
+    parser.add_argument("--init-rank", type=int, default=16, help="rank for the GPT-2-small parts")
+    parser.add_argument("--step-batch", type=int, default=2)
+    parser.add_argument("--step-seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--skip-init", action="store_true")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "adapters_loss.png")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}\n")
+    report: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_finetune:
+        print(f"## Fine-tuning the reference model ({args.steps} steps, batch {args.batch_size}×{args.seq_len})")
+        report["finetune"] = run_finetuning(args)
+        plot(report["finetune"], args.plot)
+        print(f"wrote {args.plot}\n")
+    if not args.skip_init:
+        print("## PiSSA initialization")
+        report["pissa_init"] = run_pissa_init(args)
+        print()
+    if not args.skip_step:
+        print("## Training step and merged inference")
+        report["step"] = run_step_time(args)
+    if args.json:
+        from spectrakit._atomic import atomic_write
+
+        with atomic_write(args.json) as handle:
+            json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
