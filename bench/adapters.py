@@ -50,7 +50,7 @@ RUNS = [
     ("milora", "sk", "milora", {}),
     ("soma", "sk", "soma", {"freeze_blocks": 1}),
     ("svfit", "sk", "svfit", {}),
-    ("svfit r=128", "sk", "svfit", {"rank": 128}),
+    ("svfit r=96", "sk", "svfit", {"rank": 96}),
     ("svft banded", "sk", "svft", {"pattern": "banded", "width": 2}),
     ("sorsa", "sk", "sorsa", {}),
     ("salt", "sk", "salt", {}),
@@ -134,9 +134,13 @@ def run_finetuning(args) -> list[dict]:
     results = []
     context = multiprocessing.get_context("spawn")
     for label, kind, method, options in runs:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            result = pool.submit(finetune_run, label, kind, method, options, args.rank, args.steps, eval_at,
-                                 args.batch_size, args.seq_len, args.windows, args.threads).result()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                result = pool.submit(finetune_run, label, kind, method, options, args.rank, args.steps, eval_at,
+                                     args.batch_size, args.seq_len, args.windows, args.threads).result()
+        except Exception as error:  # report and go on with the other methods
+            print(f"  {label:14s} FAILED: {str(error).splitlines()[0]}", flush=True)
+            continue
         results.append(result)
         print(f"  {label:14s} bpb {result['curve'][0][1]:.3f} -> {result['curve'][-1][1]:.3f}  "
               f"{result['trainable']:>9,} params  {1e3 * result['step_seconds']:.0f} ms/step", flush=True)

@@ -197,3 +197,19 @@ def test_eva_ranks_follow_explained_variance() -> None:
     A = model[0].lora_A.detach().double()
     projection = A.T @ torch.linalg.pinv(A.T)
     assert torch.allclose(projection @ basis.T.double(), basis.T.double(), atol=1e-2)
+
+
+def test_bad_weights_and_options_fail_before_any_layer_changes() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    before = model[0].weight.detach().clone()
+    with pytest.raises(SpectrakitError, match=r"^2\.weight contains NaN or Inf values$"):
+        sk.adapt(model, "pissa", rank=4)
+    assert torch.equal(model[0].weight, before) and isinstance(model[0], torch.nn.Linear)
+    with pytest.raises(SpectrakitError, match="variant='twist'"):
+        sk.adapt(mlp(), "spectral", rank=4, variant="twist")
+    with pytest.raises(SpectrakitError, match="n_frequencies=0"):
+        sk.adapt(mlp(), "fourierft", rank=4, n_frequencies=0)
+    with pytest.raises(SpectrakitError, match="freeze_blocks=3 leaves no layer"):
+        sk.adapt(gpt2(), "soma", rank=4, freeze_blocks=3)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._atomic import atomic_save_path
 from ..errors import SpectrakitError
-from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d
+from .base import adapted_layers, check_weight, find_targets, fingerprint, get_method, is_conv1d
 
 FORMAT = "spectrakit-adapter"
 FORMAT_VERSION = 1
@@ -61,6 +61,7 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     layers = find_targets(model, targets)
     plan = plan_override if plan_override is not None else cls.plan(model, layers, rank, options)
     for name, kwargs in plan.items():
+        check_weight(name, layers[name])
         weight = layers[name].weight
         out_f, in_f = (weight.shape[1], weight.shape[0]) if is_conv1d(layers[name]) else weight.shape
         cls.check_layer(name, int(out_f), int(in_f), kwargs)

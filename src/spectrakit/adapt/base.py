@@ -161,6 +161,8 @@ class AdaptedLinear(nn.Module):
         """Raise a one-line error when ``kwargs`` do not fit an ``out × in`` layer."""
         rank = kwargs.get("rank")
         limit = min(out_features, in_features)
+        if limit < 2:
+            raise SpectrakitError(f"layer {name} ({out_features}×{in_features}) is too thin to adapt")
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < limit:
             raise SpectrakitError(f"rank={rank!r} must be an integer in 1..{limit - 1} for layer {name} "
                                   f"({out_features}×{in_features})")
@@ -224,6 +226,17 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, rank={self.rank}, out={self.out_features}, in={self.in_features}"
+
+
+def check_weight(name: str, layer: nn.Module) -> None:
+    """Refuse a base weight that cannot be adapted, before any layer is touched."""
+    weight = layer.weight
+    if weight.is_meta:
+        raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
+    if not weight.dtype.is_floating_point:
+        raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
+    if not bool(torch.isfinite(weight).all()):
+        raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
 
 
 # ----- target selection -----------------------------------------------------------------

@@ -35,8 +35,6 @@ class FourierFTLinear(AdaptedLinear):
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", n_frequencies: int = 1000,
                  scaling: float = 150.0, seed: int = 0, init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
-        if not isinstance(n_frequencies, int) or n_frequencies < 1:
-            raise SpectrakitError(f"n_frequencies={n_frequencies!r} must be a positive integer")
         self.n_frequencies = min(n_frequencies, self.out_features * self.in_features)
         self.scaling, self.seed = float(scaling), int(seed)
         generator = torch.Generator().manual_seed(self.seed)
@@ -45,6 +43,13 @@ class FourierFTLinear(AdaptedLinear):
         self.register_buffer("rows", (flat // self.in_features).to(device), persistent=False)
         self.register_buffer("cols", (flat % self.in_features).to(device), persistent=False)
         self.coefficients = self.new_parameter(torch.zeros(self.n_frequencies))
+
+    @classmethod
+    def check_layer(cls, name: str, out_features: int, in_features: int, kwargs: dict[str, Any]) -> None:
+        super().check_layer(name, out_features, in_features, kwargs)
+        n = kwargs.get("n_frequencies", 1000)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SpectrakitError(f"n_frequencies={n!r} must be a positive integer")
 
     def delta_weight(self) -> torch.Tensor:
         spectrum = torch.zeros(self.out_features, self.in_features, dtype=self.coefficients.dtype,

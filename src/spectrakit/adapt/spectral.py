@@ -53,8 +53,6 @@ class SpectralLinear(AdaptedLinear):
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", variant: str = "additive",
                  svd_method: str = "gram", init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
-        if variant not in VARIANTS:
-            raise SpectrakitError(f"variant={variant!r} must be one of {', '.join(VARIANTS)}")
         self.variant, self.svd_method = variant, svd_method
         U, S, Vh = self.factors(rank, "top", svd_method)
         self.new_buffer("U", U)
@@ -67,6 +65,12 @@ class SpectralLinear(AdaptedLinear):
             free = rank * (rank - 1) // 2
             self.skew_U = self.new_parameter(torch.zeros(free))
             self.skew_V = self.new_parameter(torch.zeros(free))
+
+    @classmethod
+    def check_layer(cls, name: str, out_features: int, in_features: int, kwargs: dict[str, Any]) -> None:
+        super().check_layer(name, out_features, in_features, kwargs)
+        if kwargs.get("variant", "additive") not in VARIANTS:
+            raise SpectrakitError(f"variant={kwargs['variant']!r} must be one of {', '.join(VARIANTS)}")
 
     def _core(self) -> torch.Tensor:
         """``R_U Σ R_Vᵀ − Σ`` (rotational variant)."""
