@@ -1,0 +1,28 @@
+"""Low-rank compression: truncated-SVD methods under one parameter budget.
+
+>>> import torch, spectrakit as sk
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+>>> batches = [torch.randn(256, 64) for _ in range(4)]
+>>> report = sk.compress(model, method="svd-llm", ratio=0.3, calibration=batches, allocation="global")
+>>> report.parameters_after == sum(p.numel() for p in model.parameters())
+True
+>>> sk.save_compressed(model, "small", report)   # doctest: +SKIP
+
+Methods, one file each with its formula: ``svd`` (plain truncation), ``asvd``
+(activation-scaled), ``fwsvd`` (Fisher row weights), ``svd-llm`` (truncation-aware
+whitening). Ranks: ``ratio=`` / ``rank=`` / ``energy=``, ``allocation="uniform"`` or
+``"global"`` (marginal loss per parameter). Each compressed layer becomes a
+:class:`LowRankLinear`; :func:`save_compressed` / :func:`load_compressed` persist it.
+
+Importing this package needs only torch; transformers and safetensors load when used.
+"""
+
+from __future__ import annotations
+
+from .api import METHODS, CompressionReport, LayerReport, compress, count_parameters, find_layers
+from .base import CompressionWarning
+from .lowrank import LowRankLinear, break_even_rank
+from .persist import load_compressed, read_config, save_compressed
+
+__all__ = ["METHODS", "CompressionReport", "CompressionWarning", "LayerReport", "LowRankLinear", "break_even_rank",
+           "compress", "count_parameters", "find_layers", "load_compressed", "read_config", "save_compressed"]

@@ -1,0 +1,141 @@
+"""Rank allocation: how many singular components each layer keeps.
+
+A layer of shape ``out × in`` at rank ``k`` costs ``k·(in + out)`` weights while
+``k ≤ k_max = ⌊(in·out − 1)/(in + out)⌋`` (:func:`break_even_rank`) and is kept dense
+(``in·out``) above it. A budget can be set three ways:
+
+* ``ratio=ρ`` — remove the fraction ``ρ`` of the targeted weights: keep ``(1 − ρ)·Σ in·out``;
+* ``rank=k`` — the same rank everywhere (capped at each layer's ``min(in, out)``);
+* ``energy=e`` — per layer, the smallest ``k`` whose kept ``Σσᵢ²`` is at least ``e`` of the total.
+
+``allocation="uniform"`` applies the choice to each layer on its own (with ``ratio``,
+every layer loses the same fraction of its weights: ``k = ⌊(1 − ρ)·in·out/(in + out)⌋``).
+``allocation="global"`` spends the same total budget where it buys the most: starting
+from rank 1 everywhere, components are taken greedily by marginal loss per parameter,
+``σᵢ² / (in + out)`` with ``σᵢ²`` the method's loss for component ``i`` (for ``svd-llm``
+the exact output error), until the budget is spent; a layer that reaches ``k_max``
+becomes dense again, which refunds its overshoot. Because each layer's ``σ`` are sorted,
+the greedy choice is a prefix per layer, and it is optimal for the linearized problem
+up to the last component (a knapsack of equal-cost items).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpectrakitError
+from .lowrank import break_even_rank, low_rank_parameters
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    out_features: int
+    in_features: int
+    losses: torch.Tensor  # σᵢ², descending, float64
+
+    @property
+    def dense(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+    def cost(self, rank: int, only_if_smaller: bool = True) -> int:
+        """Weights the layer holds at ``rank`` (dense above break-even when ``only_if_smaller``)."""
+        if only_if_smaller and rank > break_even_rank(self.in_features, self.out_features):
+            return self.dense
+        return low_rank_parameters(self.in_features, self.out_features, rank)
+
+
+def check_budget(ratio: float | None, rank: int | None, energy: float | None, allocation: str) -> None:
+    """Validate the budget options before any work is done."""
+    given = [name for name, value in (("ratio", ratio), ("rank", rank), ("energy", energy)) if value is not None]
+    if len(given) != 1:
+        raise SpectrakitError("compress: give exactly one of ratio=, rank= or energy= "
+                              f"(got {', '.join(given) or 'none'})")
+    if allocation not in ALLOCATIONS:
+        raise SpectrakitError(f"allocation={allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1 and math.isfinite(ratio)):
+        raise SpectrakitError(f"ratio={ratio!r} must be in (0, 1): the fraction of the targeted weights to remove")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise SpectrakitError(f"rank={rank!r} must be an integer >= 1")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise SpectrakitError(f"energy={energy!r} must be in (0, 1]: the fraction of Σσ² to keep")
+
+
+def uniform_ranks(layers: dict[str, LayerShape], ratio: float | None, rank: int | None,
+                  energy: float | None) -> dict[str, int]:
+    """Each layer's rank chosen on its own (see the module docstring)."""
+    ranks = {}
+    for name, layer in layers.items():
+        if ratio is not None:
+            k = math.floor((1 - ratio) * layer.dense / (layer.in_features + layer.out_features))
+        elif rank is not None:
+            k = rank
+        else:
+            total = float(layer.losses.sum())
+            if total <= 0:
+                k = 1
+            else:
+                kept = torch.cumsum(layer.losses, 0) / total
+                k = int(torch.searchsorted(kept, torch.tensor(energy * (1 - 1e-12), dtype=kept.dtype))) + 1
+        ranks[name] = max(1, min(k, layer.full_rank))
+    return ranks
+
+
+def global_ranks(layers: dict[str, LayerShape], budget: int, only_if_smaller: bool = True) -> dict[str, int]:
+    """Greedy ranks holding at most ``budget`` weights in all, by marginal loss per parameter."""
+    names = list(layers)
+    ranks = {name: 1 for name in names}
+    spent = sum(layers[name].cost(1, only_if_smaller) for name in names)
+    scores, owners, index = [], [], []
+    for position, name in enumerate(names):
+        layer = layers[name]
+        losses = layer.losses[1:layer.full_rank].double()
+        scores.append(losses / (layer.in_features + layer.out_features))
+        owners.append(torch.full((losses.numel(),), position, dtype=torch.long))
+        index.append(torch.arange(2, losses.numel() + 2))
+    if not scores:
+        return ranks
+    order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+    owners_all, index_all = torch.cat(owners)[order].tolist(), torch.cat(index)[order].tolist()
+    dense: set[str] = set()
+    for position, k in zip(owners_all, index_all):
+        name = names[position]
+        if name in dense or k != ranks[name] + 1:
+            continue  # already dense, or (ties) not the next component of that layer
+        layer = layers[name]
+        extra = layer.cost(k, only_if_smaller) - layer.cost(k - 1, only_if_smaller)
+        if spent + extra > budget:
+            continue  # a cheaper layer's next component may still fit
+        spent += extra
+        ranks[name] = k
+        if only_if_smaller and k > break_even_rank(layer.in_features, layer.out_features):
+            dense.add(name)
+            ranks[name] = layer.full_rank
+    return ranks
+
+
+def allocate(layers: dict[str, LayerShape], *, ratio: float | None = None, rank: int | None = None,
+             energy: float | None = None, allocation: str = "uniform",
+             only_if_smaller: bool = True) -> dict[str, int]:
+    """Ranks for every layer under the budget that ``ratio`` / ``rank`` / ``energy`` sets.
+
+    With ``allocation="global"`` and ``rank=``/``energy=``, the budget is what the uniform
+    choice would spend, redistributed.
+    """
+    check_budget(ratio, rank, energy, allocation)
+    uniform = uniform_ranks(layers, ratio, rank, energy)
+    if allocation == "uniform":
+        return uniform
+    if ratio is not None:
+        budget = math.floor((1 - ratio) * sum(layer.dense for layer in layers.values()))
+    else:
+        budget = sum(layers[name].cost(k, only_if_smaller) for name, k in uniform.items())
+    return global_ranks(layers, budget, only_if_smaller)

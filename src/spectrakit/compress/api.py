@@ -1,0 +1,271 @@
+"""``compress(model, method=…, ratio=…)``: replace linear layers by low-rank ones, in place.
+
+Steps: select the target layers (through :func:`spectrakit.weights.iter_matrices`, which
+already presents transformers' ``Conv1D`` as ``out × in``) and check their weights;
+gather the calibration statistics the method needs in one hooked pass; take one SVD per
+layer of the method's transformed weight; allocate ranks under the budget; swap in a
+:class:`LowRankLinear` wherever it holds fewer weights than the dense layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import weights as spectrakit_weights
+from .._progress import progress as progress_bar
+from ..errors import SpectrakitError
+from ..weights.record import matches_any, natural_key
+from .allocation import LayerShape, allocate, check_budget
+from .asvd import ActivationAwareSVD
+from .base import Method
+from .calibration import LossFn, collect_statistics
+from .fwsvd import FisherWeightedSVD
+from .lowrank import LowRankLinear, low_rank_parameters
+from .svd import PlainSVD
+from .svd_llm import TruncationAwareSVD
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in
+                                    (PlainSVD, ActivationAwareSVD, FisherWeightedSVD, TruncationAwareSVD)}
+
+
+@dataclass
+class LayerReport:
+    """One targeted layer: its shape, the rank kept (``full_rank`` when left dense),
+    whether it was replaced, the weights before/after and the method's predicted loss
+    (sum of the dropped ``σᵢ²``)."""
+
+    out_features: int
+    in_features: int
+    rank: int
+    full_rank: int
+    replaced: bool
+    parameters_before: int
+    parameters_after: int
+    truncation_loss: float
+    relative_loss: float
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did. ``parameters_*`` count the whole model (each tied
+    tensor once); ``target_parameters_*`` only the targeted weight matrices."""
+
+    method: str
+    allocation: str
+    budget: dict[str, Any]
+    parameters_before: int
+    parameters_after: int
+    target_parameters_before: int
+    target_parameters_after: int
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+    calibration_seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of the targeted weights removed."""
+        return 1 - self.target_parameters_after / max(self.target_parameters_before, 1)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+    def __str__(self) -> str:
+        replaced = sum(layer.replaced for layer in self.layers.values())
+        return (f"{self.method} ({self.allocation}): {self.parameters_before:,} -> {self.parameters_after:,} "
+                f"parameters; targeted weights -{self.ratio:.1%}; {replaced}/{len(self.layers)} layers "
+                f"factorized; {self.seconds:.2f} s")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, each tied tensor counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _output_weight_ids(model: nn.Module) -> set[int]:
+    """Weights ``targets="all-linear"`` leaves alone: the output head and embedding-tied ones."""
+    skip: set[int] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            head = get_output()
+        except Exception:  # some models raise NotImplementedError here
+            head = None
+        if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+            skip.add(id(head.weight))
+    skip.update(id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+    return skip
+
+
+def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> dict[str, nn.Module]:
+    """The ``nn.Linear`` / ``Conv1D`` layers that ``targets`` selects, by module name.
+
+    ``"all-linear"``: every one but the output head and layers tied to an embedding.
+    Otherwise name patterns (substring, or shell pattern with ``*?[``). A pattern that
+    matches no linear layer, or only something that is not a linear weight matrix
+    (a norm, an embedding, a conv kernel, an already compressed layer), is an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise SpectrakitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    linear: dict[str, nn.Module] = {}
+    tied: dict[str, tuple[str, ...]] = {}
+    for record in spectrakit_weights.iter_matrices(model):
+        if record.kind != "linear":
+            continue
+        module_name = record.name.rpartition(".")[0]
+        linear[module_name] = model.get_submodule(module_name)
+        tied[module_name] = record.aliases
+    if isinstance(targets, str) and targets == "all-linear":
+        skip = _output_weight_ids(model)
+        selected = {n: m for n, m in linear.items() if id(m.weight) not in skip}
+        if not selected:
+            raise SpectrakitError("targets='all-linear': the model has no nn.Linear or Conv1D layer to compress")
+    else:
+        patterns = [targets] if isinstance(targets, str) else list(targets or [])
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise SpectrakitError(f"targets={targets!r} must be 'all-linear' or a list of layer-name patterns")
+        selected = {}
+        for pattern in patterns:
+            hits = {n: m for n, m in linear.items() if matches_any([n, n + ".weight"], [pattern])}
+            if not hits:
+                other = [n for n, _ in model.named_parameters() if matches_any([n, n.rpartition(".")[0]], [pattern])]
+                if other:
+                    raise SpectrakitError(f"target {pattern!r} matches {other[0]}, which is not the weight matrix "
+                                          "of an nn.Linear or Conv1D layer")
+                raise SpectrakitError(f"target {pattern!r} matches no layer of the model")
+            for name in hits:
+                if tied[name]:
+                    raise SpectrakitError(f"target {name}.weight is tied to {tied[name][0]}; compressing it "
+                                          "would untie them")
+            selected.update(hits)
+    return dict(sorted(selected.items(), key=lambda item: natural_key(item[0])))
+
+
+def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
+    """``out × in`` weight of a Linear or Conv1D, checked: real data, floating point, finite."""
+    weight = layer.weight
+    if weight.is_meta:
+        raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
+    if not weight.dtype.is_floating_point:
+        raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
+    if not bool(torch.isfinite(weight).all()):
+        raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
+    # iter_matrices knows each layer's storage layout (Conv1D is in × out): reuse it
+    (record,) = [r for r in spectrakit_weights.iter_matrices(layer) if r.name == "weight"]
+    return record.matrix().detach()
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def get_method(method: str, options: dict[str, Any]) -> Method:
+    if method not in METHODS:
+        raise SpectrakitError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    try:
+        return METHODS[method](**options)
+    except TypeError as error:
+        raise SpectrakitError(f"method {method!r}: bad option ({error})") from None
+
+
+def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None = None, rank: int | None = None,
+             energy: float | None = None, calibration: Iterable[Any] | None = None, allocation: str = "uniform",
+             targets: str | Iterable[str] = "all-linear", loss_fn: LossFn | None = None,
+             only_if_smaller: bool = True, svd_method: str = "auto", progress: bool = False,
+             **options: Any) -> CompressionReport:
+    """Compress ``model``'s linear layers in place with a truncated-SVD ``method``.
+
+    Args:
+        model: any module with ``nn.Linear`` or transformers ``Conv1D`` layers.
+        method: ``"svd"``, ``"asvd"``, ``"fwsvd"`` or ``"svd-llm"``.
+        ratio: fraction of the targeted weights' parameters to remove, in (0, 1).
+        rank: one rank for every layer (alternative to ``ratio``).
+        energy: keep this fraction of each layer's ``Σσᵢ²`` (alternative to ``ratio``).
+        calibration: iterable of batches (token-id tensors, input tensors, tuples or dicts
+            of model arguments); needed by ``asvd``, ``fwsvd`` and ``svd-llm``.
+        allocation: ``"uniform"`` or ``"global"`` (see :mod:`spectrakit.compress.allocation`).
+        targets: ``"all-linear"`` (all but the output head) or layer-name patterns.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for ``fwsvd`` when the model is not a
+            language model fed token ids.
+        only_if_smaller: keep a layer dense where its factors would not save parameters;
+            ``False`` factorizes every target (used to check full-rank exactness).
+        svd_method: passed to :func:`spectrakit.linalg.svd`.
+        progress: show a progress bar over the layers.
+        options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm).
+
+    Returns:
+        a :class:`CompressionReport` (parameters before and after, rank of each layer).
+
+    >>> import torch, spectrakit as sk
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    >>> report = sk.compress(model, method="svd", ratio=0.5)
+    >>> report.ranks, report.parameters_after == sum(p.numel() for p in model.parameters())
+    ({'0': 16, '2': 16}, True)
+    """
+    start = time.perf_counter()
+    check_budget(ratio, rank, energy, allocation)
+    solver = get_method(method, options)
+    layers = find_layers(model, targets)
+    matrices = {name: _canonical_weight(name, layer) for name, layer in layers.items()}
+    parameters_before = count_parameters(model)
+
+    statistics: dict[str, Any] = {}
+    tokens = 0
+    calibration_start = time.perf_counter()
+    if solver.needs:
+        if calibration is None:
+            raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
+        statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
+                                        scale="scale" in solver.needs, fisher="fisher" in solver.needs,
+                                        loss_fn=loss_fn)
+        tokens = max((s.tokens for s in statistics.values()), default=0)
+    calibration_seconds = time.perf_counter() - calibration_start
+
+    spectra = {}
+    for name in progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress):
+        spectra[name] = solver.spectrum(name, matrices[name], statistics.get(name), svd_method=svd_method)
+    statistics.clear()
+    shapes = {name: LayerShape(*matrices[name].shape, spectra[name].losses) for name in layers}
+    ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
+                     only_if_smaller=only_if_smaller)
+
+    report_layers: dict[str, LayerReport] = {}
+    for name, layer in layers.items():
+        shape, spectrum, k = shapes[name], spectra[name], ranks[name]
+        replace = not only_if_smaller or shape.cost(k) < shape.dense
+        if replace:
+            up, down = spectrum.factors(k, dtype=layer.weight.dtype)
+            bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
+            new = LowRankLinear.from_factors(up, down, bias, method=method, dtype=layer.weight.dtype)
+            _replace(model, name, new.to(layer.weight.device))
+        losses = shape.losses
+        dropped = float(losses[k:].sum()) if replace else 0.0
+        report_layers[name] = LayerReport(
+            out_features=shape.out_features, in_features=shape.in_features,
+            rank=k if replace else shape.full_rank, full_rank=shape.full_rank, replaced=replace,
+            parameters_before=shape.dense,
+            parameters_after=low_rank_parameters(shape.in_features, shape.out_features, k) if replace else shape.dense,
+            truncation_loss=dropped, relative_loss=dropped / max(float(losses.sum()), 1e-300))
+
+    target_before = sum(layer.parameters_before for layer in report_layers.values())
+    target_after = sum(layer.parameters_after for layer in report_layers.values())
+    budget = {"ratio": ratio, "rank": rank, "energy": energy, **options}
+    return CompressionReport(
+        method=method, allocation=allocation, budget={k: v for k, v in budget.items() if v is not None},
+        parameters_before=parameters_before, parameters_after=parameters_before - target_before + target_after,
+        target_parameters_before=target_before, target_parameters_after=target_after, layers=report_layers,
+        calibration_tokens=tokens, seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds)

@@ -1,0 +1,110 @@
+"""What every compression method shares: a transform, one SVD, truncation, the factors.
+
+A method maps a weight ``W`` (``out × in``) to ``W̃ = L W R`` with ``L`` a diagonal
+(``left``, a vector, or ``None`` for the identity) and ``R`` either a diagonal (a
+vector) or a lower-triangular matrix, both invertible; the squared singular values of
+``W̃`` are the method's loss per dropped component. Truncating ``W̃ = U Σ Vᵀ`` to rank
+``k`` gives the two factors of a :class:`LowRankLinear`:
+
+.. math::  up = L^{-1} U_k \\Sigma_k^{1/2}, \\qquad down = \\Sigma_k^{1/2} V_k^T R^{-1}
+
+so that ``up @ down = L⁻¹ (U_k Σ_k V_kᵀ) R⁻¹`` (√Σ is split between the factors to keep
+them on the same scale). The SVD is computed once, by :func:`spectrakit.linalg.svd`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import linalg
+from .calibration import LayerStatistics
+
+
+@dataclass
+class Transform:
+    """``W̃ = diag(left) · W · R`` with ``R = diag(right)`` (1-D) or ``right`` (2-D, lower triangular)."""
+
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def apply(self, W: torch.Tensor) -> torch.Tensor:
+        if self.left is not None:
+            W = self.left[:, None] * W
+        if self.right is not None:
+            W = W * self.right[None, :] if self.right.ndim == 1 else W @ self.right
+        return W
+
+
+@dataclass
+class Spectrum:
+    """The SVD of one layer's transformed weight, ready to be truncated at any rank."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    transform: Transform
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """``σᵢ²``: the method's loss for dropping component ``i`` (float64)."""
+        return self.S.double().square()
+
+    def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` of the rank-``rank`` truncation, mapped back through the transform."""
+        root = self.S[:rank].sqrt()
+        up = self.U[:, :rank] * root[None, :]
+        down = root[:, None] * self.Vh[:rank]
+        left, right = self.transform.left, self.transform.right
+        if left is not None:
+            up = up / left[:, None].to(up.dtype)
+        if right is not None:
+            if right.ndim == 1:
+                down = down / right[None, :].to(down.dtype)
+            else:  # down · R⁻¹ by a triangular solve (x R = down), in float64
+                down = torch.linalg.solve_triangular(right, down.double(), upper=False, left=False)
+        return up.to(dtype), down.to(dtype)
+
+
+class Method:
+    """A compression method: the statistics it needs and the transform it applies.
+
+    Subclasses set ``name`` and ``needs`` (a subset of ``{"gram", "scale", "fisher"}``)
+    and implement :meth:`transform`.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
+        raise NotImplementedError
+
+    def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
+                 svd_method: str = "auto") -> Spectrum:
+        """Transform ``W`` (canonical ``out × in``) and take its thin SVD.
+
+        The SVD runs in float32, or float64 for a float64 weight; transforms are built in
+        float64 and applied in the same precision as the SVD.
+        """
+        compute = torch.float64 if W.dtype == torch.float64 else torch.float32
+        transform = self.transform(name, W, stats)
+        transform = Transform(*(None if t is None else t.to(W.device) for t in (transform.left, transform.right)))
+        Wt = Transform(*(None if t is None else t.to(compute) for t in (transform.left, transform.right))
+                       ).apply(W.to(compute))
+        U, S, Vh = linalg.svd(Wt, method=svd_method)
+        return Spectrum(U, S, Vh, transform)
+
+
+def positive_floor(values: torch.Tensor, relative: float = 1e-6) -> torch.Tensor:
+    """``values`` with entries below ``relative · max`` raised to it, so a dead channel
+    (all-zero activation, zero Fisher) cannot make a diagonal scaling singular."""
+    values = values.double()
+    top = float(values.max()) if values.numel() else 0.0
+    floor = relative * top if top > 0 else 1.0
+    return values.clamp_min(floor)
+
+
+class CompressionWarning(UserWarning):
+    """A compression step had to deviate from its formula (e.g. SVD-LLM damping)."""

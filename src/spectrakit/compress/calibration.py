@@ -1,0 +1,186 @@
+"""Calibration statistics of the layers to compress, gathered with forward hooks.
+
+One pass over the calibration batches fills, for each targeted layer with inputs
+``x ∈ ℝ^{in}`` (every token is one row of ``X``, ``N`` rows in all):
+
+* ``gram``   — the input second moment ``XᵀX = Σ x xᵀ`` (``in × in``, float64): SVD-LLM;
+* ``abs_sum`` — ``Σ |x|`` per input channel (float64), so ``abs_sum / N`` is the mean
+  activation magnitude: ASVD;
+* ``fisher`` — ``Σ_batches (∂L_b/∂W)²`` (``out × in``, float64), the empirical Fisher
+  diagonal from one backward pass per batch: FWSVD.
+
+The weight gradient of a batch is formed from the hooked input ``X`` and output
+gradient ``G`` as ``GᵀX`` (``out × in`` whatever the layer stores), so the same code
+serves ``nn.Linear`` and transformers' ``Conv1D``, and ``.grad`` of the model is left
+untouched. Layers that see the very same input tensor (q/k/v, gate/up) share one
+``XᵀX`` product per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import SpectrakitError
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class LayerStatistics:
+    """What the calibration pass saw at one layer's input (see the module docstring)."""
+
+    tokens: int = 0
+    gram: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+    batches: int = 0
+
+    def mean_abs(self) -> torch.Tensor:
+        assert self.abs_sum is not None
+        return self.abs_sum / max(self.tokens, 1)
+
+
+@dataclass
+class _Collector:
+    layers: dict[str, nn.Module]
+    gram: bool
+    scale: bool
+    fisher: bool
+    stats: dict[str, LayerStatistics] = field(default_factory=dict)
+    # per-batch cache of products keyed by id(input); the tensors are held so ids stay unique
+    cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    batch_index: int = 0
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            flat = x.detach().reshape(-1, x.shape[-1])
+            entry = self.cache.get(id(x))
+            if entry is None or entry[0] is not x:
+                if not bool(torch.isfinite(flat).all()):
+                    raise SpectrakitError(f"calibration batch {self.batch_index}: the input of layer {name} "
+                                          "contains NaN or Inf values")
+                products: dict[str, torch.Tensor] = {}
+                wide = flat.to(torch.float64) if flat.dtype == torch.float64 else flat.float()
+                if self.gram:
+                    products["gram"] = (wide.T @ wide).double()
+                if self.scale:
+                    products["abs_sum"] = wide.abs().sum(dim=0).double()
+                self.cache[id(x)] = entry = (x, products)
+            stats = self.stats.setdefault(name, LayerStatistics())
+            stats.tokens += flat.shape[0]
+            for key, value in entry[1].items():
+                current = getattr(stats, key)
+                setattr(stats, key, value.clone() if current is None else current.add_(value))
+            if self.fisher and output.requires_grad:
+                saved = flat.float()
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    weight_grad = grad.reshape(-1, grad.shape[-1]).float().T @ saved  # out × in
+                    square = weight_grad.double().square_()
+                    stats.fisher = square if stats.fisher is None else stats.fisher.add_(square)
+                    stats.batches += 1
+
+                output.register_hook(grad_hook)
+
+        return forward_hook
+
+
+def _check_finite(batch: Batch, index: int) -> None:
+    tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for value in tensors:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise SpectrakitError(f"calibration batch {index} contains NaN or Inf values")
+
+
+def run_model(model: nn.Module, batch: Batch) -> Any:
+    """Call ``model`` on one calibration batch: a dict is passed as keywords, a tuple or
+    list as positional arguments, an integer tensor as ``input_ids`` to a Hugging Face
+    model, any other tensor as the only argument."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    if isinstance(batch, torch.Tensor):
+        if not batch.is_floating_point() and hasattr(model, "config"):
+            return model(input_ids=batch)
+        return model(batch)
+    raise SpectrakitError(f"calibration batches must be tensors, tuples or dicts, got {type(batch).__name__}")
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The loss FWSVD differentiates when no ``loss_fn`` is given: the model's own ``.loss``
+    for a dict batch with ``labels``; next-token cross-entropy for a token-id batch of a
+    language model (logits ``[batch, seq, vocab]``)."""
+    output = run_model(model, batch)
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    logits = getattr(output, "logits", output)
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if (isinstance(logits, torch.Tensor) and isinstance(ids, torch.Tensor) and not ids.is_floating_point()
+            and logits.ndim == 3 and logits.shape[:2] == ids.shape and ids.shape[1] > 1):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    raise SpectrakitError("method 'fwsvd' needs a loss: pass loss_fn=lambda model, batch: ... "
+                          "(calibration batches are not token ids of a language model)")
+
+
+def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
+                       gram: bool = False, scale: bool = False, fisher: bool = False,
+                       loss_fn: LossFn | None = None) -> dict[str, LayerStatistics]:
+    """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
+
+    Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
+    in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
+    """
+    if calibration is None:
+        raise SpectrakitError("calibration=None: this method needs calibration batches")
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]
+    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher)
+    handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    # FWSVD differentiates w.r.t. the targeted weights only; every other parameter is frozen
+    # for the pass and all requires_grad flags and .grad fields are put back afterwards.
+    flags = {id(p): (p, p.requires_grad, p.grad) for p in model.parameters()}
+    try:
+        if fisher:
+            for p, _, _ in flags.values():
+                p.requires_grad_(False)
+            for module in layers.values():
+                module.weight.requires_grad_(True)
+        loss_fn = loss_fn or default_loss
+        for index, batch in enumerate(calibration):
+            collector.batch_index = index
+            _check_finite(batch, index)
+            if fisher:
+                with torch.enable_grad():
+                    loss = loss_fn(model, batch)
+                    if not bool(torch.isfinite(loss)):
+                        raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
+                    loss.backward()
+            else:
+                with torch.no_grad():
+                    run_model(model, batch)
+            collector.cache.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, requires_grad, grad in flags.values():
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        model.train(was_training)
+    if collector.batch_index == 0 and not collector.stats:
+        raise SpectrakitError("calibration yielded no batches, or none reached the targeted layers")
+    missing = [name for name in layers if name not in collector.stats]
+    if missing:
+        raise SpectrakitError(f"calibration never reached layer {missing[0]} (is it used in forward?)")
+    return collector.stats

@@ -1,0 +1,147 @@
+"""Save a compressed model as safetensors plus JSON, and rebuild it offline.
+
+A folder written by :func:`save_compressed` holds:
+
+* ``model.safetensors`` — the whole state dict (tied tensors stored once);
+* ``compress.json`` — the format tag, each :class:`LowRankLinear`'s name, shape, rank,
+  bias and method, the compression report when given, and how to rebuild the model:
+  a Hugging Face class name from ``transformers`` (no remote code) or ``"module"``;
+* ``config.json`` — the Hugging Face config, for a Hugging Face model.
+
+:func:`load_compressed` rebuilds a Hugging Face model from ``config.json`` with
+``transformers`` (nothing is downloaded), swaps in the low-rank layers and loads the
+state. Any other model is rebuilt into the skeleton passed as ``model=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._atomic import atomic_save_path, atomic_write
+from ..errors import SpectrakitError
+from .api import CompressionReport, _replace
+from .lowrank import LowRankLinear
+
+FORMAT = "spectrakit-compressed"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "compress.json"
+HF_CONFIG = "config.json"
+
+
+def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                   "bias": m.bias is not None, "method": m.method}
+            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _hf_class(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    module = type(model).__module__
+    if config is None or not module.startswith("transformers") or not hasattr(config, "to_dict"):
+        return None
+    return type(model).__name__
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, report: CompressionReport | None = None) -> Path:
+    """Write ``model`` (compressed by :func:`compress`) to the folder ``path``, atomically
+    file by file; returns the folder."""
+    from safetensors.torch import save_model
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SpectrakitError(f"{folder} exists and is not a folder")
+    layers = _layers(model)
+    hf_class = _hf_class(model)
+    meta = {"format": FORMAT, "version": VERSION, "architecture": hf_class or "module", "layers": layers,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "report": report.to_dict() if report is not None else None}
+    if hf_class is not None:
+        with atomic_write(folder / HF_CONFIG) as handle:
+            handle.write(model.config.to_json_string(use_diff=False))
+    with atomic_save_path(folder / WEIGHTS) as tmp:
+        # save_model drops the second name of tied tensors and load_model restores them
+        save_model(model, str(tmp), metadata={"format": FORMAT})
+    with atomic_write(folder / CONFIG) as handle:  # written last: its presence means a complete folder
+        json.dump(meta, handle, indent=2)
+    return folder
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``compress.json`` of a saved folder, checked."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise SpectrakitError(f"{Path(path)}: no {CONFIG}; not a folder written by spectrakit save_compressed")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SpectrakitError(f"{file}: cannot read ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
+        raise SpectrakitError(f"{file}: not a spectrakit compressed-model config")
+    if meta.get("version", 0) > VERSION:
+        raise SpectrakitError(f"{file}: format version {meta['version']} is newer than this spectrakit")
+    return meta
+
+
+def _build_hf(folder: Path, class_name: str) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise SpectrakitError("loading a compressed Hugging Face model needs transformers: "
+                              "pip install 'spectrakit[hf]'") from None
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SpectrakitError(f"{folder / CONFIG}: architecture {class_name!r} is not a transformers model class")
+    try:
+        config_dict = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
+        config = cls.config_class.from_dict(config_dict)
+    except (OSError, ValueError, TypeError) as error:
+        raise SpectrakitError(f"{folder / HF_CONFIG}: cannot read the model config ({error})") from None
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
+        return cls(config)
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_compressed`, in eval mode.
+
+    Args:
+        path: the folder.
+        model: for a model that is not from transformers, a freshly built instance of
+            the original (dense) architecture; its layers are replaced and its state loaded.
+    """
+    from safetensors.torch import load_model
+
+    folder = Path(path)
+    meta = read_config(folder)
+    if model is None:
+        if meta["architecture"] == "module":
+            raise SpectrakitError(f"{folder}: a plain torch model; pass model= (the dense architecture) to rebuild it")
+        model = _build_hf(folder, meta["architecture"])
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    for name, spec in meta["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise SpectrakitError(f"{folder / CONFIG}: layer {name} does not exist in the model") from None
+        weight = getattr(old, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else None
+        _replace(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                            bias=spec["bias"], method=spec.get("method", ""),
+                                            device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None))
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
+    try:
+        load_model(model, str(weights), strict=True)
+    except Exception as error:  # safetensors and load_state_dict raise their own types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpectrakitError(f"{weights}: does not match {CONFIG} ({first})") from None
+    return model.eval()

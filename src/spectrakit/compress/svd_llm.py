@@ -1,0 +1,92 @@
+"""SVD-LLM: truncation-aware data whitening (Wang et al., 2024).
+
+With the calibration inputs as the columns of ``X`` (``in × N``), whiten by the
+Cholesky factor of their second moment, take the SVD of the whitened weight, and
+unwhiten the kept part:
+
+.. math::  X X^T = S S^T, \\quad W S = U \\Sigma V^T, \\quad
+           W' = U_k \\Sigma_k V_k^T S^{-1}
+
+Because ``S⁻¹X`` has orthonormal rows, the output error on the calibration inputs is
+exactly the dropped whitened spectrum (*truncation-aware*):
+
+.. math::  \\lVert W X - W' X \\rVert_F^2 = \\sum_{i > k} \\sigma_i^2
+
+When ``XXᵀ`` is singular or ill-conditioned (fewer tokens than input features, dead
+channels, ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`` is added
+(repeatedly ×10 until the Cholesky factor exists and is well conditioned) and a
+:class:`CompressionWarning` names the layer: the identity then holds only
+approximately, and gathering more calibration tokens is the real fix.
+
+>>> import torch, spectrakit as sk
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+>>> report = sk.compress(model, method="svd-llm", rank=8, calibration=[torch.randn(256, 64)])
+>>> report.layers["0"].rank
+8
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import SpectrakitError
+from .base import CompressionWarning, Method, Transform
+from .calibration import LayerStatistics
+
+
+def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", damping: float = 1e-2,
+                     max_condition: float = 1e10) -> tuple[torch.Tensor, float]:
+    """Lower-triangular ``S`` with ``S Sᵀ = XᵀX + λI`` (float64) and the ridge ``λ`` used (0 if none).
+
+    ``cond`` is estimated from the Cholesky diagonal, ``(max Sᵢᵢ / min Sᵢᵢ)²``, a lower
+    bound of the condition number that costs nothing extra.
+    """
+    gram = gram.double()
+    size = gram.shape[0]
+    reason = f"only {tokens} calibration tokens for {size} input features" if tokens < size else ""
+    ridge = 0.0
+    scale = float(gram.diagonal().mean())
+    if not scale > 0:
+        raise SpectrakitError(f"svd-llm: the inputs of layer {name} are all zero on the calibration data")
+    eye = torch.eye(size, dtype=gram.dtype, device=gram.device)
+    step = damping * scale
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * eye if ridge else gram)
+        if int(info) == 0:
+            diag = factor.diagonal()
+            condition = float((diag.max() / diag.min()) ** 2) if float(diag.min()) > 0 else float("inf")
+            if not reason and condition <= max_condition:
+                break
+            if ridge and condition <= max_condition:
+                break
+            reason = reason or f"its input second moment is ill-conditioned (cond ≈ {condition:.1e})"
+        else:
+            reason = reason or "its input second moment is not positive definite"
+        ridge = step if not ridge else ridge * 10
+    else:
+        raise SpectrakitError(f"svd-llm: cannot whiten layer {name}: no Cholesky factor even with damping")
+    if ridge:
+        warnings.warn(f"svd-llm: layer {name}: {reason}; damped X·Xᵀ by λ = {ridge:.3g} "
+                      f"({ridge / scale:.0e} × its mean diagonal), so the truncation loss is approximate; "
+                      "use more calibration tokens", CompressionWarning, stacklevel=4)
+    return factor, ridge
+
+
+class TruncationAwareSVD(Method):
+    name = "svd-llm"
+    needs = frozenset({"gram"})
+
+    def __init__(self, damping: float = 1e-2, max_condition: float = 1e10) -> None:
+        if not damping > 0 or not max_condition > 1:
+            raise SpectrakitError(f"svd-llm: damping={damping!r} must be > 0 and max_condition={max_condition!r} > 1")
+        self.damping = float(damping)
+        self.max_condition = float(max_condition)
+        self.ridges: dict[str, float] = {}
+
+    def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
+        assert stats is not None and stats.gram is not None
+        factor, ridge = whitening_factor(stats.gram, stats.tokens, name, self.damping, self.max_condition)
+        self.ridges[name] = ridge
+        return Transform(right=factor)
