@@ -17,6 +17,7 @@ from typing import Any
 from . import linalg, weights
 from .analyze import SpectralMonitor, SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
 from .adapt import adapt, adapter_penalty, load_adapter, merge, save_adapter, trainable_parameters  # the functions, not the folder
+from .compress import compress, load_compressed, save_compressed  # the function `compress`, not the folder
 from .errors import SpectrakitError
 from .weights import iter_matrices
 
@@ -28,7 +29,7 @@ _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
            "weights", "adapt", "adapter_penalty", "load_adapter", "merge", "save_adapter",
-           "trainable_parameters", *_SUBMODULES, *_EXPORTS]
+           "trainable_parameters", "compress", "load_compressed", "save_compressed", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
