@@ -10,6 +10,7 @@ layer of the method's transformed weight; allocate ranks under the budget; swap 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from ..errors import SpectrakitError
 from ..weights.record import matches_any, natural_key
 from .allocation import LayerShape, allocate, check_budget
 from .asvd import ActivationAwareSVD
-from .base import Method
+from .base import CompressionWarning, Method
 from .calibration import LossFn, collect_statistics
 from .fwsvd import FisherWeightedSVD
 from .lowrank import LowRankLinear, low_rank_parameters
@@ -239,6 +240,8 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     for name in progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress):
         spectra[name] = solver.spectrum(name, matrices[name], statistics.get(name), svd_method=svd_method)
     statistics.clear()
+    for message in solver.warnings():
+        warnings.warn(message, CompressionWarning, stacklevel=2)
     shapes = {name: LayerShape(*matrices[name].shape, spectra[name].losses) for name in layers}
     ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
                      only_if_smaller=only_if_smaller)

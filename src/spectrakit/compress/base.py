@@ -81,6 +81,10 @@ class Method:
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         raise NotImplementedError
 
+    def warnings(self) -> list[str]:
+        """Messages for the caller once every layer is transformed (e.g. damping applied)."""
+        return []
+
     def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
                  svd_method: str = "auto") -> Spectrum:
         """Transform ``W`` (canonical ``out × in``) and take its thin SVD.

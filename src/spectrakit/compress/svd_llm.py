@@ -27,18 +27,17 @@ approximately, and gathering more calibration tokens is the real fix.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..errors import SpectrakitError
-from .base import CompressionWarning, Method, Transform
+from .base import Method, Transform
 from .calibration import LayerStatistics
 
 
 def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", damping: float = 1e-2,
-                     max_condition: float = 1e10) -> tuple[torch.Tensor, float]:
-    """Lower-triangular ``S`` with ``S Sᵀ = XᵀX + λI`` (float64) and the ridge ``λ`` used (0 if none).
+                     max_condition: float = 1e10) -> tuple[torch.Tensor, float, str]:
+    """Lower-triangular ``S`` with ``S Sᵀ = XᵀX + λI`` (float64), the ridge ``λ`` used (0 if
+    none) and why it was needed.
 
     ``cond`` is estimated from the Cholesky diagonal, ``(max Sᵢᵢ / min Sᵢᵢ)²``, a lower
     bound of the condition number that costs nothing extra.
@@ -63,15 +62,11 @@ def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", dampi
                 break
             reason = reason or f"its input second moment is ill-conditioned (cond ≈ {condition:.1e})"
         else:
-            reason = reason or "its input second moment is not positive definite"
+            reason = reason or "its input second moment is singular on the calibration data"
         ridge = step if not ridge else ridge * 10
     else:
         raise SpectrakitError(f"svd-llm: cannot whiten layer {name}: no Cholesky factor even with damping")
-    if ridge:
-        warnings.warn(f"svd-llm: layer {name}: {reason}; damped X·Xᵀ by λ = {ridge:.3g} "
-                      f"({ridge / scale:.0e} × its mean diagonal), so the truncation loss is approximate; "
-                      "use more calibration tokens", CompressionWarning, stacklevel=4)
-    return factor, ridge
+    return factor, ridge, reason if ridge else ""
 
 
 class TruncationAwareSVD(Method):
@@ -84,9 +79,20 @@ class TruncationAwareSVD(Method):
         self.damping = float(damping)
         self.max_condition = float(max_condition)
         self.ridges: dict[str, float] = {}
+        self.damped: dict[str, str] = {}
 
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         assert stats is not None and stats.gram is not None
-        factor, ridge = whitening_factor(stats.gram, stats.tokens, name, self.damping, self.max_condition)
+        factor, ridge, reason = whitening_factor(stats.gram, stats.tokens, name, self.damping, self.max_condition)
         self.ridges[name] = ridge
+        if ridge:
+            self.damped[name] = f"{reason} (λ = {ridge / float(stats.gram.diagonal().mean()):.0e} × mean diagonal)"
         return Transform(right=factor)
+
+    def warnings(self) -> list[str]:
+        if not self.damped:
+            return []
+        examples = "; ".join(f"{name}: {why}" for name, why in list(self.damped.items())[:3])
+        more = f"; and {len(self.damped) - 3} more" if len(self.damped) > 3 else ""
+        return [f"svd-llm damped X·Xᵀ of {len(self.damped)} of {len(self.ridges)} layers ({examples}{more}); "
+                "the truncation loss is approximate there; more (and more varied) calibration tokens is the real fix"]
