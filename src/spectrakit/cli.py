@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from .errors import SpectrakitError
 
 # modules with add_parser(subparsers) that set `run` as the parser default
-COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command")
+COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectrakit.compress.command")
 
 
 class _Parser(argparse.ArgumentParser):
