@@ -80,10 +80,11 @@ class _Collector:
                 current = getattr(stats, key)
                 setattr(stats, key, value.clone() if current is None else current.add_(value))
             if self.fisher and output.requires_grad:
-                saved = flat.float()
+                compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
+                saved = flat.to(compute)
 
                 def grad_hook(grad: torch.Tensor) -> None:
-                    weight_grad = grad.reshape(-1, grad.shape[-1]).float().T @ saved  # out × in
+                    weight_grad = grad.reshape(-1, grad.shape[-1]).to(compute).T @ saved  # out × in
                     square = weight_grad.double().square_()
                     stats.fisher = square if stats.fisher is None else stats.fisher.add_(square)
                     stats.batches += 1

@@ -1,0 +1,255 @@
+"""spectrakit.compress on plain torch layers: the SVD-LLM identity, whitening vs plain SVD,
+full-rank exactness, calibration statistics against autograd, allocation, bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import spectrakit as sk
+from spectrakit.compress import CompressionWarning, LowRankLinear, break_even_rank
+from spectrakit.compress.calibration import collect_statistics
+from spectrakit.errors import SpectrakitError
+
+METHODS = ["svd", "asvd", "fwsvd", "svd-llm"]
+
+
+def correlated_inputs(n: int, dim: int, seed: int = 0, decay: float = 0.8) -> torch.Tensor:
+    """Rows x = z·A with A = Q diag(decay^i) Qᵀ: strongly correlated features (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    A = (Q * decay ** torch.arange(dim, dtype=torch.float64)) @ Q.T
+    return torch.randn(n, dim, generator=g, dtype=torch.float64) @ A + 0.05 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+
+
+def single_layer(in_features: int = 48, out_features: int = 40, seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(in_features, out_features)).double()
+
+
+def mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 24))
+
+
+def square_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).square().mean()
+
+
+def test_svd_llm_truncation_aware_identity() -> None:
+    X = correlated_inputs(600, 48)
+    model = single_layer()
+    W = model[0].weight.detach().clone()
+    dense = model(X).detach()
+    report = sk.compress(model, method="svd-llm", rank=8, calibration=[X[:300], X[300:]])
+    assert isinstance(model[0], LowRankLinear) and model[0].rank == 8
+    error = float((model(X).detach() - dense).square().sum())
+    # ground truth: float64 LAPACK SVD of W·S with S the Cholesky factor of XᵀX
+    S = torch.linalg.cholesky(X.T @ X)
+    sigma = torch.linalg.svdvals(W @ S)
+    dropped = float(sigma[8:].square().sum())
+    assert error == pytest.approx(dropped, rel=1e-8)
+    assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-8)
+
+
+def test_whitening_beats_plain_svd_on_correlated_inputs() -> None:
+    X = correlated_inputs(800, 48, seed=1, decay=0.85)
+    errors = {}
+    for method in ("svd", "asvd", "svd-llm"):
+        model = single_layer(seed=3)
+        dense = model(X).detach()
+        sk.compress(model, method=method, rank=6, calibration=[X])
+        errors[method] = float((model(X).detach() - dense).square().sum())
+    assert errors["svd-llm"] < 0.5 * errors["svd"], errors
+    assert errors["svd-llm"] <= errors["asvd"] * (1 + 1e-9), errors  # optimal for the calibration inputs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_rank_is_lossless(method: str) -> None:
+    model = mlp()
+    x = torch.randn(256, 24)
+    dense = model(x).detach()
+    report = sk.compress(model, method=method, rank=64, calibration=[x[:128], x[128:]], loss_fn=square_loss,
+                         only_if_smaller=False)
+    assert all(isinstance(model[i], LowRankLinear) for i in (0, 2, 4))
+    assert [layer.rank for layer in report.layers.values()] == [24, 32, 24]
+    relative = float((model(x).detach() - dense).norm() / dense.norm())
+    assert relative < 1e-5, relative
+
+
+def test_layers_are_replaced_only_where_they_save_parameters() -> None:
+    model = mlp()
+    before = sum(p.numel() for p in model.parameters())
+    report = sk.compress(model, method="svd", rank=12)
+    # 24×64 breaks even at rank 17, 64×32 at 21, 32×24 at 13: all factorized at 12
+    assert [type(model[i]).__name__ for i in (0, 2, 4)] == ["LowRankLinear"] * 3
+    report = sk.compress(mlp(), method="svd", rank=14)
+    assert [layer.replaced for layer in report.layers.values()] == [True, True, False]
+    assert break_even_rank(24, 32) == 13
+    assert report.parameters_before == before
+    assert report.parameters_after == before - (24 * 64 + 64 * 32) + 14 * (24 + 64) + 14 * (64 + 32)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_parameter_counts_and_budget(ratio: float, allocation: str) -> None:
+    model = mlp()
+    x = torch.randn(256, 24)
+    before = sum(p.numel() for p in model.parameters())
+    report = sk.compress(model, method="svd-llm", ratio=ratio, allocation=allocation, calibration=[x])
+    assert report.parameters_before == before
+    assert report.parameters_after == sum(p.numel() for p in model.parameters())
+    targeted = 24 * 64 + 64 * 32 + 32 * 24
+    assert report.target_parameters_before == targeted
+    assert report.target_parameters_after <= (1 - ratio) * targeted
+    assert report.ratio >= ratio
+    # the budget is spent: one more rank anywhere would not fit (up to rank rounding)
+    assert report.ratio < ratio + (64 + 32) / targeted * (3 if allocation == "uniform" else 1)
+
+
+def test_global_allocation_loses_less_than_uniform() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(48, 48, bias=False) for _ in range(3)])
+    with torch.no_grad():  # layer 0: fast-decaying spectrum, layer 2: flat
+        for i, decay in enumerate((0.7, 0.9, 1.0)):
+            U, _ = torch.linalg.qr(torch.randn(48, 48))
+            V, _ = torch.linalg.qr(torch.randn(48, 48))
+            model[i].weight.copy_((U * decay ** torch.arange(48.0)) @ V.T)
+    losses = {}
+    for allocation in ("uniform", "global"):
+        clone = torch.nn.Sequential(*[torch.nn.Linear(48, 48, bias=False) for _ in range(3)])
+        clone.load_state_dict(model.state_dict())
+        report = sk.compress(clone, method="svd", ratio=0.5, allocation=allocation)
+        losses[allocation] = sum(layer.truncation_loss for layer in report.layers.values())
+        if allocation == "global":
+            ranks = [layer.rank for layer in report.layers.values()]
+            assert ranks[0] < ranks[1] < ranks[2], ranks
+    assert losses["global"] < 0.8 * losses["uniform"], losses
+
+
+def test_energy_picks_the_smallest_sufficient_rank() -> None:
+    model = mlp()
+    W = model[2].weight.detach().double()
+    report = sk.compress(model, method="svd", energy=0.9, only_if_smaller=False)
+    sigma2 = torch.linalg.svdvals(W).square()
+    kept = torch.cumsum(sigma2, 0) / sigma2.sum()
+    k = report.layers["2"].rank
+    assert kept[k - 1] >= 0.9 > kept[k - 2]
+
+
+def test_calibration_statistics_match_autograd() -> None:
+    model = mlp().double()
+    batches = [torch.randn(16, 24, dtype=torch.float64) for _ in range(3)]
+    layers = {"0": model[0], "2": model[2]}
+    stats = collect_statistics(model, layers, batches, gram=True, scale=True, fisher=True, loss_fn=square_loss)
+    X = torch.cat(batches)
+    assert torch.allclose(stats["0"].gram, X.T @ X)
+    assert torch.allclose(stats["0"].mean_abs(), X.abs().mean(0))
+    assert stats["0"].tokens == 48
+    fisher = torch.zeros_like(model[2].weight)
+    for x in batches:
+        model.zero_grad()
+        square_loss(model, x).backward()
+        fisher += model[2].weight.grad.square()
+    assert torch.allclose(stats["2"].fisher, fisher, rtol=1e-10, atol=0)
+    model.zero_grad(set_to_none=True)
+    collect_statistics(model, layers, batches, fisher=True, loss_fn=square_loss)
+    assert model[0].weight.grad is None and all(p.requires_grad for p in model.parameters())
+
+
+def test_low_rank_linear_forward_and_weight() -> None:
+    torch.manual_seed(0)
+    up, down, bias = torch.randn(6, 3), torch.randn(3, 5), torch.randn(6)
+    layer = LowRankLinear.from_factors(up, down, bias)
+    x = torch.randn(4, 5)
+    assert torch.allclose(layer(x), x @ (up @ down).T + bias, atol=1e-6)
+    assert torch.allclose(layer.weight, up @ down)
+    assert sum(p.numel() for p in layer.parameters()) == 3 * (5 + 6) + 6
+
+
+# ----- bad input -------------------------------------------------------------------------------
+
+def test_nan_calibration_is_an_error() -> None:
+    x = torch.randn(64, 24)
+    x[3, 5] = float("nan")
+    for method in ("asvd", "svd-llm", "fwsvd"):
+        with pytest.raises(SpectrakitError, match="NaN"):
+            sk.compress(mlp(), method=method, ratio=0.3, calibration=[x], loss_fn=square_loss)
+
+
+def test_nan_inside_the_model_names_the_layer() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")  # an untargeted layer that breaks the activations
+    with pytest.raises(SpectrakitError, match="layer 4"):
+        sk.compress(model, method="svd-llm", ratio=0.3, calibration=[torch.randn(64, 24)], targets=["4"])
+
+
+def test_too_few_tokens_damps_with_a_warning() -> None:
+    model = mlp()
+    x = torch.randn(10, 24)  # 10 tokens for 24, 64 and 32 input features
+    dense = model(x).detach()
+    with pytest.warns(CompressionWarning, match="only 10 calibration tokens"):
+        sk.compress(model, method="svd-llm", ratio=0.3, calibration=[x])
+    out = model(x).detach()
+    assert torch.isfinite(out).all()
+    assert float((out - dense).norm() / dense.norm()) < 1.0
+
+
+def test_enough_tokens_gives_no_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressionWarning)
+        sk.compress(mlp(), method="svd-llm", ratio=0.3, calibration=[torch.randn(512, 24)])
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.2, 1.5, float("nan")])
+def test_ratio_outside_the_open_interval(ratio: float) -> None:
+    with pytest.raises(SpectrakitError, match="ratio"):
+        sk.compress(mlp(), method="svd", ratio=ratio)
+
+
+def test_other_budget_and_option_errors() -> None:
+    with pytest.raises(SpectrakitError, match="exactly one"):
+        sk.compress(mlp(), method="svd", ratio=0.3, rank=4)
+    with pytest.raises(SpectrakitError, match="exactly one"):
+        sk.compress(mlp(), method="svd")
+    with pytest.raises(SpectrakitError, match="energy"):
+        sk.compress(mlp(), method="svd", energy=1.5)
+    with pytest.raises(SpectrakitError, match="method"):
+        sk.compress(mlp(), method="tucker", ratio=0.3)
+    with pytest.raises(SpectrakitError, match="calibration"):
+        sk.compress(mlp(), method="svd-llm", ratio=0.3)
+    with pytest.raises(SpectrakitError, match="allocation"):
+        sk.compress(mlp(), method="svd", ratio=0.3, allocation="greedy")
+    with pytest.raises(SpectrakitError, match="loss"):
+        sk.compress(mlp(), method="fwsvd", ratio=0.3, calibration=[torch.randn(8, 24)])
+
+
+def test_target_that_is_not_a_matrix() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 24))
+    with pytest.raises(SpectrakitError, match="not the weight matrix"):
+        sk.compress(model, method="svd", ratio=0.3, targets=["1"])
+    with pytest.raises(SpectrakitError, match="not the weight matrix"):
+        sk.compress(model, method="svd", ratio=0.3, targets=["0.weight"])
+    with pytest.raises(SpectrakitError, match="matches no layer"):
+        sk.compress(model, method="svd", ratio=0.3, targets=["q_proj"])
+    sk.compress(model, method="svd", ratio=0.5, targets=["2"])
+    with pytest.raises(SpectrakitError, match="not the weight matrix"):  # already low-rank
+        sk.compress(model, method="svd", ratio=0.3, targets=["2"])
+
+
+def test_bad_weights_are_refused_before_anything_changes() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(SpectrakitError, match="4.weight contains NaN"):
+        sk.compress(model, method="svd", ratio=0.3)
+    assert isinstance(model[0], torch.nn.Linear)
+    int_model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    int_model[0].weight = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(SpectrakitError, match="not floating point"):
+        sk.compress(int_model, method="svd", ratio=0.3)
