@@ -122,7 +122,9 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
         raise SpectrakitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     linear: dict[str, nn.Module] = {}
     tied: dict[str, tuple[str, ...]] = {}
+    alias_of: dict[str, str] = {}  # a module reached under a tied weight's second name -> first name
     for record in spectrakit_weights.iter_matrices(model):
+        alias_of.update((alias.rpartition(".")[0], record.name) for alias in record.aliases)
         if record.kind != "linear":
             continue
         module_name = record.name.rpartition(".")[0]
@@ -141,6 +143,10 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
         for pattern in patterns:
             hits = {n: m for n, m in linear.items() if matches_any([n, n + ".weight"], [pattern])}
             if not hits:
+                aliases = [n for n in alias_of if matches_any([n, n + ".weight"], [pattern])]
+                if aliases:
+                    raise SpectrakitError(f"target {aliases[0]}.weight is tied to {alias_of[aliases[0]]}; "
+                                          "compressing it would untie them")
                 other = [n for n, _ in model.named_parameters() if matches_any([n, n.rpartition(".")[0]], [pattern])]
                 if other:
                     raise SpectrakitError(f"target {pattern!r} matches {other[0]}, which is not the weight matrix "

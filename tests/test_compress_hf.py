@@ -1,0 +1,135 @@
+"""spectrakit.compress on tiny random Hugging Face models (GPT-2 with Conv1D, Llama):
+exact parameter counts, full-rank exactness through Conv1D, save/load, generate(), CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import spectrakit as sk
+from spectrakit.cli import main
+from spectrakit.compress import LowRankLinear, read_config
+from spectrakit.errors import SpectrakitError
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2(seed: int = 0, vocab: int = 100) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+
+
+def llama(seed: int = 0, vocab: int = 100) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=vocab, max_position_embeddings=64)).eval()
+
+
+BUILDERS = {"gpt2": gpt2, "llama": llama}
+
+
+def calibration(vocab: int = 100, batches: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (4, 24), generator=g) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["svd", "asvd", "fwsvd", "svd-llm"])
+def test_parameter_counts_are_exact(arch: str, method: str) -> None:
+    model = BUILDERS[arch]()
+    before = sum(p.numel() for p in model.parameters())
+    report = sk.compress(model, method=method, ratio=0.4, allocation="global", calibration=calibration())
+    assert report.parameters_before == before
+    assert report.parameters_after == sum(p.numel() for p in model.parameters())
+    assert report.parameters_after < before
+    linear = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert linear == {n for n, layer in report.layers.items() if layer.replaced}
+    for name in linear:
+        assert model.get_submodule(name).rank == report.layers[name].rank
+    assert "lm_head" not in report.layers  # the output head is left alone by all-linear
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["svd", "svd-llm"])
+def test_full_rank_reproduces_logits(arch: str, method: str) -> None:
+    model = BUILDERS[arch]()
+    x = torch.randint(0, 100, (2, 16))
+    dense = model(x).logits.detach()
+    # 24×4×3 = 288 tokens: enough for a stable Cholesky of every input (at most 128 features)
+    sk.compress(model, method=method, rank=1000, only_if_smaller=False, calibration=calibration(batches=3))
+    assert not any(type(m).__name__ == "Conv1D" for m in model.modules())
+    out = model(x).logits.detach()
+    assert float((out - dense).norm() / dense.norm()) < 1e-5
+
+
+def test_conv1d_orientation_matches_plain_svd_of_the_out_by_in_weight() -> None:
+    model = gpt2()
+    W = model.transformer.h[0].mlp.c_fc.weight.detach().T.double()  # Conv1D stores in × out
+    sk.compress(model, method="svd", rank=5, targets=["h.0.mlp.c_fc"])
+    layer = model.transformer.h[0].mlp.c_fc
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    assert torch.allclose(layer.weight.double(), (U[:, :5] * S[:5]) @ Vh[:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_save_load_round_trip_and_generate(arch: str, tmp_path) -> None:
+    model = BUILDERS[arch]()
+    report = sk.compress(model, method="svd-llm", ratio=0.3, calibration=calibration())
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 10)
+    sk.save_compressed(model, tmp_path / "small", report)
+    assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["compress.json", "config.json",
+                                                                       "model.safetensors"]
+    meta = read_config(tmp_path / "small")
+    assert {n: s["rank"] for n, s in meta["layers"].items()} == {n: l.rank for n, l in report.layers.items()
+                                                                  if l.replaced}
+    loaded = sk.load_compressed(tmp_path / "small")
+    x = torch.randint(0, 100, (2, 12))
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), generated)
+    assert sum(p.numel() for p in loaded.parameters()) == report.parameters_after
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(SpectrakitError, match="compress.json"):
+        sk.load_compressed(tmp_path)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    sk.compress(plain, method="svd", rank=2)
+    sk.save_compressed(plain, tmp_path / "plain")
+    with pytest.raises(SpectrakitError, match="pass model="):
+        sk.load_compressed(tmp_path / "plain")
+    rebuilt = sk.load_compressed(tmp_path / "plain", model=torch.nn.Sequential(torch.nn.Linear(16, 16)))
+    assert torch.equal(rebuilt[0].up, plain[0].up)
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SpectrakitError, match="model.safetensors"):
+        sk.load_compressed(tmp_path / "plain", model=torch.nn.Sequential(torch.nn.Linear(16, 16)))
+
+
+def test_tied_output_head_cannot_be_targeted() -> None:
+    with pytest.raises(SpectrakitError, match="tied"):
+        sk.compress(gpt2(), method="svd", ratio=0.3, targets=["lm_head"])
+    with pytest.raises(SpectrakitError, match="not the weight matrix"):
+        sk.compress(gpt2(), method="svd", ratio=0.3, targets=["ln_f"])
+
+
+def test_cli_compresses_a_byte_level_folder(tmp_path, capsys) -> None:
+    source = llama(vocab=256)
+    source.save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    status = main(["compress", str(tmp_path / "src"), "--method", "svd-llm", "--ratio", "0.3", "--calib", "8",
+                   "--seq-len", "32", "--out", str(out), "--quiet"])
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    loaded = sk.load_compressed(out)
+    assert report["parameters_after"] == sum(p.numel() for p in loaded.parameters())
+    assert report["ratio"] >= 0.3
+    assert main(["compress", str(tmp_path / "src"), "--ratio", "1.2", "--out", str(out)]) == 2
+    assert "ratio=1.2 must be in (0, 1)" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["compress", str(tmp_path / "src"), "--method", "tucker", "--out", str(out)]) == 2
