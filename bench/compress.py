@@ -1,0 +1,215 @@
+"""Low-rank compression of the reference model: every method × allocation × ratio.
+
+Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--windows 64]
+                               [--repeats 3] [--json docs/benchmarks/compress.json]
+                               [--plot docs/img/compress_bpb.png]
+
+On the bundled reference model (byte-level Llama pretrained on Python code), in one
+process:
+
+1. **Quality**: for each of ``svd``, ``asvd``, ``fwsvd``, ``svd-llm`` with ``uniform`` and
+   ``global`` allocation at each ratio (fraction of the targeted weights removed, all
+   linear layers but the output head), held-out **bits per byte** (next-byte
+   cross-entropy / ln 2; perplexity per byte is ``2**bpb``) on
+   ``eval_windows(code_corpus("validation"), 256, W)`` and
+   ``eval_windows(docs_corpus("validation"), 256, W)``. Calibration: ``--calib``
+   windows of 256 bytes from ``byte_batches(code_corpus("train"), 8, 256, seed=0)``.
+2. **Time**: wall time of ``compress`` (calibration pass + SVDs + allocation + layer
+   swap) for every method at ratio 0.3, best of ``--repeats``, as a multiple of plain
+   ``svd``; and ``svd-llm``'s time as the calibration set grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table  # noqa: E402
+
+import spectrakit as sk  # noqa: E402
+from spectrakit import data  # noqa: E402
+from spectrakit.compress import CompressionWarning  # noqa: E402
+
+METHODS = ("svd", "asvd", "fwsvd", "svd-llm")
+ALLOCATIONS = ("uniform", "global")
+SEQ_LEN = 256
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for chunk in windows.split(16):
+        logits = model(chunk[:, :-1]).logits
+        total += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return total / count / math.log(2)
+
+
+def calibration(sequences: int) -> list[torch.Tensor]:
+    steps = math.ceil(sequences / 8)
+    batches = [b[:, :-1] for b in data.byte_batches(data.code_corpus("train"), 8, SEQ_LEN, seed=0, steps=steps)]
+    batches[-1] = batches[-1][: sequences - 8 * (steps - 1)]
+    return batches
+
+
+def timed_compress(base: torch.nn.Module, **kwargs) -> tuple:
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionWarning)
+        start = time.perf_counter()
+        report = sk.compress(model, **kwargs)
+        seconds = time.perf_counter() - start
+    return model, report, seconds, [str(w.message) for w in caught]
+
+
+def wide_timing(repeats: int) -> dict[str, dict[str, float]]:
+    """Compression time of each method on a wider random Llama, where SVDs cost more
+    relative to the calibration pass (SVD ∝ width³, forward ∝ width² per token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
+                                        num_attention_heads=12, num_key_value_heads=12, vocab_size=256,
+                                        max_position_embeddings=512)).eval()
+    calib = calibration(16)
+    timing = {}
+    for method in METHODS:
+        runs = [timed_compress(base, method=method, ratio=0.3, calibration=calib) for _ in range(repeats)]
+        best = min(runs, key=lambda run: run[2])
+        timing[method] = {"seconds": best[2], "calibration_seconds": best[1].calibration_seconds}
+    for method in METHODS:
+        timing[method]["vs_svd"] = timing[method]["seconds"] / timing["svd"]["seconds"]
+    return timing
+
+
+def plot(results: list[dict], dense: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    colors = dict(zip(METHODS, ("tab:gray", "tab:orange", "tab:green", "tab:blue")))
+    for ax, corpus in zip(axes, ("code", "docs")):
+        for method in METHODS:
+            for allocation, style in zip(ALLOCATIONS, ("--", "-")):
+                rows = [r for r in results if r["method"] == method and r["allocation"] == allocation]
+                ax.plot([100 * r["ratio"] for r in rows], [r[f"bpb_{corpus}"] - dense[corpus] for r in rows], style,
+                        marker="o", markersize=3, color=colors[method], label=f"{method} {allocation}")
+        ax.set_title(f"held-out {corpus}: dense model {dense[corpus]:.4f} bits/byte")
+        ax.set_xlabel("targeted weights removed (%)")
+        ax.set_ylabel("bits/byte above the dense model (lower is better)")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    fig.suptitle("spectrakit.compress on the reference model (byte-level Llama, 3.0 M parameters)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from spectrakit._atomic import atomic_save_path
+
+    with atomic_save_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
+    parser.add_argument("--calib", type=int, default=16, help="calibration windows of 256 bytes (default 16)")
+    parser.add_argument("--windows", type=int, default=64, help="held-out windows per corpus (default 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default="docs/benchmarks/compress.json")
+    parser.add_argument("--plot", default="docs/img/compress_bpb.png")
+    args = parser.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    base = sk.reference_model()
+    calib = calibration(args.calib)
+    windows = {"code": data.eval_windows(data.code_corpus("validation"), SEQ_LEN, args.windows),
+               "docs": data.eval_windows(data.docs_corpus("validation"), SEQ_LEN, args.windows)}
+    dense = {corpus: bits_per_byte(base, w) for corpus, w in windows.items()}
+    print(f"machine: {machine()}")
+    print(f"dense: {sum(p.numel() for p in base.parameters()):,} parameters; bits/byte code {dense['code']:.4f}, "
+          f"docs {dense['docs']:.4f}; calibration {args.calib}×{SEQ_LEN} bytes", flush=True)
+
+    results = []
+    for ratio in ratios:
+        for method in METHODS:
+            for allocation in ALLOCATIONS:
+                model, report, seconds, notes = timed_compress(base, method=method, ratio=ratio,
+                                                               allocation=allocation, calibration=calib)
+                row = {"method": method, "allocation": allocation, "ratio": ratio, "achieved_ratio": report.ratio,
+                       "parameters_after": report.parameters_after, "seconds": seconds,
+                       "calibration_seconds": report.calibration_seconds,
+                       **{f"bpb_{c}": bits_per_byte(model, w) for c, w in windows.items()},
+                       "ranks": report.ranks, "warnings": notes}
+                results.append(row)
+                print(f"{ratio:.0%} {method:8s} {allocation:7s} code {row['bpb_code']:.4f} docs {row['bpb_docs']:.4f} "
+                      f"({seconds:.2f} s){' [damped]' if notes else ''}", flush=True)
+
+    # timing: each method at 0.3, best of --repeats, fresh copies outside the clock
+    timing = {}
+    for method in METHODS:
+        runs = [timed_compress(base, method=method, ratio=0.3, calibration=calib) for _ in range(args.repeats)]
+        best = min(runs, key=lambda run: run[2])
+        timing[method] = {"seconds": best[2], "calibration_seconds": best[1].calibration_seconds}
+    for method in METHODS:
+        timing[method]["vs_svd"] = timing[method]["seconds"] / timing["svd"]["seconds"]
+    scaling = {}
+    for sequences in (4, 8, 16, 32):
+        runs = [timed_compress(base, method="svd-llm", ratio=0.3, calibration=calibration(sequences))
+                for _ in range(args.repeats)]
+        best = min(runs, key=lambda run: run[2])
+        scaling[sequences] = {"tokens": sequences * SEQ_LEN, "seconds": best[2],
+                              "calibration_seconds": best[1].calibration_seconds,
+                              "vs_svd": best[2] / timing["svd"]["seconds"], "damped": bool(best[3])}
+
+    wide = wide_timing(args.repeats)
+
+    print("\n### Held-out bits per byte (lower is better)\n")
+    for corpus in ("code", "docs"):
+        header = ["ratio", *[f"{m} {a[0]}" for m in METHODS for a in ALLOCATIONS], "best"]
+        rows = []
+        for ratio in ratios:
+            cells = {(r["method"], r["allocation"]): r[f"bpb_{corpus}"] for r in results if r["ratio"] == ratio}
+            best = min(cells, key=cells.get)
+            rows.append([f"{ratio:.0%}", *[f"{cells[(m, a)]:.4f}" for m in METHODS for a in ALLOCATIONS],
+                         f"{best[0]} {best[1]}"])
+        print(f"**{corpus}** (dense {dense[corpus]:.4f}; u = uniform, g = global)\n")
+        print(markdown_table(header, rows) + "\n")
+    print("### compress() wall time at ratio 0.3 (best of %d)\n" % args.repeats)
+    print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
+                         [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
+                          for m, t in timing.items()]) + "\n")
+    print("### svd-llm time vs calibration size\n")
+    print(markdown_table(["calibration tokens", "seconds", "of which calibration", "× plain svd", "damped"],
+                         [[s["tokens"], f"{s['seconds']:.2f}", f"{s['calibration_seconds']:.2f}",
+                           f"{s['vs_svd']:.2f}", s["damped"]] for s in scaling.values()]))
+
+    print("\n### Wider model (random Llama, hidden 768, MLP 2048, 2 layers; 4096 calibration tokens)\n")
+    print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
+                         [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
+                          for m, t in wide.items()]))
+
+    plot(results, dense, Path(args.plot))
+    from spectrakit._atomic import atomic_write
+
+    with atomic_write(args.json) as handle:
+        json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
+                   "calibration_sequences": args.calib, "eval_windows": args.windows, "results": results,
+                   "timing": timing, "timing_vs_calibration": scaling, "timing_wide_model": wide}, handle, indent=1)
+    print(f"\nwrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
