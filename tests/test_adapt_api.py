@@ -213,3 +213,35 @@ def test_bad_weights_and_options_fail_before_any_layer_changes() -> None:
         sk.adapt(mlp(), "fourierft", rank=4, n_frequencies=0)
     with pytest.raises(SpectrakitError, match="freeze_blocks=3 leaves no layer"):
         sk.adapt(gpt2(), "soma", rank=4, freeze_blocks=3)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "hra"])
+def test_layers_read_through_weight_work(method: str) -> None:
+    """nn.MultiheadAttention reads out_proj.weight instead of calling out_proj."""
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=48, dropout=0.0,
+                                             batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        reference = model(x)
+    sk.adapt(model, method, rank=4)
+    assert isinstance(model.self_attn.out_proj, AdaptedLinear)
+    with torch.no_grad():
+        assert float((model(x) - reference).norm() / reference.norm()) < 1e-5
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        assert model.self_attn.out_proj.base_layer.weight.grad is None
+        optimizer.step()
+    with torch.no_grad():
+        tuned = model(x)
+        sk.merge(model)
+        assert float((model(x) - tuned).norm() / tuned.norm()) < 1e-5
+
+
+def test_residual_methods_refuse_a_tied_weight() -> None:
+    with pytest.raises(SpectrakitError, match="layer lm_head: its weight is tied to transformer.wte.weight"):
+        sk.adapt(gpt2(), "pissa", rank=4, targets=["lm_head"])
+    model = sk.adapt(gpt2(), "lora", rank=4, targets=["lm_head"])  # leaves the shared weight alone
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._atomic import atomic_save_path
 from ..errors import SpectrakitError
-from .base import adapted_layers, check_weight, find_targets, fingerprint, get_method, is_conv1d
+from .base import adapted_layers, check_weight, find_targets, fingerprint, get_method, is_conv1d, tied_names
 
 FORMAT = "spectrakit-adapter"
 FORMAT_VERSION = 1
@@ -60,9 +60,14 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     cls.check_options(options)
     layers = find_targets(model, targets)
     plan = plan_override if plan_override is not None else cls.plan(model, layers, rank, options)
+    tied = tied_names(model)
     for name, kwargs in plan.items():
         check_weight(name, layers[name])
         weight = layers[name].weight
+        if cls.rewrites_base and len(tied.get(id(weight), ())) > 1:
+            other = next(n for n in tied[id(weight)] if n != f"{name}.weight")
+            raise SpectrakitError(f"layer {name}: its weight is tied to {other}, and {method!r} rewrites the base "
+                                  "weight; untie it or choose a method that keeps it (lora, svfit, …)")
         out_f, in_f = (weight.shape[1], weight.shape[0]) if is_conv1d(layers[name]) else weight.shape
         cls.check_layer(name, int(out_f), int(in_f), kwargs)
 

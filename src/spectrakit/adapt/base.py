@@ -120,6 +120,8 @@ class AdaptedLinear(nn.Module):
     method: ClassVar[str] = ""
     #: options the method accepts (checked by :meth:`check_options`)
     options: ClassVar[tuple[str, ...]] = ()
+    #: True when the method overwrites the frozen weight (with a residual)
+    rewrites_base: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "") -> None:
         super().__init__()
@@ -189,6 +191,18 @@ class AdaptedLinear(nn.Module):
         """The adapter's own parameters (what :func:`spectrakit.save_adapter` writes)."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, stored like the base layer's (``in × out`` for Conv1D), in its
+        dtype and differentiable — for code that reads ``layer.weight`` instead of calling it
+        (``nn.MultiheadAttention``'s ``out_proj``, weight inspection)."""
+        merged = self.merged_weight().to(self.base_layer.weight.dtype)
+        return merged.T if self.fan_in_fan_out else merged
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # ----- helpers shared by the methods ------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The frozen weight in ``out × in`` orientation (a view, in the base dtype)."""
@@ -226,6 +240,14 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, rank={self.rank}, out={self.out_features}, in={self.in_features}"
+
+
+def tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id → every name it is reachable under (more than one: tied)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
 
 
 def check_weight(name: str, layer: nn.Module) -> None:

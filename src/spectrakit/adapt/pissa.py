@@ -35,6 +35,7 @@ from .lora import LoRALinear
 class PiSSALinear(LoRALinear):
     method = "pissa"
     options = ("alpha", "svd_method")
+    rewrites_base = True
     which = "top"  # MiLoRA takes the bottom triplets instead
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,

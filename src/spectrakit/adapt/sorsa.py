@@ -34,6 +34,7 @@ from .base import AdaptedLinear, register
 class SORSALinear(AdaptedLinear):
     method = "sorsa"
     options = ("svd_method",)
+    rewrites_base = True
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", svd_method: str = "gram",
                  init: dict[str, Any] | None = None) -> None:
