@@ -47,11 +47,13 @@ def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: 
 # --- local worker processes ------------------------------------------------------------------
 
 _WORKER_RECORDS: dict[str, MatrixRecord] = {}
-_WORKER_MATRICES: dict[str, torch.Tensor] = {}
+# name → (matrix, conv kernel or None), shared with the workers when the source is in memory
+_WORKER_MATRICES: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 _WORKER_OPTIONS = AnalyzeOptions()
 
 
-def _init_worker(source: Any, include: Any, exclude: Any, matrices: dict[str, torch.Tensor] | None,
+def _init_worker(source: Any, include: Any, exclude: Any,
+                 matrices: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
                  options: AnalyzeOptions, threads: int) -> None:
     global _WORKER_RECORDS, _WORKER_MATRICES, _WORKER_OPTIONS
     torch.set_num_threads(threads)
@@ -64,8 +66,8 @@ def _init_worker(source: Any, include: Any, exclude: Any, matrices: dict[str, to
 
 def _work(name: str) -> MatrixResult:
     if name in _WORKER_MATRICES:
-        metrics, spectrum = matrix_metrics(_WORKER_MATRICES[name], _WORKER_OPTIONS)
-        return MatrixResult(name, metrics, spectrum)
+        matrix, kernel = _WORKER_MATRICES[name]
+        return MatrixResult(name, *matrix_metrics(matrix, _WORKER_OPTIONS, kernel))
     return analyze_record(_WORKER_RECORDS[name], _WORKER_OPTIONS)
 
 
@@ -81,7 +83,8 @@ def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions,
         matrices = {}
         for record in records:
             if skip_reason_before_load(record) is None:
-                matrices[record.name] = record.matrix().contiguous().share_memory_()
+                kernel = record.load().contiguous().share_memory_() if options.wants_kernel(record.kind) else None
+                matrices[record.name] = (record.matrix().contiguous().share_memory_(), kernel)
         # records that cannot be loaded are answered here, without a worker
         todo = [r for r in records if r.name in matrices]
         for record in records:

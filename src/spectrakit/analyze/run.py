@@ -10,6 +10,8 @@ import torch
 from .. import linalg
 from ..errors import SpectrakitError
 from ..weights import MatrixRecord, iter_matrices
+from .esd import esd_metrics
+from .farms import farms_fit
 from .metrics import BASIC_METRICS
 from .table import SpectrumTable
 
@@ -20,7 +22,16 @@ class AnalyzeOptions:
 
     method: str = "auto"
     dtype: torch.dtype | None = None
+    esd: bool = True
+    xmin: str | float = "ks"
+    farms: bool = True
+    farms_xmin: str | float = "median"
+    conv_input_shape: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def wants_kernel(self, kind: str) -> bool:
+        """Whether this record's spectrum is the conv operator's (needs the raw kernel)."""
+        return self.conv_input_shape is not None and kind in ("conv1d", "conv2d")
 
 
 @dataclass
@@ -73,16 +84,34 @@ def base_row(record: MatrixRecord) -> dict[str, Any]:
     }
 
 
-def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Metrics of one loaded matrix (or ``status/reason`` when it must be skipped)."""
+def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
+                   kernel: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """Metrics, spectrum and FARMS eigenvalues of one loaded matrix (``status/reason`` when skipped).
+
+    ``kernel``: the raw conv kernel, when the spectrum should be that of the conv operator
+    (circular padding on ``options.conv_input_shape``) rather than of the reshaped matrix.
+    """
     reason = skip_reason(matrix)
     if reason is not None:
-        return {"status": "skipped", "reason": reason}, None
-    spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
+        return {"status": "skipped", "reason": reason}, None, None
+    if kernel is not None:
+        spectrum = linalg.conv_singular_values(kernel.to(options.dtype or torch.float32), options.conv_input_shape)
+        spectrum = spectrum.double().cpu().sort(descending=True).values
+        grid = spectrum.numel() // min(kernel.shape[:2])
+        rows, cols = kernel.shape[0] * grid, kernel.shape[1] * grid
+    else:
+        spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
+        rows, cols = matrix.shape
     metrics: dict[str, Any] = {"sigma_max": float(spectrum[0])}
     for name, metric in BASIC_METRICS.items():
         metrics[name] = metric(spectrum)
-    return metrics, spectrum
+    if options.esd:
+        metrics.update(esd_metrics(spectrum, rows, cols, xmin=options.xmin))
+    farms_evals = None
+    if options.farms:
+        fit, farms_evals = farms_fit(matrix, method=options.method, dtype=options.dtype, xmin=options.farms_xmin)
+        metrics.update(fit.as_row("farms_"))
+    return metrics, spectrum, farms_evals
 
 
 def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResult:
@@ -90,8 +119,9 @@ def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResul
     reason = skip_reason_before_load(record)
     if reason is None:
         try:
-            metrics, spectrum = matrix_metrics(record.matrix(), options)
-            return MatrixResult(record.name, metrics, spectrum)
+            kernel = record.load() if options.wants_kernel(record.kind) else None
+            metrics, spectrum, farms_evals = matrix_metrics(record.matrix(), options, kernel)
+            return MatrixResult(record.name, metrics, spectrum, farms_evals)
         except SpectrakitError as error:
             reason = str(error)
     return MatrixResult(record.name, {"status": "skipped", "reason": reason})
@@ -103,20 +133,33 @@ def _label(source: Any) -> str:
     return type(source).__name__
 
 
-def analyze(source: Any, *, include: str | Sequence[str] | None = None,
+def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, method: str = "auto",
-            dtype: torch.dtype | None = None, progress: bool = True, keep_spectra: bool = True,
+            dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
+            farms_xmin: str | float = "median", conv_input_shape: Sequence[int] | None = None,
+            progress: bool = True, keep_spectra: bool = True,
             workers: int = 1, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
 
     Args:
         source: an ``nn.Module``, a state dict, a ``.safetensors``/``.bin``/``.pt`` file
             or a Hugging Face checkpoint folder (sharded or not).
+        farms: add the FARMS fit (``farms_alpha``…) of fixed-aspect-ratio windows.
         include, exclude: name patterns (fnmatch; no wildcard means substring).
         method: spectrum method of :func:`spectrakit.linalg.svdvals` (``auto`` uses the
             Gram matrix for large matrices; ``exact`` for full relative accuracy of the
             smallest singular values, which the condition number depends on).
         dtype: compute dtype, e.g. ``torch.float64``.
+        esd: add the weightwatcher-parity ESD metrics (``alpha``, ``alpha_weighted``,
+            ``log_norm``, ``spectral_norm`` = σ₁², ``log_spectral_norm``, ``num_spikes``,
+            ``mp_softrank``…); off leaves the basic metrics only.
+        xmin: how the power-law tail starts: ``"ks"`` (weightwatcher's KS search, the
+            default), ``"median"`` or a fixed value.
+        farms_xmin: the same for the FARMS fit (default ``"median"``, stable on
+            noise-like spectra).
+        conv_input_shape: for conv layers, use the exact spectrum of the convolution
+            operator with circular padding on this input size (``(H, W)`` or ``(L,)``)
+            instead of the reshaped ``out × in·k`` kernel.
         progress: show a progress bar on stderr.
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
         workers: local processes sharing the matrices (files stream in each worker).
@@ -126,8 +169,8 @@ def analyze(source: Any, *, include: str | Sequence[str] | None = None,
 
     Returns:
         A :class:`SpectrumTable`: one row per matrix with ``sigma_max``,
-        ``frobenius_norm``, ``stable_rank``, ``effective_rank``, ``spectral_entropy``
-        and ``condition_number``. Bad tensors (NaN/Inf, all-zero, integer, meta,
+        ``frobenius_norm``, ``stable_rank``, ``effective_rank``, ``spectral_entropy``,
+        ``condition_number``, the ESD metrics and ``farms_alpha``. Bad tensors (NaN/Inf, all-zero, integer, meta,
         ``1×n``) keep a row with ``status="skipped"`` and the ``reason``.
 
     >>> import torch, spectrakit as sk
@@ -142,7 +185,9 @@ def analyze(source: Any, *, include: str | Sequence[str] | None = None,
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
     if workers < 1:
         raise SpectrakitError(f"workers={workers} must be ≥ 1")
-    options = AnalyzeOptions(method=method, dtype=dtype)
+    options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
+                             farms_xmin=farms_xmin,
+                             conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
                           distributed=distributed, progress=progress)

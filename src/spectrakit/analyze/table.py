@@ -11,15 +11,21 @@ from typing import Any, Iterator
 
 import torch
 
-from .._atomic import atomic_write
+from .._atomic import atomic_save_path, atomic_write
 from ..errors import SpectrakitError
 
 # Columns shown in the terminal, in order, with their headers.
 ANALYZE_DISPLAY = (
     ("name", "name"), ("shape", "shape"), ("sigma_max", "σ₁"), ("frobenius_norm", "‖W‖_F"),
     ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"),
-    ("condition_number", "cond"), ("status", "status"),
+    ("condition_number", "cond"), ("alpha", "alpha"), ("farms_alpha", "FARMS α"),
+    ("num_spikes", "spikes"), ("status", "status"),
 )
+# Model-level averages, as weightwatcher's get_summary() reports them (means), plus medians.
+MEAN_COLUMNS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm",
+                "stable_rank", "mp_softrank", "farms_alpha")
+MEDIAN_COLUMNS = ("sigma_max", "stable_rank", "effective_rank", "condition_number", "alpha", "farms_alpha",
+                  "num_spikes")
 
 
 def _format(value: Any) -> str:
@@ -96,11 +102,16 @@ class SpectrumTable:
             "skipped": len(self.rows) - len(ok),
             "parameters": sum(int(row.get("params") or 0) for row in ok),
         }
-        for column in ("sigma_max", "stable_rank", "effective_rank", "condition_number"):
-            values = [row[column] for row in ok if isinstance(row.get(column), float)
+        for column in dict.fromkeys(MEAN_COLUMNS + MEDIAN_COLUMNS):
+            values = [float(row[column]) for row in ok if isinstance(row.get(column), (int, float))
                       and math.isfinite(row[column])]
-            if values:
-                summary[f"median_{column}"] = float(torch.tensor(values, dtype=torch.float64).median())
+            if not values:
+                continue
+            values_t = torch.tensor(values, dtype=torch.float64)
+            if column in MEAN_COLUMNS:
+                summary[f"mean_{column}"] = float(values_t.mean())
+            if column in MEDIAN_COLUMNS:
+                summary[f"median_{column}"] = float(values_t.median())
         if any("intruders" in row for row in ok):
             summary["total_intruders"] = sum(int(row["intruders"]) for row in ok)
             summary["layers_with_intruders"] = sum(1 for row in ok if row["intruders"] > 0)
@@ -117,6 +128,22 @@ class SpectrumTable:
         except ImportError as error:
             raise SpectrakitError("to_pandas() needs pandas: pip install 'spectrakit[report]'") from error
         return pd.DataFrame(self.rows, columns=self.columns)
+
+    def to_parquet(self, path: str | os.PathLike) -> None:
+        """Write every row to ``path`` as Parquet, atomically (needs pandas and pyarrow)."""
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as error:
+            raise SpectrakitError("to_parquet() needs pyarrow: pip install pyarrow") from error
+        frame = self.to_pandas()
+        with atomic_save_path(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None):
+        """Write the self-contained HTML report (see :mod:`spectrakit.analyze.report`)."""
+        from .report import write_html_report
+
+        return write_html_report(self, path, title=title)
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write every row to ``path`` as CSV, atomically."""
