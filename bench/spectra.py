@@ -9,6 +9,10 @@ For each model it times, in one process on the same matrices:
   * a plain ``torch.linalg.svdvals`` loop (fp32);
   * ``weightwatcher.WeightWatcher(model).analyze()`` (default settings: it also fits
     power laws, so it does more work per matrix than the others).
+Then the like-for-like comparison of issue 3: ``spectrakit.analyze`` with the
+weightwatcher-parity metrics (and, separately, with FARMS too) on exactly the matrices
+weightwatcher analyzes, against weightwatcher's ``analyze()``, with the parity figures
+(relative gaps of ``spectral_norm`` and ``stable_rank``, absolute gaps of ``alpha``).
 It then streams the GPT-2 safetensors file through ``iter_matrices`` in a fresh
 process and reports its peak resident memory next to the largest tensor and the file.
 """
@@ -19,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,27 +65,66 @@ def spectrakit_spectra(model) -> None:
         sk.linalg.svdvals(record.matrix())
 
 
-def weightwatcher_analyze(model) -> None:
+def weightwatcher_analyze(model):
     import weightwatcher as ww
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ww.WeightWatcher(model=model).analyze()
+        return ww.WeightWatcher(model=model).analyze()
 
 
+def parity(model, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
+    """spectrakit's parity metrics vs weightwatcher's analyze(), on weightwatcher's matrices."""
+    timed: dict[str, tuple[float, float]] = {}
+    frames = []
+
+    def run_ww():
+        frames.append(weightwatcher_analyze(model))
+
+    import weightwatcher  # noqa: F401  (import time is not analysis time)
+
+    timed["weightwatcher analyze()"] = best_of(run_ww, 2)
+    reference = {row["longname"]: row for row in frames[-1].to_dict("records")}
+    names = [r.name for r in sk.weights.iter_matrices(model) if r.name.removesuffix(".weight") in reference]
+    tables = []
+    timed["spectrakit analyze(farms=False)"] = best_of(
+        lambda: tables.append(sk.analyze(model, include=names, farms=False, progress=False)), repeats)
+    timed["spectrakit analyze() (+ FARMS)"] = best_of(
+        lambda: sk.analyze(model, include=names, progress=False), repeats)
+    gaps = {"spectral_norm": [], "stable_rank": [], "alpha": []}
+    for row in tables[0].analyzed:
+        theirs = reference[row["name"].removesuffix(".weight")]
+        gaps["spectral_norm"].append(abs(row["spectral_norm"] / theirs["spectral_norm"] - 1))
+        gaps["stable_rank"].append(abs(row["stable_rank"] / theirs["stable_rank"] - 1))
+        gaps["alpha"].append(abs(row["alpha"] - theirs["alpha"]))
+    figures = {"matrices": len(gaps["alpha"]),
+               "max_rel_gap_spectral_norm": max(gaps["spectral_norm"]),
+               "max_rel_gap_stable_rank": max(gaps["stable_rank"]),
+               "median_abs_gap_alpha": statistics.median(gaps["alpha"]),
+               "max_abs_gap_alpha": max(gaps["alpha"])}
+    ww_time = timed["weightwatcher analyze()"][0]
+    rows = [[label, best, median, ww_time / best] for label, (best, median) in timed.items()]
+    return rows, figures
+
+
+# VmHWM (peak RSS of this process image) rather than ru_maxrss, which survives exec().
 PEAK_SCRIPT = r"""
-import resource, sys, torch, spectrakit as sk
+import sys, torch, spectrakit as sk
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
 torch.set_num_threads(1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sk.linalg.svdvals(torch.randn(64, 64))  # warm up the kernels before the baseline
+base = status("VmRSS")
 largest = 0
 for record in sk.weights.iter_matrices(sys.argv[1]):
     W = record.matrix()
     largest = max(largest, W.numel() * W.element_size())
     sk.linalg.svdvals(W)
     del W
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024, largest)
+print(status("VmHWM") - base, largest)
 """
 
 
@@ -103,8 +147,6 @@ def bench_model(name: str, model, repeats: int, with_ww: bool) -> list[list[obje
         "torch Gram+eigvalsh fp32 (floor)": best_of(lambda: gram_floor(mats), repeats),
         "torch.linalg.svdvals loop": best_of(lambda: svdvals_loop(mats), repeats),
     }
-    if with_ww:
-        timings["weightwatcher analyze()"] = best_of(lambda: weightwatcher_analyze(model), 1)
     floor = timings["torch Gram+eigvalsh fp32 (floor)"][0]
     analyze_time = timings["spectrakit analyze()"][0]
     rows = []
@@ -122,20 +164,31 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {machine()}\n")
-    rows, peak = [], None
+    rows, parity_rows, parity_figures, peak = [], [], {}, None
     for name in args.models.split(","):
         model = gpt2_small() if name == "gpt2" else sk.reference_model()
         rows += bench_model(name, model, args.repeats, not args.skip_ww)
+        if not args.skip_ww:
+            timed, parity_figures[name] = parity(model, args.repeats)
+            parity_rows += [[name, *row] for row in timed]
         if name == "gpt2":
             peak = streaming_peak(model)
         del model
     header = ["model", "matrices", "method", "best s", "median s", "× floor", "× spectrakit analyze"]
+    print("Full spectra of every matrix\n")
     print(markdown_table(header, rows))
+    if parity_rows:
+        print("\nweightwatcher-parity metrics on weightwatcher's own matrices\n")
+        print(markdown_table(["model", "run", "best s", "median s", "weightwatcher ÷ this"], parity_rows))
+        print()
+        figure_rows = [[name, *figures.values()] for name, figures in parity_figures.items()]
+        print(markdown_table(["model", *next(iter(parity_figures.values())).keys()], figure_rows))
     if peak:
         print(f"\nstreaming GPT-2 safetensors ({peak['file_mb']:.0f} MB, largest tensor "
               f"{peak['largest_tensor_mb']:.0f} MB): peak RSS growth {peak['peak_rss_growth_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "streaming": peak}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "parity_rows": parity_rows,
+                                               "parity": parity_figures, "streaming": peak}, indent=1))
 
 
 if __name__ == "__main__":
