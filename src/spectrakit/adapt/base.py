@@ -23,13 +23,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import inspect
-import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
 
 from .. import linalg
+from .._targets import select_targets
 from ..errors import SpectrakitError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -307,30 +307,18 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         else:
             candidates[name] = module
 
-    if isinstance(targets, str) and targets == "all-linear":
-        skip = _output_layers(model)
-        selected = {n: m for n, m in candidates.items() if id(m) not in skip}
-        if not selected:
-            raise SpectrakitError("targets='all-linear': the model has no nn.Linear or Conv1D layer to adapt")
-    else:
-        patterns = [targets] if isinstance(targets, str) else list(targets or [])
-        if not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise SpectrakitError(f"targets={targets!r} must be 'all-linear' or a list of layer-name patterns")
-        selected = {}
-        for pattern in patterns:
-            hits = {n: m for n, m in candidates.items() if _matches(n, pattern)}
-            if not hits:
-                raise SpectrakitError(f"target pattern {pattern!r} matches no nn.Linear or Conv1D layer")
-            selected.update(hits)
+    skip = _output_layers(model)
+
+    def miss(pattern: str) -> NoReturn:
+        raise SpectrakitError(f"target pattern {pattern!r} matches no nn.Linear or Conv1D layer")
+
+    selected = select_targets(candidates, targets, verb="adapt", matches=_matches, on_miss=miss,
+                              all_linear=lambda layers: {n: m for n, m in layers.items() if id(m) not in skip})
     for name, module in selected.items():
         if isinstance(module, AdaptedLinear):
             raise SpectrakitError(f"layer {name} is already adapted with {module.method!r}; "
                                   "merge(model) before adapting it again")
-    return dict(sorted(selected.items(), key=lambda item: _natural_key(item[0])))
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return selected
 
 
 def block_index(name: str) -> int | None:

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from torch import nn
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
-from ..weights.record import matches_any, natural_key
+from .._targets import select_targets
+from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget
 from .asvd import ActivationAwareSVD
 from .base import CompressionWarning, Method
@@ -130,34 +131,27 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
         module_name = record.name.rpartition(".")[0]
         linear[module_name] = model.get_submodule(module_name)
         tied[module_name] = record.aliases
-    if isinstance(targets, str) and targets == "all-linear":
-        skip = _output_weight_ids(model)
-        selected = {n: m for n, m in linear.items() if id(m.weight) not in skip}
-        if not selected:
-            raise SpectrakitError("targets='all-linear': the model has no nn.Linear or Conv1D layer to compress")
-    else:
-        patterns = [targets] if isinstance(targets, str) else list(targets or [])
-        if not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise SpectrakitError(f"targets={targets!r} must be 'all-linear' or a list of layer-name patterns")
-        selected = {}
-        for pattern in patterns:
-            hits = {n: m for n, m in linear.items() if matches_any([n, n + ".weight"], [pattern])}
-            if not hits:
-                aliases = [n for n in alias_of if matches_any([n, n + ".weight"], [pattern])]
-                if aliases:
-                    raise SpectrakitError(f"target {aliases[0]}.weight is tied to {alias_of[aliases[0]]}; "
-                                          "compressing it would untie them")
-                other = [n for n, _ in model.named_parameters() if matches_any([n, n.rpartition(".")[0]], [pattern])]
-                if other:
-                    raise SpectrakitError(f"target {pattern!r} matches {other[0]}, which is not the weight matrix "
-                                          "of an nn.Linear or Conv1D layer")
-                raise SpectrakitError(f"target {pattern!r} matches no layer of the model")
-            for name in hits:
-                if tied[name]:
-                    raise SpectrakitError(f"target {name}.weight is tied to {tied[name][0]}; compressing it "
-                                          "would untie them")
-            selected.update(hits)
-    return dict(sorted(selected.items(), key=lambda item: natural_key(item[0])))
+    skip = _output_weight_ids(model)
+
+    def miss(pattern: str) -> NoReturn:
+        aliases = [n for n in alias_of if matches_any([n, n + ".weight"], [pattern])]
+        if aliases:
+            raise SpectrakitError(f"target {aliases[0]}.weight is tied to {alias_of[aliases[0]]}; "
+                                  "compressing it would untie them")
+        other = [n for n, _ in model.named_parameters() if matches_any([n, n.rpartition(".")[0]], [pattern])]
+        if other:
+            raise SpectrakitError(f"target {pattern!r} matches {other[0]}, which is not the weight matrix "
+                                  "of an nn.Linear or Conv1D layer")
+        raise SpectrakitError(f"target {pattern!r} matches no layer of the model")
+
+    def untied(name: str) -> None:
+        if tied[name]:
+            raise SpectrakitError(f"target {name}.weight is tied to {tied[name][0]}; compressing it "
+                                  "would untie them")
+
+    return select_targets(linear, targets, verb="compress", on_miss=miss, check_hit=untied,
+                          matches=lambda name, pattern: matches_any([name, name + ".weight"], [pattern]),
+                          all_linear=lambda layers: {n: m for n, m in layers.items() if id(m.weight) not in skip})
 
 
 def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Choosing the layers a verb acts on: ``"all-linear"`` or a list of name patterns.
+
+``adapt`` and ``compress`` both take ``targets=``; this is their one resolver, so the
+rules and the error messages are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NoReturn, Sequence, TypeVar
+
+from .errors import SpectrakitError
+from .weights.record import natural_key
+
+Layer = TypeVar("Layer")
+
+
+def select_targets(layers: Mapping[str, Layer], targets: str | Sequence[str], *, verb: str,
+                   all_linear: Callable[[Mapping[str, Layer]], dict[str, Layer]],
+                   matches: Callable[[str, str], bool], on_miss: Callable[[str], NoReturn],
+                   check_hit: Callable[[str], None] = lambda name: None) -> dict[str, Layer]:
+    """The entries of ``layers`` that ``targets`` selects, in natural name order.
+
+    Args:
+        layers: candidate layers by module name.
+        targets: ``"all-linear"`` (then ``all_linear(layers)`` decides) or patterns.
+        verb: what will be done to them, for the messages (``"adapt"``, ``"compress"``).
+        matches: ``matches(name, pattern)``.
+        on_miss: raises the error for a pattern that selects nothing.
+        check_hit: raises for a layer a pattern selected but that must not be.
+    """
+    if isinstance(targets, str) and targets == "all-linear":
+        selected = all_linear(layers)
+        if not selected:
+            raise SpectrakitError(f"targets='all-linear': the model has no nn.Linear or Conv1D layer to {verb}")
+    else:
+        patterns = [targets] if isinstance(targets, str) else list(targets or [])
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise SpectrakitError(f"targets={targets!r} must be 'all-linear' or a list of layer-name patterns")
+        selected = {}
+        for pattern in patterns:
+            hits = {name: layer for name, layer in layers.items() if matches(name, pattern)}
+            if not hits:
+                on_miss(pattern)
+            for name in hits:
+                check_hit(name)
+            selected.update(hits)
+    return dict(sorted(selected.items(), key=lambda item: natural_key(item[0])))
