@@ -173,3 +173,26 @@ def test_cli_default_analyzes_reference_model(tmp_path):
     document = json.loads((tmp_path / "spectra.json").read_text())
     assert document["summary"]["analyzed"] >= 28  # 4 blocks x 7 projections, plus embeddings
     assert all(row["status"] == "ok" for row in document["rows"])
+
+
+def test_cli_analysis_options(tmp_path):
+    path = tmp_path / "conv.safetensors"
+    kernel = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    save_file({"conv.weight": kernel, "fc.weight": torch.randn(30, 50)}, str(path))
+    out = tmp_path / "out"
+    code = main(["analyze", str(path), "--out", str(out), "--quiet", "--no-farms", "--no-html",
+                 "--xmin", "median", "--conv-input", "6x6"])
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads((out / "spectra.json").read_text())["rows"]}
+    assert "farms_alpha" not in rows["fc.weight"] and not (out / "report.html").exists()
+    operator = sk.linalg.conv_singular_values(kernel.double(), (6, 6))
+    assert rows["conv.weight"]["sigma_max"] == pytest.approx(float(operator.max()), rel=1e-5)
+    assert rows["fc.weight"]["num_pl_spikes"] == 15  # median x_min: the upper half of 30 eigenvalues
+
+
+@pytest.mark.parametrize("flag", [["--xmin", "peak"], ["--conv-input", "0x3"]])
+def test_cli_bad_analysis_options_print_one_line(tmp_path, flag):
+    result = subprocess.run([sys.executable, "-m", "spectrakit.cli", "analyze", "--out", str(tmp_path), *flag],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and flag[0] in result.stderr

@@ -31,6 +31,7 @@ from torch import nn
 from .. import linalg
 from .._targets import select_targets
 from ..errors import SpectrakitError
+from ..linalg._prepare import all_finite
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REGISTRY: dict[str, type["AdaptedLinear"]] = {}
@@ -257,7 +258,7 @@ def check_weight(name: str, layer: nn.Module) -> None:
         raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
     if not weight.dtype.is_floating_point:
         raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from .. import linalg
 from ..errors import SpectrakitError
+from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
 from .esd import esd_metrics
 from .farms import farms_fit
@@ -57,7 +58,7 @@ def skip_reason(matrix: torch.Tensor) -> str | None:
     rows, cols = matrix.shape
     if min(rows, cols) < 2:
         return f"degenerate {rows}x{cols} matrix: a single singular value has no spectrum"
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         return "contains NaN or Inf values"
     if not bool(matrix.any()):
         return "all-zero matrix"

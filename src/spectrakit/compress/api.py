@@ -21,6 +21,7 @@ from torch import nn
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
+from ..linalg._prepare import all_finite
 from .._targets import select_targets
 from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget
@@ -161,7 +162,7 @@ def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
         raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
     if not weight.dtype.is_floating_point:
         raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
     # iter_matrices knows each layer's storage layout (Conv1D is in × out): reuse it
     (record,) = [r for r in spectrakit_weights.iter_matrices(layer) if r.name == "weight"]

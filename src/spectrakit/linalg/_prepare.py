@@ -37,9 +37,19 @@ def as_matrix(W: torch.Tensor, dtype: torch.dtype | None = None, name: str = "W"
     if W.shape[-1] == 0 or W.shape[-2] == 0:
         raise SpectrakitError(f"{name}: empty matrix of shape {tuple(W.shape)}")
     W = W.to(compute_dtype(W.dtype, dtype))
-    if check_finite and not bool(torch.isfinite(W).all()):
+    if check_finite and not all_finite(W):
         raise SpectrakitError(f"{name}: contains NaN or Inf values")
     return W
+
+
+def all_finite(W: torch.Tensor, chunk_elements: int = 1 << 22) -> bool:
+    """``torch.isfinite(W).all()`` in slices along the rows: ``isfinite`` allocates
+    temporaries of the tensor's full size, which would double the peak memory of
+    streaming a large matrix."""
+    if W.ndim < 2 or W.numel() <= chunk_elements:
+        return bool(torch.isfinite(W).all())
+    rows = max(1, chunk_elements // max(1, W.numel() // W.shape[-2]))
+    return all(bool(torch.isfinite(part).all()) for part in W.split(rows, dim=-2))
 
 
 def check_rank(k: int | None, W: torch.Tensor) -> int:

@@ -245,9 +245,24 @@ def _transposition_rule(
 
 
 def _read_safetensors_tensor(path: str, name: str) -> torch.Tensor:
-    """Read one tensor's bytes. The only place safetensors data is touched."""
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        return handle.get_tensor(name)
+    """Read one tensor's bytes. The only place safetensors data is touched.
+
+    The bytes go straight from the file into the tensor's own memory (one copy, no
+    memory map whose touched pages would also count against the process while the
+    tensor is in use), so streaming a file costs about its largest tensor.
+    """
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        info = json.loads(handle.read(header_size))[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - start:
+            raise SpectrakitError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
+        handle.seek(8 + header_size + start)
+        if handle.readinto(memoryview(buffer)) != buffer.nbytes:
+            raise SpectrakitError(f"{path}: file ends inside tensor {name} (truncated?)")
+    return tensor
 
 
 def _safetensors_entries(path: Path, only: set[str] | None = None) -> list[_Entry]:
