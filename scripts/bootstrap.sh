@@ -21,3 +21,12 @@ if [ -n "$EXTRAS" ]; then
 else
     "${PIP[@]}" install -e .
 fi
+# The report tests render the HTML report in a real headless Chromium (they skip without
+# one). Best effort, dev only, as root with apt: a failure here never fails the bootstrap.
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1 \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } \
+        || echo "bootstrap: could not install chromium; the report's browser test will skip" >&2
+fi
