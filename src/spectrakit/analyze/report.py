@@ -78,8 +78,9 @@ def write_html_report(table, path: str | os.PathLike, *, title: str | None = Non
     """Write the HTML report of ``table`` to ``path`` atomically; return the path.
 
     >>> import spectrakit as sk
+    >>> from spectrakit.analyze.report import write_html_report
     >>> table = sk.analyze(sk.reference.reference_weights_path(), progress=False)  # doctest: +SKIP
-    >>> sk.analyze.report.write_html_report(table, "out/report.html")              # doctest: +SKIP
+    >>> write_html_report(table, "out/report.html", title="reference model")       # doctest: +SKIP
     PosixPath('out/report.html')
     """
     path = Path(path)
@@ -88,9 +89,7 @@ def write_html_report(table, path: str | os.PathLike, *, title: str | None = Non
     columns = _columns(rows)
     issues = find_issues(rows)
     data = {
-        "title": title,
         "names": [str(row.get("name", "")) for row in rows],
-        "status": [str(row.get("status", "ok")) for row in rows],
         "depth": _depth_series(rows, columns),
         "layers": _layer_plots(table, rows),
         "flags": _flags(issues),
@@ -117,13 +116,11 @@ def _template() -> str:
 
 def _number(value: Any) -> float | None:
     """``value`` as a float when it is a real number (bools, strings, None are not)."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, (bool, str)) or not hasattr(value, "__float__"):
         return None
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else None
     try:
-        return float(value) if isinstance(value, (int, float)) or hasattr(value, "__float__") else None
-    except (TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several elements
         return None
 
 
@@ -134,7 +131,7 @@ def _finite(value: Any) -> float | None:
 
 def _fmt(value: Any) -> str:
     """A cell's text: integers as they are, floats to 4 significant digits, the rest as ``str``."""
-    number = None if isinstance(value, str) else _number(value)
+    number = _number(value)
     if number is None:
         return "" if value is None else str(value)
     if math.isnan(number):
