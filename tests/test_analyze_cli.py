@@ -173,6 +173,8 @@ def test_cli_default_analyzes_reference_model(tmp_path):
     document = json.loads((tmp_path / "spectra.json").read_text())
     assert document["summary"]["analyzed"] >= 28  # 4 blocks x 7 projections, plus embeddings
     assert all(row["status"] == "ok" for row in document["rows"])
+    html = (tmp_path / "report.html").read_text()
+    assert "model.layers.3.mlp.down_proj.weight" in html and "alpha" in html
 
 
 def test_cli_analysis_options(tmp_path):
@@ -196,3 +198,17 @@ def test_cli_bad_analysis_options_print_one_line(tmp_path, flag):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and flag[0] in result.stderr
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from spectrakit._atomic import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "table.csv") as handle:
+            handle.write("x\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o644

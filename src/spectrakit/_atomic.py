@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _new_file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file: 0o666 minus the umask
+    (``mkstemp`` creates 0o600, too private for reports meant to be shared)."""
+    umask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as status:  # Linux: read it without changing it
+            umask = next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")), None)
+    if umask is None:  # elsewhere: set and restore (briefly process-wide)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success rename it over ``path``.
@@ -28,6 +41,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -48,6 +62,7 @@ def _atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -19,9 +19,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="auto", choices=["auto", "exact", "gram"],
                         help="spectrum method (default: auto)")
     parser.add_argument("--float64", action="store_true", help="compute spectra in float64")
+    parser.add_argument("--no-farms", action="store_true", help="skip the FARMS fit")
+    parser.add_argument("--xmin", default="ks", type=_xmin,
+                        help="power-law xmin: ks (weightwatcher's default), median, or a number")
+    parser.add_argument("--conv-input", type=_shape, metavar="HxW",
+                        help="use the exact conv operator spectrum on this input size (e.g. 32x32)")
+    parser.add_argument("--no-html", action="store_true", help="do not write report.html")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
     parser.add_argument("--workers", type=int, default=1, help="local processes sharing the matrices")
     parser.set_defaults(run=run)
+
+
+def _xmin(text: str) -> str | float:
+    if text in ("ks", "median"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--xmin {text!r}: expected ks, median or a number") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--conv-input {text!r}: expected sizes like 32x32 or 128")
+    return shape
     _add_compare(commands)
 
 
@@ -71,10 +96,15 @@ def run(args: argparse.Namespace) -> int:
         source = str(reference_weights_path())
     rank = _join_torchrun()
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
-                    dtype=torch.float64 if args.float64 else None, progress=not args.quiet,
+                    dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
+                    xmin=args.xmin, conv_input_shape=args.conv_input, progress=not args.quiet,
                     workers=args.workers)
     if rank == 0:
         _write(table, Path(args.out), "spectra", args.quiet)
+        if not args.no_html:
+            html = table.to_html(Path(args.out) / "report.html", title=f"spectrakit: {source}")
+            if not args.quiet:
+                print(f"report: {html}")
     return 0
 
 
