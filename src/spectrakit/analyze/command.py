@@ -28,6 +28,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
     parser.add_argument("--workers", type=int, default=1, help="local processes sharing the matrices")
     parser.set_defaults(run=run)
+    _add_compare(commands)
 
 
 def _xmin(text: str) -> str | float:
@@ -47,7 +48,6 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"--conv-input {text!r}: expected sizes like 32x32 or 128")
     return shape
-    _add_compare(commands)
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
