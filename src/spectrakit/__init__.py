@@ -15,6 +15,7 @@ import importlib
 from typing import Any
 
 from . import linalg, weights
+from . import regularize
 from .analyze import SpectralMonitor, SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
 from .adapt import adapt, adapter_penalty, load_adapter, merge, save_adapter, trainable_parameters  # the functions, not the folder
 from .compress import compress, load_compressed, save_compressed  # the function `compress`, not the folder
@@ -30,6 +31,7 @@ _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
            "weights", "adapt", "adapter_penalty", "load_adapter", "merge", "save_adapter",
            "trainable_parameters", "compress", "load_compressed", "save_compressed", *_SUBMODULES, *_EXPORTS]
+__all__ += ["regularize"]
 
 
 def __getattr__(name: str) -> Any:

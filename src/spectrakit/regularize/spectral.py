@@ -1,0 +1,121 @@
+"""Spectral regularization: each layer's top singular value pulled toward a target.
+
+For every selected weight ``W_l`` (canonical ``out × in``; conv kernels reshaped, or the
+true operator with ``conv="operator"``) and, when the layer has one, its bias ``b_l``:
+
+    R(θ) = Σ_l (σ₁(W_l)^k − τ^k)²  +  β · Σ_l ‖b_l‖₂^{2k}
+
+with ``τ = target`` (1 by default), ``k = power`` (2) and ``β = bias_weight`` (1). This is
+the regularizer of *Learning Continually by Spectral Regularization* (Lewandowski et al.,
+ICLR 2025): keeping σ₁ near 1 preserves the initialization's gradient diversity, and the
+bias, whose "spectral norm" is its Euclidean norm, is pulled toward 0. It is zero exactly
+when every σ₁ equals the target and every bias vanishes.
+
+σ₁ comes from :class:`spectrakit.linalg.PowerIteration` with vectors that persist between
+calls (``n_iter`` iterations per call, after a warm-up to convergence at construction), so a
+training step pays two matrix-vector products per layer; ``method="exact"`` uses the SVD
+and ``method="gram"`` the certified Gram-iteration upper bound.
+
+>>> import torch, spectrakit as sk
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+>>> penalty = sk.regularize.SpectralPenalty(model, target=1.0)
+>>> loss = penalty()                       # add λ·loss to the task loss
+>>> loss.ndim, bool(loss >= 0)
+(0, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SpectrakitError
+from ..linalg import PowerIteration
+from ._base import CONV_KINDS, ConvInputShapes, Patterns, Penalty, Target, operator_blocks, top_singular_value, warm_up
+
+WARMUP_ITERS = 200
+
+
+class SpectralPenalty(Penalty):
+    """``Σ_l (σ₁(W_l)^k − target^k)² + bias_weight · Σ_l ‖b_l‖^{2k}``.
+
+    Args:
+        source: a model, a dict of tensors or a list of tensors / ``(name, tensor)`` pairs
+            (biases are found through a model's layers only).
+        target: the σ₁ every layer is pulled toward.
+        power: the exponent ``k``.
+        method: ``"power"`` (persistent power iteration), ``"exact"`` (SVD) or ``"gram"``.
+        n_iter: power iterations per call.
+        bias_weight: weight of the bias term (0 switches it off).
+        conv: ``"reshape"`` — σ₁ of the kernel as an ``out × in·k…`` matrix (as in the paper
+            and Miyato et al.) — or ``"operator"`` — the norm of the circular convolution on
+            the layer's input grid (see :class:`~spectrakit.regularize._base.ConvInputShapes`).
+        input_shapes, example_input: the conv layers' input sizes, for ``conv="operator"``.
+        include, exclude, kinds: which weights (name patterns, record kinds).
+        reduction: ``"sum"`` or ``"mean"`` over layers.
+    """
+
+    def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | Iterable[Any], target: float = 1.0, *,
+                 power: float = 2.0, method: str = "power", n_iter: int = 1, bias_weight: float = 1.0,
+                 conv: str = "reshape", input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 example_input: Any = None, seed: int = 0, include: Patterns = None, exclude: Patterns = None,
+                 kinds: str | Iterable[str] | None = None, reduction: str = "sum") -> None:
+        super().__init__(source, include=include, exclude=exclude, kinds=kinds, reduction=reduction)
+        if method not in ("power", "exact", "gram"):
+            raise SpectrakitError(f"method={method!r} is not one of power, exact, gram")
+        if conv not in ("reshape", "operator"):
+            raise SpectrakitError(f"conv={conv!r} is not one of reshape, operator")
+        if not target > 0 or not power > 0:
+            raise SpectrakitError(f"target={target!r} and power={power!r} must be positive")
+        self.target, self.power, self.method, self.conv = float(target), float(power), method, conv
+        self.bias_weight = float(bias_weight)
+        self.states = [PowerIteration(n_iter, seed=seed + i) for i in range(len(self.targets))]
+        self.shapes = ConvInputShapes(self.targets, input_shapes, example_input,
+                                      source if isinstance(source, nn.Module) else None) if conv == "operator" else None
+        with torch.no_grad():  # warm the persistent vectors up now
+            for i, t in enumerate(self.targets):
+                self.sigma(t, i)
+
+    def operand(self, target: Target) -> torch.Tensor:
+        """The matrix (or batch of per-frequency matrices) whose σ₁ is penalized."""
+        if self.shapes is not None and target.kind in CONV_KINDS:
+            return operator_blocks(target, target.kernel(), self.shapes.get(target))
+        return target.matrix()
+
+    def sigma(self, target: Target, index: int) -> torch.Tensor:
+        X = self.operand(target)
+        if self.method == "power":
+            warm_up(self.states[index], X, WARMUP_ITERS)  # no-op once the vectors fit X
+        return top_singular_value(X, self.method, self.states[index])
+
+    def term(self, target: Target, index: int) -> torch.Tensor:
+        value = (self.sigma(target, index) ** self.power - self.target ** self.power) ** 2
+        bias = target.bias() if self.bias_weight else None
+        if bias is not None:
+            value = value + self.bias_weight * bias.to(value.dtype).square().sum() ** self.power
+        return value
+
+    def forward(self) -> torch.Tensor:
+        try:
+            return super().forward()
+        except SpectrakitError:
+            for state in self.states:  # NaN vectors must not outlive the bad weights
+                state.reset()
+            raise
+
+    def sigmas(self) -> dict[str, float]:
+        """The current σ₁ estimate of each layer (advances the power iteration once)."""
+        with torch.no_grad():
+            return {t.name: float(self.sigma(t, i)) for i, t in enumerate(self.targets)}
+
+    def remove_hooks(self) -> None:
+        """Stop tracking conv input sizes (``conv="operator"`` registers forward pre-hooks)."""
+        if self.shapes is not None:
+            self.shapes.remove()
+
+    def extra_repr(self) -> str:
+        return (f"target={self.target}, power={self.power}, method={self.method!r}, conv={self.conv!r}, "
+                f"{super().extra_repr()}")
