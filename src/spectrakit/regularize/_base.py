@@ -159,7 +159,9 @@ def select_matrices(source: Any, include: Patterns, exclude: Patterns, kinds: It
         build = lambda name, kind: Target(name, kind, tensor=tensors[name])  # noqa: E731
 
     if include_p is None:
-        chosen = [c for c in candidates if wanted is None or c[2] in wanted]
+        # A parametrization's own tensors (multipliers, ``original``s) are not layer weights:
+        # the parametrized weight itself is reported under the layer's plain name.
+        chosen = [c for c in candidates if (wanted is None or c[2] in wanted) and ".parametrizations." not in f".{c[0]}"]
         if not chosen:
             raise SpectrakitError(f"{owner}: the source has no {'/'.join(wanted or ('matrix',))} weight to regularize")
     else:
@@ -239,8 +241,17 @@ class Penalty(nn.Module):
     def term(self, target: Target, index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def named_term(self, target: Target, index: int) -> torch.Tensor:
+        """:meth:`term`, with a linalg error (which knows only ``W``) re-raised naming the parameter."""
+        try:
+            return self.term(target, index)
+        except SpectrakitError as error:
+            if repr(target.name) in str(error):
+                raise
+            raise SpectrakitError(f"{type(self).__name__}: parameter {target.name!r}: {error}") from None
+
     def forward(self) -> torch.Tensor:
-        terms = [self.term(target, i) for i, target in enumerate(self.targets)]
+        terms = [self.named_term(target, i) for i, target in enumerate(self.targets)]
         total = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         if self.reduction == "mean":
             total = total / len(terms)

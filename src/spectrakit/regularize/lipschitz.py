@@ -25,6 +25,7 @@ and is differentiable; ``n_iter`` Gram iterations overshoot σ₁ by at most ``r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -80,13 +81,15 @@ class LipschitzPenalty(Penalty):
 
     def term(self, target: Target, index: int) -> torch.Tensor:
         L = self.bound(target)
+        if self.mode == "product":
+            return L.log()  # summed by forward into log Π L_l
         return L if self.target is None else torch.relu(L - self.target).square()
 
     def forward(self) -> torch.Tensor:
         if self.mode == "layer":
             return super().forward()
-        log_product = torch.stack([self.bound(t).log() for t in self.targets]).sum()
-        return self.checked(torch.relu(log_product - torch.log(torch.tensor(self.target, dtype=log_product.dtype))).square())
+        log_product = torch.stack([self.named_term(t, i) for i, t in enumerate(self.targets)]).sum()
+        return self.checked(torch.relu(log_product - math.log(self.target)).square())
 
     def remove_hooks(self) -> None:
         if self.shapes is not None:

@@ -1,0 +1,376 @@
+"""Weight penalties: gradients against finite differences (float64), optima, power iteration, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import spectrakit as sk
+from spectrakit.errors import SpectrakitError
+from spectrakit.regularize import (CauchySchwarzOrthogonality, HypersphericalEnergy, L2Penalty, L2ToInit,
+                                   LipschitzPenalty, NuclearNormPenalty, OrthogonalConvPenalty, SoftOrthogonality,
+                                   SpectralPenalty, WassersteinToInit)
+
+D = torch.float64
+
+
+def mixed_model(seed=0):
+    """Linear, Conv1d, Conv2d (grouped, strided), with biases, in float64."""
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({
+        "fc": torch.nn.Linear(5, 4, dtype=D),
+        "c1": torch.nn.Conv1d(2, 3, 3, dtype=D),
+        "c2": torch.nn.Conv2d(4, 4, 3, groups=2, stride=2, dtype=D),
+    })
+
+
+def check_gradient(penalty, params):
+    """The penalty's autograd gradient matches central finite differences (gradcheck perturbs in place)."""
+    params = tuple(params)
+    assert gradcheck(lambda *_: penalty(), params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def shifted(model, scale=0.1, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+# -- gradients ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda m: SpectralPenalty(m, target=1.0, method="exact"),
+    lambda m: SpectralPenalty(m, target=0.7, power=1, method="exact", conv="operator",
+                              input_shapes={"c1": (6,), "c2": (5, 5)}),
+    lambda m: SpectralPenalty(m, target=1.0, method="gram"),
+    lambda m: L2Penalty(m),
+    lambda m: SoftOrthogonality(m, "so"),
+    lambda m: SoftOrthogonality(m, "srip", method="exact"),
+    lambda m: SoftOrthogonality(m, "biggan"),
+    lambda m: SoftOrthogonality(m, "group", reduction="mean"),
+    lambda m: OrthogonalConvPenalty(m, kinds=("linear", "conv1d", "conv2d")),
+    lambda m: NuclearNormPenalty(m),
+    lambda m: NuclearNormPenalty(m, normalized=True),
+    lambda m: HypersphericalEnergy(m, s=2),
+    lambda m: HypersphericalEnergy(m, s=0, half_space=True),
+    lambda m: CauchySchwarzOrthogonality(m),
+    lambda m: CauchySchwarzOrthogonality(m, normalized=True),
+    lambda m: LipschitzPenalty(m, target=0.2, input_shapes={"c1": (6,), "c2": (5, 5)}),
+    lambda m: LipschitzPenalty(m, target=0.05, mode="product", conv="reshape"),
+    lambda m: LipschitzPenalty(m, target=None, input_shapes={"c1": (6,), "c2": (5, 5)}),
+], ids=["spectral-exact", "spectral-operator", "spectral-gram", "l2", "so", "srip", "biggan", "group", "ortho-conv",
+        "nuclear", "nuclear-normalized", "mhe", "mhe-log-half", "cauchy-schwarz", "cs-normalized",
+        "lipschitz", "lipschitz-product", "lipschitz-sum"])
+def test_gradient_matches_finite_differences(make):
+    model = mixed_model()
+    check_gradient(make(model), model.parameters())
+
+
+@pytest.mark.parametrize("cls", [L2ToInit, WassersteinToInit])
+def test_to_init_gradients(cls):
+    model = mixed_model()
+    penalty = cls(model)
+    shifted(model)  # away from the snapshot, where the penalty is zero and flat
+    check_gradient(penalty, model.parameters())
+
+
+def test_power_iteration_gradient_once_converged():
+    model = mixed_model()
+    penalty = SpectralPenalty(model, target=1.0, n_iter=5)  # warm-started: u, v converged
+    check_gradient(penalty, model.parameters())
+
+
+# -- optima ------------------------------------------------------------------------------------
+
+def orthogonal(rows, cols, seed=0):
+    torch.manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), dtype=D))
+    return Q if rows >= cols else Q.T
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (8, 4), (3, 7)])
+@pytest.mark.parametrize("mode", ["so", "srip", "biggan", "group"])
+def test_soft_orthogonality_zero_on_orthogonal(shape, mode):
+    W = orthogonal(*shape)
+    if mode == "group" and shape[0] > shape[1]:  # groups of filters, each orthonormal on its own
+        W = torch.cat([orthogonal(shape[1], shape[1], seed=i) for i in range(shape[0] // shape[1])])
+    assert float(SoftOrthogonality([W], mode, method="exact")()) == pytest.approx(0, abs=1e-12)
+    assert float(SoftOrthogonality([W * 1.5], mode, method="exact")()) > 1e-3 or mode == "biggan"
+
+
+def test_biggan_ignores_norms_and_cauchy_schwarz_adapts_scale():
+    W = orthogonal(8, 5) * torch.linspace(0.5, 3, 5, dtype=D)  # orthogonal columns, different norms
+    assert float(SoftOrthogonality([W], "biggan")()) == pytest.approx(0, abs=1e-12)
+    assert float(CauchySchwarzOrthogonality([W])()) > 1.0
+    assert float(CauchySchwarzOrthogonality([7.0 * orthogonal(8, 5)])()) == pytest.approx(0, abs=1e-9)
+    # the CS gap equals the spread of G's eigenvalues: Σ_{i<j} (λ_i − λ_j)²
+    lam = torch.linalg.svdvals(W) ** 2
+    spread = sum((lam[i] - lam[j]) ** 2 for i in range(5) for j in range(i + 1, 5))
+    assert float(CauchySchwarzOrthogonality([W])()) == pytest.approx(float(spread), rel=1e-10)
+
+
+def test_spectral_penalty_zero_at_target_and_matches_formula():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 9, dtype=D)
+    with torch.no_grad():
+        layer.weight.mul_(1.3 / torch.linalg.matrix_norm(layer.weight, 2))
+        layer.bias.zero_()
+    assert float(SpectralPenalty(layer, target=1.3, method="exact")()) == pytest.approx(0, abs=1e-20)
+    assert float(SpectralPenalty(layer, target=1.3)()) == pytest.approx(0, abs=1e-16)  # power, warmed up
+    with torch.no_grad():
+        layer.bias.fill_(0.5)
+    sigma = float(torch.linalg.matrix_norm(layer.weight, 2))
+    expected = (sigma ** 2 - 1) ** 2 + 0.5 * (9 * 0.25) ** 2
+    assert float(SpectralPenalty(layer, method="exact", bias_weight=0.5)()) == pytest.approx(expected, rel=1e-12)
+
+
+def test_spectral_operator_norm_of_conv_matches_conv_singular_values():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular", dtype=D)
+    truth = float(sk.linalg.conv_singular_values(conv.weight.detach(), (7, 7))[0])
+    for method in ("exact", "power"):
+        penalty = SpectralPenalty(conv, conv="operator", method=method, example_input=torch.randn(1, 3, 7, 7, dtype=D))
+        assert penalty.sigmas()["weight"] == pytest.approx(truth, rel=1e-8)
+        penalty.remove_hooks()
+    # the shape seen by the last forward pass is used when none is given
+    penalty = SpectralPenalty(conv, conv="operator", method="exact")
+    conv(torch.randn(2, 3, 7, 7, dtype=D))
+    assert penalty.sigmas()["weight"] == pytest.approx(truth, rel=1e-10)
+
+
+def test_to_init_and_l2_optima():
+    model = mixed_model()
+    l2i, w2 = L2ToInit(model), WassersteinToInit(model)
+    assert float(l2i()) == 0 and float(w2()) == 0
+    with torch.no_grad():  # permute each tensor's entries: same distribution, different weights
+        for p in model.parameters():
+            p.copy_(p.flatten().flip(0).reshape(p.shape))
+    assert float(w2()) == pytest.approx(0, abs=1e-24)
+    assert float(l2i()) > 0.1
+    shifted(model)
+    assert 0 < float(w2()) <= float(l2i())  # sorting is the optimal coupling
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert float(L2Penalty(model)()) == 0
+    assert float(NuclearNormPenalty(model, include="fc")()) == 0
+    # mean reduction: W₂² between the two empirical distributions
+    a = torch.tensor([3.0, 1.0, 2.0], dtype=D, requires_grad=True)
+    w = WassersteinToInit([a], reduction="mean")
+    with torch.no_grad():
+        a.copy_(torch.tensor([1.0, 5.0, 2.0]))
+    assert float(w()) == pytest.approx(((1 - 1) ** 2 + (2 - 2) ** 2 + (5 - 3) ** 2) / 3)
+
+
+def test_orthogonal_conv_zero_for_orthogonal_convolutions():
+    conv = torch.nn.Conv2d(4, 4, 3, dtype=D)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 0, 2] = orthogonal(4, 4)  # one orthogonal tap: a shifted orthogonal map
+    assert float(OrthogonalConvPenalty(conv)()) == pytest.approx(0, abs=1e-12)
+    # reshaped-kernel orthogonality also holds, but spreading the tap over two shifts breaks
+    # the operator's orthogonality: only the conv penalty sees the overlap
+    with torch.no_grad():
+        conv.weight[:, :, 0, 1] = conv.weight[:, :, 0, 2]
+        conv.weight.mul_(0.5 ** 0.5)
+    assert float(SoftOrthogonality(conv, "so")()) == pytest.approx(0, abs=1e-12)
+    assert float(OrthogonalConvPenalty(conv)()) > 0.5
+    # stride 2: a 2×2 kernel with orthonormal rows of the reshaped kernel is orthogonal
+    strided = torch.nn.Conv2d(1, 4, 2, stride=2, dtype=D)
+    with torch.no_grad():
+        strided.weight.copy_(orthogonal(4, 4).reshape(4, 1, 2, 2))
+    assert float(OrthogonalConvPenalty(strided)()) == pytest.approx(0, abs=1e-12)
+
+
+def test_lipschitz_bound_and_hinge():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 12, dtype=D)
+    sigma = float(torch.linalg.matrix_norm(layer.weight, 2))
+    penalty = LipschitzPenalty(layer, target=None)
+    bound = penalty.bounds()["weight"]
+    assert sigma <= bound <= sigma * 1.01
+    assert float(LipschitzPenalty(layer, target=1.05 * sigma)()) == 0
+    assert float(LipschitzPenalty(layer, target=0.5 * sigma)()) == pytest.approx((bound - 0.5 * sigma) ** 2)
+    conv = torch.nn.Conv2d(2, 3, 3, dtype=D)
+    exact = float(sk.linalg.conv_singular_values(conv.weight.detach(), (6, 6))[0])
+    conv_bound = LipschitzPenalty(conv, target=None, input_shapes={"": (6, 6)}).bounds()["weight"]
+    assert exact <= conv_bound <= exact * 1.01
+
+
+def test_hyperspherical_energy_minimal_at_simplex():
+    # 4 neurons in 3-D: the regular tetrahedron minimizes the Riesz energy
+    tetra = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=D).requires_grad_()
+    for s in (0, 1, 2):
+        energy = HypersphericalEnergy([tetra], s=s)
+        value = energy()
+        (grad,) = torch.autograd.grad(value, tetra)
+        assert float(grad.norm()) < 1e-10  # a stationary point (the gradient is tangent-free here)
+        torch.manual_seed(s)
+        for _ in range(20):
+            other = (tetra.detach() + 0.1 * torch.randn(4, 3, dtype=D))
+            assert float(HypersphericalEnergy([other], s=s)()) > float(value)
+    # invariant to the neurons' norms
+    scaled = tetra.detach() * torch.tensor([[1.0], [2.0], [0.5], [3.0]], dtype=D)
+    assert float(HypersphericalEnergy([scaled])()) == pytest.approx(float(HypersphericalEnergy([tetra.detach()])()))
+
+
+def test_nuclear_norm_value_and_gradient_is_polar_factor():
+    torch.manual_seed(0)
+    W = torch.randn(7, 4, dtype=D, requires_grad=True)
+    value = NuclearNormPenalty([W])()
+    U, S, Vh = torch.linalg.svd(W.detach(), full_matrices=False)
+    assert float(value) == pytest.approx(float(S.sum()))
+    (grad,) = torch.autograd.grad(value, W)
+    torch.testing.assert_close(grad, U @ Vh)
+
+
+# -- power iteration ---------------------------------------------------------------------------
+
+def test_persistent_power_iteration_converges_on_fixed_weight():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 30)
+    penalty = SpectralPenalty(layer, n_iter=1)
+    with torch.no_grad():  # move far from the warm-up point: the vectors are stale now
+        layer.weight.copy_(torch.randn(30, 40) * torch.linspace(1, 2, 40))
+    truth = float(torch.linalg.matrix_norm(layer.weight.double(), 2))
+    first = penalty.sigmas()["weight"]
+    assert first <= truth * (1 + 1e-6)  # power iteration estimates from below
+    for _ in range(300):
+        penalty()
+    assert penalty.sigmas()["weight"] == pytest.approx(truth, rel=1e-4, abs=0)
+
+
+def test_power_iteration_recovers_from_zero_weight():
+    layer = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        layer.weight.zero_()
+    penalty = SpectralPenalty(layer)
+    assert penalty.sigmas()["weight"] == 0
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(5, 6) * 3)
+    penalty()
+    assert penalty.sigmas()["weight"] == pytest.approx(3, rel=1e-5)
+
+
+def test_training_with_spectral_penalty_pulls_sigma_to_target():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(5)
+    penalty = SpectralPenalty(model, target=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(300):
+        optimizer.zero_grad()
+        penalty().backward()
+        optimizer.step()
+    for layer in (model[0], model[2]):
+        assert float(torch.linalg.matrix_norm(layer.weight, 2)) == pytest.approx(1.0, abs=0.06)  # from 5
+        assert float(layer.bias.norm()) < 0.3
+
+
+# -- model kinds -------------------------------------------------------------------------------
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_transformers_conv1d_is_read_out_by_in():
+    model = tiny_gpt2()
+    penalty = HypersphericalEnergy(model, include="c_fc")
+    stored = model.transformer.h[0].mlp.c_fc.weight.detach()  # (in=8, out=32)
+    expected = HypersphericalEnergy([stored.T.contiguous()])()
+    assert float(penalty()) == pytest.approx(float(expected), rel=1e-6)
+    # every penalty runs on a GPT-2 (Conv1D, embeddings, tied head) and gives a finite scalar
+    for make in (SpectralPenalty, lambda m: SoftOrthogonality(m, "so"), NuclearNormPenalty, L2ToInit,
+                 WassersteinToInit, CauchySchwarzOrthogonality, LipschitzPenalty):
+        value = make(model)()
+        assert value.ndim == 0 and math.isfinite(float(value))
+    names = [t.name for t in SpectralPenalty(model).targets]
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names  # the tie counted once
+
+
+def test_embedding_and_kinds():
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 6), torch.nn.Linear(6, 3))
+    assert [t.kind for t in SpectralPenalty(model).targets] == ["embedding", "linear"]
+    assert [t.kind for t in SoftOrthogonality(model).targets] == ["linear"]  # default kinds skip embeddings
+    assert [t.name for t in SpectralPenalty(model, kinds="embedding").targets] == ["0.weight"]
+
+
+def test_parametrized_weight_is_penalized_as_used():
+    layer = torch.nn.Linear(6, 6)
+    sk.regularize.learnable_multipliers(layer, "scalar")
+    with torch.no_grad():
+        layer.parametrizations.weight[0].scale.fill_(2.0)
+    penalty = L2Penalty(layer, include="parametrizations")  # the raw parameters
+    spectral = SpectralPenalty(layer, method="exact", bias_weight=0)
+    assert spectral.targets[0].name == "weight"
+    sigma = float(torch.linalg.matrix_norm(layer.weight.detach(), 2))
+    assert float(spectral()) == pytest.approx((sigma ** 2 - 1) ** 2, rel=1e-5)
+    spectral().backward()
+    assert layer.parametrizations.weight[0].scale.grad is not None
+    assert float(penalty()) > 0
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def one_line_error(fn, *needles):
+    with pytest.raises(SpectrakitError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+@pytest.mark.parametrize("cls", [SpectralPenalty, SoftOrthogonality, NuclearNormPenalty, HypersphericalEnergy,
+                                 CauchySchwarzOrthogonality, LipschitzPenalty, L2ToInit, WassersteinToInit, L2Penalty])
+def test_pattern_matching_nothing(cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    one_line_error(lambda: cls(model, include="decoder"), "decoder")
+
+
+@pytest.mark.parametrize("cls", [SpectralPenalty, SoftOrthogonality, NuclearNormPenalty, HypersphericalEnergy,
+                                 CauchySchwarzOrthogonality, LipschitzPenalty, OrthogonalConvPenalty])
+def test_non_matrix_parameter(cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    one_line_error(lambda: cls(model, include="1.weight"), "1.weight", "not a matrix")
+    one_line_error(lambda: cls([torch.randn(4, 4), torch.randn(5)]), "'1'", "not a matrix")
+
+
+@pytest.mark.parametrize("cls", [SpectralPenalty, SoftOrthogonality, NuclearNormPenalty, HypersphericalEnergy,
+                                 CauchySchwarzOrthogonality, LipschitzPenalty, L2ToInit, WassersteinToInit, L2Penalty])
+def test_nan_weight_named_at_construction_and_call(cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    penalty = cls(model)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    one_line_error(penalty, "1.weight", "NaN")
+    one_line_error(lambda: cls(model), "1.weight", "NaN")
+
+
+def test_other_bad_inputs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    one_line_error(lambda: OrthogonalConvPenalty(model), "conv")
+    one_line_error(lambda: OrthogonalConvPenalty(model, include="0"), "0.weight", "linear")
+    one_line_error(lambda: SoftOrthogonality(model, mode="nope"), "mode")
+    one_line_error(lambda: SpectralPenalty(model, method="nope"), "method")
+    one_line_error(lambda: SpectralPenalty("model.pt"), "str")
+    one_line_error(lambda: SpectralPenalty([torch.zeros(3, 3, dtype=torch.int64)]), "'0'", "int64")
+    one_line_error(lambda: SpectralPenalty(model, exclude="0"), "exclude")
+    meta = torch.nn.Linear(4, 4, device="meta")
+    one_line_error(lambda: SpectralPenalty(meta), "weight", "meta")
+
+
+def test_low_precision_weights_compute_in_float32():
+    layer = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    value = SpectralPenalty(layer)()
+    assert value.dtype == torch.float32
+    value.backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.bfloat16
