@@ -15,6 +15,15 @@ from spectrakit.regularize import (CauchySchwarzOrthogonality, HypersphericalEne
 D = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: a second intra-op thread only adds contention on the shared 2-core runners.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mixed_model(seed=0):
     """Linear, Conv1d, Conv2d (grouped, strided), with biases, in float64."""
     torch.manual_seed(seed)
