@@ -49,6 +49,8 @@ class SpectralPenalty(Penalty):
         power: the exponent ``k``.
         method: ``"power"`` (persistent power iteration), ``"exact"`` (SVD) or ``"gram"``.
         n_iter: power iterations per call.
+        update_every: advance the power iteration on every ``update_every``-th call only (in
+            between, σ₁ is ``uᵀWv`` on the kept vectors: still a lower estimate).
         bias_weight: weight of the bias term (0 switches it off).
         conv: ``"reshape"`` — σ₁ of the kernel as an ``out × in·k…`` matrix (as in the paper
             and Miyato et al.) — or ``"operator"`` — the norm of the circular convolution on
@@ -60,7 +62,7 @@ class SpectralPenalty(Penalty):
 
     def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | Iterable[Any], target: float = 1.0, *,
                  power: float = 2.0, method: str = "power", n_iter: int = 1, bias_weight: float = 1.0,
-                 conv: str = "reshape", input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 update_every: int = 1, conv: str = "reshape", input_shapes: Mapping[str, Sequence[int]] | None = None,
                  example_input: Any = None, seed: int = 0, include: Patterns = None, exclude: Patterns = None,
                  kinds: str | Iterable[str] | None = None, reduction: str = "sum") -> None:
         super().__init__(source, include=include, exclude=exclude, kinds=kinds, reduction=reduction)
@@ -72,6 +74,9 @@ class SpectralPenalty(Penalty):
             raise SpectrakitError(f"target={target!r} and power={power!r} must be positive")
         self.target, self.power, self.method, self.conv = float(target), float(power), method, conv
         self.bias_weight = float(bias_weight)
+        if not isinstance(update_every, int) or update_every < 1:
+            raise SpectrakitError(f"update_every={update_every!r} must be a positive integer")
+        self.update_every, self.calls = update_every, 0
         self.states = [PowerIteration(n_iter, seed=seed + i) for i in range(len(self.targets))]
         self.shapes = ConvInputShapes(self.targets, input_shapes, example_input,
                                       source if isinstance(source, nn.Module) else None) if conv == "operator" else None
@@ -100,11 +105,39 @@ class SpectralPenalty(Penalty):
 
     def forward(self) -> torch.Tensor:
         try:
+            if self.method == "power" and self.shapes is None:
+                return self.power_forward()
             return super().forward()
         except SpectrakitError:
             for state in self.states:  # NaN vectors must not outlive the bad weights
                 state.reset()
             raise
+
+    def power_forward(self) -> torch.Tensor:
+        """The same value and gradient as the generic path, in one autograd node.
+
+        A training step on a small model is a few hundred operator calls, so a per-layer
+        autograd graph (σ = uᵀWv, powers, bias norms) would cost about as much as the step
+        itself. Here :class:`_SpectralTerms` runs the power iteration and the scalar algebra
+        without a graph and supplies the gradient in closed form — ``∂/∂W (σ^k − τ^k)² =
+        2k(σ^k − τ^k)σ^{k−1}·u vᵀ``, exactly what differentiating ``uᵀWv`` gives — and one
+        host synchronization checks finiteness and degenerate (zero) layers together.
+        """
+        self.calls += 1
+        advance = (self.calls - 1) % self.update_every == 0
+        matrices = [t.matrix() for t in self.targets]
+        for X, state in zip(matrices, self.states):
+            if state.v is None or state.v.shape[-1] != X.shape[-1]:
+                warm_up(state, X, WARMUP_ITERS)
+        biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
+        total, sigma = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
+        healthy = torch.isfinite(total.detach()) & (sigma > 0).all()
+        if not bool(healthy):  # the one host synchronization of the step
+            self.checked(total)  # names a NaN weight, if any
+            for state, value in zip(self.states, sigma.tolist()):
+                if value == 0:
+                    state.reset()  # zero vectors would stay zero: restart from a random vector next call
+        return total
 
     def sigmas(self) -> dict[str, float]:
         """The current σ₁ estimate of each layer (advances the power iteration once)."""
@@ -119,3 +152,50 @@ class SpectralPenalty(Penalty):
     def extra_repr(self) -> str:
         return (f"target={self.target}, power={self.power}, method={self.method!r}, conv={self.conv!r}, "
                 f"{super().extra_repr()}")
+
+
+class _SpectralTerms(torch.autograd.Function):
+    """``Σ_l (σ_l^k − τ^k)² + β Σ_b ‖b‖^{2k}`` with σ_l from the persistent power iteration;
+    gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases)."""
+
+    @staticmethod
+    def forward(ctx: Any, penalty: SpectralPenalty, advance: bool, n_matrices: int,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        matrices, biases = tensors[:n_matrices], tensors[n_matrices:]
+        sigmas = []
+        for X, state in zip(matrices, penalty.states):
+            per_call = state.n_iter
+            state.n_iter = per_call if advance else 0  # in between: σ = uᵀWv on the kept vectors
+            try:
+                sigmas.append(state(X))
+            finally:
+                state.n_iter = per_call
+        sigma = torch.stack(sigmas)
+        k, tau_k = penalty.power, penalty.target ** penalty.power
+        gap = sigma ** k - tau_k
+        total = gap.square().sum()
+        weight_coef = 2 * k * gap * sigma ** (k - 1)
+        bias_coef = None
+        if biases:
+            squared = torch.stack(torch._foreach_norm(biases)).to(total.dtype).square()
+            total = total + penalty.bias_weight * (squared ** k).sum()
+            bias_coef = 2 * k * penalty.bias_weight * squared ** (k - 1)
+        if penalty.reduction == "mean":
+            total, weight_coef = total / n_matrices, weight_coef / n_matrices
+            bias_coef = None if bias_coef is None else bias_coef / n_matrices
+        ctx.vectors = [(state.u, state.v) for state in penalty.states[:n_matrices]]
+        ctx.save_for_backward(weight_coef, *([bias_coef] if biases else []), *biases)
+        ctx.n_matrices = n_matrices
+        ctx.mark_non_differentiable(sigma)
+        return total, sigma
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_sigma: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight_coef, *rest = ctx.saved_tensors
+        scaled = weight_coef * grad
+        weight_grads = [torch.outer(u * c, v) for (u, v), c in zip(ctx.vectors, scaled.unbind())]
+        bias_grads = []
+        if rest:
+            bias_coef, *biases = rest
+            bias_grads = [b * c.to(b.dtype) for b, c in zip(biases, (bias_coef * grad).unbind())]
+        return (None, None, None, *weight_grads, *bias_grads)
