@@ -26,6 +26,8 @@ and ``method="gram"`` the certified Gram-iteration upper bound.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -77,6 +79,7 @@ class SpectralPenalty(Penalty):
         if not isinstance(update_every, int) or update_every < 1:
             raise SpectrakitError(f"update_every={update_every!r} must be a positive integer")
         self.update_every, self.calls = update_every, 0
+        self.last_values: tuple[float, list[float]] = (0.0, [])
         self.states = [PowerIteration(n_iter, seed=seed + i) for i in range(len(self.targets))]
         self.shapes = ConvInputShapes(self.targets, input_shapes, example_input,
                                       source if isinstance(source, nn.Module) else None) if conv == "operator" else None
@@ -130,12 +133,12 @@ class SpectralPenalty(Penalty):
             if state.v is None or state.v.shape[-1] != X.shape[-1]:
                 warm_up(state, X, WARMUP_ITERS)
         biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
-        total, sigma = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
-        healthy = torch.isfinite(total.detach()) & (sigma > 0).all()
-        if not bool(healthy):  # the one host synchronization of the step
+        total = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
+        value, sigmas = self.last_values
+        if not (math.isfinite(value) and all(s > 0 for s in sigmas)):
             self.checked(total)  # names a NaN weight, if any
-            for state, value in zip(self.states, sigma.tolist()):
-                if value == 0:
+            for state, sigma in zip(self.states, sigmas):
+                if sigma == 0:
                     state.reset()  # zero vectors would stay zero: restart from a random vector next call
         return total
 
@@ -156,46 +159,38 @@ class SpectralPenalty(Penalty):
 
 class _SpectralTerms(torch.autograd.Function):
     """``Σ_l (σ_l^k − τ^k)² + β Σ_b ‖b‖^{2k}`` with σ_l from the persistent power iteration;
-    gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases)."""
+    gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases).
+
+    The per-layer scalars are brought to the host once (one synchronization, which the
+    finiteness check needs anyway) and combined in Python: a dozen tiny tensor operations
+    would cost more than the power iteration itself on a small model.
+    """
 
     @staticmethod
     def forward(ctx: Any, penalty: SpectralPenalty, advance: bool, n_matrices: int,
-                *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                *tensors: torch.Tensor) -> torch.Tensor:
         matrices, biases = tensors[:n_matrices], tensors[n_matrices:]
         sigmas = []
         for X, state in zip(matrices, penalty.states):
-            per_call = state.n_iter
-            state.n_iter = per_call if advance else 0  # in between: σ = uᵀWv on the kept vectors
-            try:
+            if advance:
                 sigmas.append(state(X))
-            finally:
-                state.n_iter = per_call
-        sigma = torch.stack(sigmas)
-        k, tau_k = penalty.power, penalty.target ** penalty.power
-        gap = sigma ** k - tau_k
-        total = gap.square().sum()
-        weight_coef = 2 * k * gap * sigma ** (k - 1)
-        bias_coef = None
-        if biases:
-            squared = torch.stack(torch._foreach_norm(biases)).to(total.dtype).square()
-            total = total + penalty.bias_weight * (squared ** k).sum()
-            bias_coef = 2 * k * penalty.bias_weight * squared ** (k - 1)
-        if penalty.reduction == "mean":
-            total, weight_coef = total / n_matrices, weight_coef / n_matrices
-            bias_coef = None if bias_coef is None else bias_coef / n_matrices
+            else:  # in between updates: the Rayleigh quotient uᵀWv on the kept vectors
+                sigmas.append(torch.dot(state.u, X @ state.v))
+        norms = torch._foreach_norm(biases) if biases else []
+        host = torch.stack([*sigmas, *(n.to(sigmas[0].dtype) for n in norms)]).tolist()
+        sigma, norm = host[:n_matrices], host[n_matrices:]
+        k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
+        scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
+        total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
+        ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * s ** (k - 1) for s in sigma]
+        ctx.bias_coef = [scale * 2 * k * beta * n ** (2 * k - 2) for n in norm]
         ctx.vectors = [(state.u, state.v) for state in penalty.states[:n_matrices]]
-        ctx.save_for_backward(weight_coef, *([bias_coef] if biases else []), *biases)
-        ctx.n_matrices = n_matrices
-        ctx.mark_non_differentiable(sigma)
-        return total, sigma
+        ctx.save_for_backward(*biases)
+        penalty.last_values = (total, sigma)
+        return torch.tensor(total, dtype=sigmas[0].dtype, device=sigmas[0].device)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_sigma: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight_coef, *rest = ctx.saved_tensors
-        scaled = weight_coef * grad
-        weight_grads = [torch.outer(u * c, v) for (u, v), c in zip(ctx.vectors, scaled.unbind())]
-        bias_grads = []
-        if rest:
-            bias_coef, *biases = rest
-            bias_grads = [b * c.to(b.dtype) for b, c in zip(biases, (bias_coef * grad).unbind())]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
+        bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(ctx.saved_tensors, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
