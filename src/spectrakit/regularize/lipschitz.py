@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import SpectrakitError
-from ._base import CONV_KINDS, ConvInputShapes, Patterns, Penalty, Target, operator_blocks, top_singular_value
+from ._base import CONV_KINDS, Patterns, Penalty, Target
+from ._operators import ConvInputShapes, operator_blocks, top_singular_value
 
 
 class LipschitzPenalty(Penalty):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import Patterns, Penalty, Target, _as_tuple
+from ._base import Patterns, Penalty, Target
+from ._operators import as_tuple
 
 
 class OrthogonalConvPenalty(Penalty):
@@ -58,7 +59,7 @@ class OrthogonalConvPenalty(Penalty):
         if K.ndim > 4:
             K = K.reshape(*K.shape[:2], -1)[..., None]
         spatial = K.ndim - 2
-        stride = _as_tuple(self.stride if self.stride is not None else target.conv_option("stride", 1), spatial)
+        stride = as_tuple(self.stride if self.stride is not None else target.conv_option("stride", 1), spatial)
         padding = tuple((k - 1) // s * s for k, s in zip(K.shape[2:], stride))
         conv = F.conv1d if spatial == 1 else F.conv2d
         groups = int(target.conv_option("groups", 1))

@@ -37,7 +37,8 @@ from torch import nn
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
-from ._base import Patterns, Penalty, Target, top_singular_value, warm_up
+from ._base import Patterns, Penalty, Target
+from ._operators import top_singular_value, warm_up
 
 MODES = ("so", "srip", "biggan", "group")
 

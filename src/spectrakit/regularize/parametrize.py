@@ -37,8 +37,8 @@ from torch.nn.utils import parametrize
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
 from ..weights import iter_matrices
-from ._base import CONV_KINDS, PROVISIONAL_GRID, Target, _is_hf_conv1d, check_tensor, operator_blocks, \
-    top_singular_value, warm_up
+from ._base import CONV_KINDS, Target, _is_hf_conv1d, check_tensor
+from ._operators import PROVISIONAL_GRID, operator_blocks, top_singular_value, warm_up
 
 WARMUP_ITERS = 200
 

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
-from ._base import CONV_KINDS, ConvInputShapes, Patterns, Penalty, Target, operator_blocks, top_singular_value, warm_up
+from ._base import CONV_KINDS, Patterns, Penalty, Target
+from ._operators import ConvInputShapes, operator_blocks, top_singular_value, warm_up
 
 WARMUP_ITERS = 200
 
