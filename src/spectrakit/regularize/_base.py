@@ -63,7 +63,8 @@ class Target:
         return W.reshape(W.shape[0], -1)
 
     def bias(self) -> torch.Tensor | None:
-        if self.module is None:
+        """The layer's bias, for a layer's ``weight`` only (another matrix of the module has none)."""
+        if self.module is None or self.attr != "weight":
             return None
         bias = getattr(self.module, "bias", None)
         return bias if isinstance(bias, torch.Tensor) and bias.ndim == 1 else None

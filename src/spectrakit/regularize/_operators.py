@@ -119,9 +119,13 @@ def top_singular_value(X: torch.Tensor, method: str, state: Any = None, n_iter: 
     return values.amax() if values.ndim else values
 
 
-def warm_up(state: Any, X: torch.Tensor, iterations: int) -> None:
-    """Run ``iterations`` power iterations now (no gradient) when ``state`` has no vectors
-    for ``X`` yet, so the first training step already sees a converged σ₁."""
+def warm_up(state: Any, X: torch.Tensor, iterations: int, max_iterations: int = 5000) -> None:
+    """Converge fresh power-iteration vectors now (no gradient) when ``state`` has none for ``X``.
+
+    Runs chunks of ``iterations`` steps until the right vector stops moving (to about the
+    dtype's precision) or ``max_iterations`` is spent, so the first training step already
+    sees σ₁ and its gradient ``u vᵀ``, even when σ₂ is close to σ₁.
+    """
     shape_v = (*X.shape[:-2], X.shape[-1])
     if state.v is not None and tuple(state.v.shape) == shape_v:
         if bool(state.u.any()):
@@ -129,9 +133,21 @@ def warm_up(state: Any, X: torch.Tensor, iterations: int) -> None:
         # A zero matrix (a zero-initialized layer, an exactly orthogonal W in G − I) leaves
         # zero vectors that would stay zero forever: start again from a random vector.
         state.reset()
+    real = X.real.dtype if X.is_complex() else X.dtype
+    tolerance = 1e-12 if real == torch.float64 else 1e-6
     per_call, state.n_iter = state.n_iter, iterations
     try:
         with torch.no_grad():
-            state(X.detach())
+            X = X.detach()
+            done = 0
+            while done < max_iterations:
+                before = None if state.v is None else state.v.clone()
+                state(X)
+                done += iterations
+                if before is not None:
+                    # |cos| between successive vectors → 1 once converged (the sign may flip)
+                    cosine = (before.conj() * state.v).sum(-1).abs()
+                    if bool((1 - cosine).abs().max() < tolerance):
+                        break
     finally:
         state.n_iter = per_call

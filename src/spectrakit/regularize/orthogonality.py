@@ -98,7 +98,7 @@ class SoftOrthogonality(Penalty):
             return (G - torch.diag_embed(G.diagonal())).square().sum()
         D = _minus_identity(G)
         if self.method == "power":
-            warm_up(self.states[index], D, 100)
+            warm_up(self.states[index], D, 50)
         return top_singular_value(D, self.method, self.states[index])
 
 

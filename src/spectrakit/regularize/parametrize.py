@@ -40,7 +40,7 @@ from ..weights import iter_matrices
 from ._base import CONV_KINDS, Target, _is_hf_conv1d, check_tensor
 from ._operators import PROVISIONAL_GRID, operator_blocks, top_singular_value, warm_up
 
-WARMUP_ITERS = 200
+WARMUP_ITERS = 50  # per convergence check
 
 
 def _target_of(module: nn.Module, name: str, verb: str) -> Target:

@@ -39,7 +39,7 @@ from ..linalg import PowerIteration
 from ._base import CONV_KINDS, Patterns, Penalty, Target
 from ._operators import ConvInputShapes, operator_blocks, top_singular_value, warm_up
 
-WARMUP_ITERS = 200
+WARMUP_ITERS = 50  # per convergence check
 
 
 class SpectralPenalty(Penalty):
