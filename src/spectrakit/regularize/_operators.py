@@ -141,7 +141,8 @@ def warm_up(state: Any, X: torch.Tensor, iterations: int, max_iterations: int = 
             X = X.detach()
             done = 0
             while done < max_iterations:
-                before = None if state.v is None else state.v.clone()
+                fits = state.v is not None and tuple(state.v.shape) == shape_v
+                before = state.v.clone() if fits else None  # vectors for another shape restart
                 state(X)
                 done += iterations
                 if before is not None:
