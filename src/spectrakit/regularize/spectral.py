@@ -178,7 +178,8 @@ class _SpectralTerms(torch.autograd.Function):
             else:  # in between updates: the Rayleigh quotient uᵀWv on the kept vectors
                 sigmas.append(torch.dot(state.u, X @ state.v))
         norms = torch._foreach_norm(biases) if biases else []
-        host = torch.stack([*sigmas, *(n.to(sigmas[0].dtype) for n in norms)]).tolist()
+        dtype = sigmas[0].dtype
+        host = torch.stack([*sigmas, *(n if n.dtype == dtype else n.to(dtype) for n in norms)]).tolist()
         sigma, norm = host[:n_matrices], host[n_matrices:]
         k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
         scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
@@ -192,6 +193,12 @@ class _SpectralTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
-        bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(ctx.saved_tensors, ctx.bias_coef)]
+        biases = list(ctx.saved_tensors)
+        if grad.device.type == "cpu":  # reading a CPU scalar is free: scalar multipliers, fused bias update
+            g = float(grad)
+            weight_grads = [torch.outer(u, v).mul_(g * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
+            bias_grads = list(torch._foreach_mul(biases, [g * c for c in ctx.bias_coef])) if biases else []
+        else:  # no host round trip on an accelerator
+            weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
+            bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
