@@ -17,7 +17,10 @@ mode       penalty                                zero when
 =========  =====================================  ============================================
 
 SRIP's σ₁ uses a persistent :class:`spectrakit.linalg.PowerIteration` (``method="power"``)
-or the SVD (``method="exact"``).
+or the SVD (``method="exact"``); ``"auto"`` (default) takes the SVD when ``G`` is at most
+64 × 64 — there it costs about as much as a power step — and power iteration above. Power
+iteration needs a gap under σ₁(G − I): for tiny weights (``G ≈ 0``, so ``G − I ≈ −I``) the
+top singular value is nearly multiple, its gradient ill-defined, and the SVD is the safer choice.
 
 >>> import torch, spectrakit as sk
 >>> layer = torch.nn.Linear(8, 8)
@@ -41,6 +44,7 @@ from ._base import Patterns, Penalty, Target
 from ._operators import top_singular_value, warm_up
 
 MODES = ("so", "srip", "biggan", "group")
+EXACT_SRIP_SIDE = 64
 
 
 def smaller_gram(W: torch.Tensor) -> torch.Tensor:
@@ -55,20 +59,20 @@ class SoftOrthogonality(Penalty):
         mode: ``"so"``, ``"srip"``, ``"biggan"`` or ``"group"``.
         groups: number of row groups for ``mode="group"`` (default: the conv's ``groups``
             when above 1, else ``⌈out / in⌉`` so that each group can be orthonormal).
-        method, n_iter: σ₁ for ``srip`` (``"power"`` with persistent vectors, or ``"exact"``).
+        method, n_iter: σ₁ for ``srip``: ``"auto"``, ``"power"`` (persistent vectors) or ``"exact"``.
         include, exclude, kinds, reduction: see :class:`~spectrakit.regularize.SpectralPenalty`.
     """
 
     default_kinds = ("linear", "conv1d", "conv2d", "matrix")
 
     def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | Iterable[Any], mode: str = "so", *,
-                 groups: int | None = None, method: str = "power", n_iter: int = 1, seed: int = 0,
+                 groups: int | None = None, method: str = "auto", n_iter: int = 1, seed: int = 0,
                  include: Patterns = None, exclude: Patterns = None, kinds: str | Iterable[str] | None = None,
                  reduction: str = "sum") -> None:
         if mode not in MODES:
             raise SpectrakitError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-        if method not in ("power", "exact"):
-            raise SpectrakitError(f"method={method!r} is not one of power, exact")
+        if method not in ("auto", "power", "exact"):
+            raise SpectrakitError(f"method={method!r} is not one of auto, power, exact")
         if groups is not None and (not isinstance(groups, int) or groups < 1):
             raise SpectrakitError(f"groups={groups!r} must be a positive integer")
         super().__init__(source, include=include, exclude=exclude, kinds=kinds, reduction=reduction)
@@ -97,9 +101,12 @@ class SoftOrthogonality(Penalty):
         if self.mode == "biggan":
             return (G - torch.diag_embed(G.diagonal())).square().sum()
         D = _minus_identity(G)
-        if self.method == "power":
+        method = self.method
+        if method == "auto":
+            method = "exact" if D.shape[-1] <= EXACT_SRIP_SIDE else "power"
+        if method == "power":
             warm_up(self.states[index], D, 50)
-        return top_singular_value(D, self.method, self.states[index])
+        return top_singular_value(D, method, self.states[index])
 
 
 def _minus_identity(G: torch.Tensor) -> torch.Tensor:
