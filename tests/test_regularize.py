@@ -383,3 +383,18 @@ def test_low_precision_weights_compute_in_float32():
     assert value.dtype == torch.float32
     value.backward()
     assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: SpectralPenalty(m),
+    lambda m: SpectralPenalty(m, method="exact", conv="operator"),
+    lambda m: SoftOrthogonality(m, "srip"),
+    lambda m: HypersphericalEnergy(m, half_space=True),
+    lambda m: LipschitzPenalty(m, target=0.05),
+    lambda m: OrthogonalConvPenalty(m, kinds="linear"),
+], ids=["spectral-power", "spectral-exact", "srip-auto", "mhe", "lipschitz", "ortho-1tap"])
+def test_gradients_on_gpt2_conv1d_and_embeddings(make):
+    model = tiny_gpt2().double()
+    penalty = make(model)
+    params = tuple(model.parameters())
+    assert gradcheck(lambda *_: penalty(), params, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
