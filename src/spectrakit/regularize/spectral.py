@@ -180,12 +180,14 @@ class _SpectralTerms(torch.autograd.Function):
         norms = torch._foreach_norm(biases) if biases else []
         dtype = sigmas[0].dtype
         host = torch.stack([*sigmas, *(n if n.dtype == dtype else n.to(dtype) for n in norms)]).tolist()
-        sigma, norm = host[:n_matrices], host[n_matrices:]
+        # clamp: a Rayleigh quotient between updates can dip below 0 by rounding, and a
+        # fractional power of a negative float would be complex
+        sigma, norm = [max(x, 0.0) if x == x else x for x in host[:n_matrices]], host[n_matrices:]
         k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
         scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
         total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
-        ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * s ** (k - 1) for s in sigma]
-        ctx.bias_coef = [scale * 2 * k * beta * n ** (2 * k - 2) for n in norm]
+        ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
+        ctx.bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
         ctx.vectors = [(state.u, state.v) for state in penalty.states[:n_matrices]]
         ctx.save_for_backward(*biases)
         penalty.last_values = (total, sigma)
@@ -202,3 +204,9 @@ class _SpectralTerms(torch.autograd.Function):
             weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
             bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
+
+
+def _power(x: float, exponent: float) -> float:
+    """``x ** exponent``, with 0 for ``x = 0`` and a negative exponent (the subgradient at a kink
+    of ``σ^k`` for ``k < 1``, instead of Python's ZeroDivisionError)."""
+    return 0.0 if x == 0 and exponent < 0 else x ** exponent
