@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import spectrakit as sk
-from spectrakit.errors import SpectrakitError
+from spectrakit.errors import NonFiniteError, SpectrakitError
 
 SHAPES = [(64, 64), (200, 50), (40, 300), (3, 129, 70)]
 
@@ -254,3 +254,45 @@ def test_incremental_svd_streaming_rows():
     for block in Y.split(100):
         full.update(block)
     assert torch.allclose(full.S, torch.linalg.svdvals(Y), rtol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", ["gram", "exact", "randomized", "auto"])
+def test_every_method_rejects_a_single_non_finite_entry(bad, method):
+    W = torch.randn(300, 200)
+    W[123, 45] = bad
+    k = 5 if method == "randomized" else None
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        sk.linalg.svdvals(W, k=k, method=method)
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        sk.linalg.svd(W, k=k or 5, method=method)
+
+
+def test_gram_recovers_from_overflow_of_finite_entries():
+    # squares of 1e20 overflow fp32, though every entry is finite: the Gram path redoes the
+    # product in float64 instead of reporting the matrix as non-finite
+    torch.manual_seed(0)
+    W = torch.randn(200, 80, dtype=torch.float64) * 1e20
+    truth = torch.linalg.svdvals(W)
+    values = sk.linalg.svdvals(W.float(), method="gram")
+    assert values.dtype == torch.float32
+    assert torch.allclose(values.double(), truth, rtol=1e-5)
+    U, S, Vh = sk.linalg.svd(W.float(), k=4, method="gram")
+    assert torch.allclose(S.double(), truth[:4], rtol=1e-5)
+    assert U.dtype == torch.float32
+
+
+def test_auto_values_of_small_single_precision_matrix_match_exact_float64():
+    # auto takes a double-precision Gram matrix here; it must be at least as accurate as
+    # the single-precision SVD it replaces, also on an ill-conditioned matrix
+    torch.manual_seed(1)
+    Q1 = torch.linalg.qr(torch.randn(120, 100, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64)).Q
+    truth = torch.logspace(0, -4, 100, dtype=torch.float64)
+    W = (Q1 * truth) @ Q2.T
+    auto = sk.linalg.svdvals(W.float())
+    exact32 = sk.linalg.svdvals(W.float(), method="exact")
+    assert auto.dtype == torch.float32
+    auto_error = ((auto.double() - truth).abs() / truth).max()
+    exact_error = ((exact32.double() - truth).abs() / truth).max()
+    assert auto_error <= max(exact_error, 1e-5)

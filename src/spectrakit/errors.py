@@ -9,3 +9,8 @@ class SpectrakitError(Exception):
     The message is one line that names the tensor, file or option at fault, so the
     command-line tool can print it as is, without a traceback.
     """
+
+
+class NonFiniteError(SpectrakitError):
+    """A tensor holds NaN or Inf values (a :class:`SpectrakitError`, so callers that
+    only report errors need not know it; callers that skip such tensors can catch it)."""

@@ -31,6 +31,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -133,7 +134,11 @@ def _fit(data: torch.Tensor, *, min_tail: int, bias_corrected: bool) -> PowerLaw
 
 
 def _ks_distances(logs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """``max_j |1 − (λⱼ/λᵢ)^(1−αᵢ) − (j − i)/nᵢ|`` over the tail ``j ≥ i``, for every ``i``."""
+    """``max_j |1 − (λⱼ/λᵢ)^(1−αᵢ) − (j − i)/nᵢ|`` over the tail ``j ≥ i``, for every ``i``.
+
+    Entries with ``j < i`` vanish by themselves: the ascending data make ``ln λⱼ − ln λᵢ``
+    clamp to 0 there, and the empirical term is stored as 0 below the diagonal.
+    """
     count = logs.numel()
     candidates = alphas.numel()
     distances = torch.empty(candidates, dtype=torch.float64, device=logs.device)
@@ -142,13 +147,26 @@ def _ks_distances(logs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
         # Candidates [start, stop) only ever look at eigenvalues from `start` on.
         width = count - start
         stop = min(candidates, start + max(1, _CHUNK_ELEMENTS // width))
-        index = torch.arange(start, stop, device=logs.device)
-        offset = (torch.arange(start, count, dtype=torch.float64, device=logs.device)[None, :]
-                  - index[:, None].to(torch.float64))                              # j − i
-        log_ratio = (logs[None, start:] - logs[index, None]).clamp_min(0)
-        fitted = 1 - torch.exp((1 - alphas[index, None]) * log_ratio)
-        empirical = offset / (count - index[:, None]).to(torch.float64)
-        gap = (fitted - empirical).abs().masked_fill_(offset < 0, 0)
+        gap = (logs[None, start:] - logs[start:stop, None]).clamp_min_(0)
+        # 1 − e^{x} − F = −(expm1(x) + F): one fused pass fewer than forming the CDF
+        gap.mul_(1 - alphas[start:stop, None]).expm1_()
+        empirical = (_cached_empirical_cdf if gap.numel() <= _CACHED_ELEMENTS else _empirical_cdf)
+        gap.add_(empirical(count, start, stop, str(logs.device))).abs_()
         distances[start:stop] = gap.amax(dim=1)
         start = stop
     return distances
+
+
+def _empirical_cdf(count: int, start: int, stop: int, device: str) -> torch.Tensor:
+    """``(j − i)/(count − i)`` for candidates ``i ∈ [start, stop)`` and ``j ≥ start``, 0 for ``j < i``.
+
+    It depends on the sizes only, so a model's many equally sized layers share it.
+    """
+    i = torch.arange(start, stop, dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(start, count, dtype=torch.float64, device=device)[None, :]
+    return ((j - i) / (count - i)).clamp_min_(0)
+
+
+# A model's many equally sized layers share one table; large ones are not worth keeping.
+_CACHED_ELEMENTS = 1 << 20
+_cached_empirical_cdf = functools.lru_cache(maxsize=4)(_empirical_cdf)

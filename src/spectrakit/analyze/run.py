@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import linalg
-from ..errors import SpectrakitError
+from ..errors import NonFiniteError, SpectrakitError
 from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
 from .esd import esd_metrics
@@ -53,15 +53,25 @@ def skip_reason_before_load(record: MatrixRecord) -> str | None:
     return None
 
 
-def skip_reason(matrix: torch.Tensor) -> str | None:
-    """Why ``matrix`` has no meaningful spectrum, or ``None``."""
+NON_FINITE = "contains NaN or Inf values"
+ALL_ZERO = "all-zero matrix"
+
+
+def degenerate_reason(matrix: torch.Tensor) -> str | None:
     rows, cols = matrix.shape
     if min(rows, cols) < 2:
         return f"degenerate {rows}x{cols} matrix: a single singular value has no spectrum"
+    return None
+
+
+def skip_reason(matrix: torch.Tensor) -> str | None:
+    """Why ``matrix`` has no meaningful spectrum, or ``None``."""
+    if (reason := degenerate_reason(matrix)) is not None:
+        return reason
     if not all_finite(matrix):
-        return "contains NaN or Inf values"
+        return NON_FINITE
     if not bool(matrix.any()):
-        return "all-zero matrix"
+        return ALL_ZERO
     return None
 
 
@@ -92,17 +102,24 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
     ``kernel``: the raw conv kernel, when the spectrum should be that of the conv operator
     (circular padding on ``options.conv_input_shape``) rather than of the reshaped matrix.
     """
-    reason = skip_reason(matrix)
+    # NaN/Inf and all-zero matrices show in the spectrum itself (linalg checks finiteness
+    # on the Gram diagonal), which spares two full passes over every matrix
+    reason = degenerate_reason(matrix)
     if reason is not None:
         return {"status": "skipped", "reason": reason}, None, None
-    if kernel is not None:
-        spectrum = linalg.conv_singular_values(kernel.to(options.dtype or torch.float32), options.conv_input_shape)
-        spectrum = spectrum.double().cpu().sort(descending=True).values
-        grid = spectrum.numel() // min(kernel.shape[:2])
-        rows, cols = kernel.shape[0] * grid, kernel.shape[1] * grid
-    else:
-        spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
-        rows, cols = matrix.shape
+    try:
+        if kernel is not None:
+            spectrum = linalg.conv_singular_values(kernel.to(options.dtype or torch.float32), options.conv_input_shape)
+            spectrum = spectrum.double().cpu().sort(descending=True).values
+            grid = spectrum.numel() // min(kernel.shape[:2])
+            rows, cols = kernel.shape[0] * grid, kernel.shape[1] * grid
+        else:
+            spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
+            rows, cols = matrix.shape
+    except NonFiniteError:
+        return {"status": "skipped", "reason": NON_FINITE}, None, None
+    if not spectrum[0] > 0:
+        return {"status": "skipped", "reason": ALL_ZERO}, None, None
     metrics: dict[str, Any] = {"sigma_max": float(spectrum[0])}
     for name, metric in BASIC_METRICS.items():
         metrics[name] = metric(spectrum)

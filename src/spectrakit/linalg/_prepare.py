@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SpectrakitError
+from ..errors import NonFiniteError, SpectrakitError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,7 +38,7 @@ def as_matrix(W: torch.Tensor, dtype: torch.dtype | None = None, name: str = "W"
         raise SpectrakitError(f"{name}: empty matrix of shape {tuple(W.shape)}")
     W = W.to(compute_dtype(W.dtype, dtype))
     if check_finite and not all_finite(W):
-        raise SpectrakitError(f"{name}: contains NaN or Inf values")
+        raise NonFiniteError(f"{name}: contains NaN or Inf values")
     return W
 
 

@@ -14,39 +14,50 @@ from __future__ import annotations
 
 import torch
 
-from ._prepare import transpose
+from ..errors import NonFiniteError, SpectrakitError
+from ._prepare import all_finite, transpose
 
 
-def _smaller_gram(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(G, tall)``: ``G = WᴴW`` when ``W`` is tall (or square), else ``WWᴴ``."""
+def _smaller_gram(W: torch.Tensor, name: str = "W") -> tuple[torch.Tensor, bool]:
+    """``(G, tall)``: ``G = WᴴW`` when ``W`` is tall (or square), else ``WWᴴ``.
+
+    Also the finiteness check of ``W``, at a fraction of its cost: ``G``'s diagonal holds
+    the squared norms of ``W``'s columns (rows), sums of non-negative terms, so it is
+    finite exactly when every entry of ``W`` is — unless a large finite entry overflows
+    when squared, in which case ``G`` is formed again in float64.
+    """
     tall = W.shape[-2] >= W.shape[-1]
     G = transpose(W) @ W if tall else W @ transpose(W)
+    if not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1)).all()):
+        if not all_finite(W):
+            raise NonFiniteError(f"{name}: contains NaN or Inf values")
+        G, _ = _smaller_gram(W.to(torch.complex128 if W.is_complex() else torch.float64), name)
     return G, tall
 
 
-def gram_svdvals(W: torch.Tensor) -> torch.Tensor:
+def gram_svdvals(W: torch.Tensor, name: str = "W") -> torch.Tensor:
     """All ``min(m, n)`` singular values of ``W`` in descending order, via ``eigvalsh``.
 
     >>> W = torch.randn(300, 40, dtype=torch.float64)
     >>> torch.allclose(gram_svdvals(W), torch.linalg.svdvals(W))
     True
     """
-    G, _ = _smaller_gram(W)
+    G, _ = _smaller_gram(W, name)
     eigenvalues = torch.linalg.eigvalsh(G)
-    return eigenvalues.flip(-1).clamp_min(0).sqrt()
+    return eigenvalues.flip(-1).clamp_min(0).sqrt().to(_real(W.dtype))
 
 
-def gram_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` thin SVD via ``eigh`` of the smaller Gram matrix.
 
     The other side's vectors are recovered as ``U = W V / σ``; directions whose
     σ is near zero are unreliable there, so ask for ``k`` within the numerical rank.
     """
-    G, tall = _smaller_gram(W)
+    G, tall = _smaller_gram(W, name)
     eigenvalues, vectors = torch.linalg.eigh(G)
     eigenvalues = eigenvalues.flip(-1)[..., :k]
-    vectors = vectors.flip(-1)[..., :k]
-    S = eigenvalues.clamp_min(0).sqrt()
+    vectors = vectors.flip(-1)[..., :k].to(W.dtype)
+    S = eigenvalues.clamp_min(0).sqrt().to(_real(W.dtype))
     safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
     if tall:
         V = vectors
@@ -54,4 +65,8 @@ def gram_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
     else:
         U = vectors
         V = (transpose(W) @ U) / safe
-    return U, S.to(U.real.dtype if U.is_complex() else U.dtype), transpose(V)
+    return U, S, transpose(V)
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
