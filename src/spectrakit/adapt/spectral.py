@@ -51,7 +51,7 @@ class SpectralLinear(AdaptedLinear):
     options = ("variant", "svd_method")
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", variant: str = "additive",
-                 svd_method: str = "gram", init: dict[str, Any] | None = None) -> None:
+                 svd_method: str = "krylov", init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
         self.variant, self.svd_method = variant, svd_method
         U, S, Vh = self.factors(rank, "top", svd_method)

@@ -30,7 +30,7 @@ class SVFitLinear(AdaptedLinear):
     method = "svfit"
     options = ("svd_method",)
 
-    def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", svd_method: str = "gram",
+    def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", svd_method: str = "krylov",
                  init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
         self.svd_method = svd_method

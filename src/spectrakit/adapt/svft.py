@@ -75,7 +75,7 @@ class SVFTLinear(AdaptedLinear):
     options = ("pattern", "width", "seed", "svd_method")
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", pattern: str = "diagonal",
-                 width: int = 1, seed: int = 0, svd_method: str = "gram",
+                 width: int = 1, seed: int = 0, svd_method: str = "krylov",
                  init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
         self.pattern, self.width, self.seed, self.svd_method = pattern, int(width), int(seed), svd_method

@@ -6,6 +6,8 @@ Methods
 ``gram``        ``eigvalsh``/``eigh`` of the smaller Gram matrix; the fastest way to a
                 full spectrum, accurate to about ``ε·σ₁`` (see :mod:`.gram`).
 ``randomized``  Gaussian sketch + power iterations; for the top ``k ≪ min(m, n)``.
+``krylov``      block Krylov space + Rayleigh–Ritz; top ``k`` near the optimal rank-``k``
+                approximation even on flat spectra (see :mod:`.krylov`).
 ``auto``        picks one by shape and ``k`` (rules in :func:`choose_method`).
 
 Every method works on batches ``(..., m, n)``, on any device, computes fp16/bf16
@@ -20,9 +22,10 @@ import torch
 from ..errors import NonFiniteError, SpectrakitError
 from ._prepare import all_finite, as_matrix, check_rank
 from .gram import gram_svd, gram_svdvals
+from .krylov import krylov_svd
 from .randomized import randomized_svd
 
-METHODS = ("auto", "exact", "gram", "randomized")
+METHODS = ("auto", "exact", "gram", "randomized", "krylov")
 
 # Below this smaller side an exact SVD costs little, so auto keeps full accuracy.
 _SMALL_SIDE = 128
@@ -73,9 +76,9 @@ def svdvals(W: torch.Tensor, k: int | None = None, method: str = "auto", *,
     Args:
         W: a matrix or a batch of matrices.
         k: return only the ``k`` largest (``None``: all ``min(m, n)``).
-        method: ``"auto"``, ``"exact"``, ``"gram"`` or ``"randomized"``.
+        method: ``"auto"``, ``"exact"``, ``"gram"``, ``"randomized"`` or ``"krylov"``.
         dtype: compute dtype; default fp32 for half-precision input, else ``W``'s.
-        niter, seed: power iterations and seed of the randomized method.
+        niter, seed: power (Krylov) iterations and seed of the randomized (Krylov) method.
 
     >>> import spectrakit as sk
     >>> W = torch.randn(512, 256)
@@ -94,6 +97,8 @@ def svdvals(W: torch.Tensor, k: int | None = None, method: str = "auto", *,
     _check_finite_unless_gram(W, method)
     if method == "randomized":
         return randomized_svd(W, k_eff, niter=niter, seed=seed)[1]
+    if method == "krylov":
+        return krylov_svd(W, k_eff, niter=niter, seed=seed)[1]
     if method == "gram":
         values = gram_svdvals(W)
     else:
@@ -123,6 +128,8 @@ def svd(W: torch.Tensor, k: int | None = None, method: str = "auto", niter: int 
     _check_finite_unless_gram(W, method)
     if method == "randomized":
         return randomized_svd(W, k_eff, niter=niter, oversample=oversample, seed=seed)
+    if method == "krylov":
+        return krylov_svd(W, k_eff, niter=niter, block=k_eff + (oversample or 0), seed=seed)
     if method == "gram":
         return gram_svd(W, k_eff)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
