@@ -23,8 +23,21 @@ DEFAULT_GRAM_ITERS = 10
 DEFAULT_POWER_ITERS = 50
 
 
-def _normalize(x: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+_NORM_FLOOR = 1e-30  # a zero vector is divided by this, so it stays zero (no 0/0)
+
+
+def _normalize(x: torch.Tensor, eps: float = _NORM_FLOOR) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _normalize_all_(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Scale each 1-D vector to unit length in place (a zero vector stays zero); returns the norms.
+
+    Three foreach calls for the whole list instead of three operator calls per vector.
+    """
+    norms = torch._foreach_norm(vectors)
+    torch._foreach_div_(vectors, torch._foreach_clamp_min(norms, _NORM_FLOOR))
+    return norms
 
 
 class PowerIteration:
@@ -53,25 +66,63 @@ class PowerIteration:
     def reset(self) -> None:
         self.u = self.v = None
 
-    def _start(self, W: torch.Tensor) -> None:
+    def prepare(self, W: torch.Tensor) -> None:
+        """Vectors for ``W``: fresh (random ``v``) for a new shape, moved to ``W``'s dtype and device."""
         shape_v = (*W.shape[:-2], W.shape[-1])
-        if self.v is None or self.v.shape != shape_v:
+        if self.v is None or self.v.shape != shape_v or self.u.shape[-1] != W.shape[-2]:
             self.v = _normalize(gaussian_sketch(shape_v, W, self.seed))
             self.u = _normalize((W @ self.v.unsqueeze(-1)).squeeze(-1))
-        self.u = self.u.to(device=W.device, dtype=W.dtype)
-        self.v = self.v.to(device=W.device, dtype=W.dtype)
+        if self.v.dtype != W.dtype or self.v.device != W.device:
+            self.u = self.u.to(device=W.device, dtype=W.dtype)
+            self.v = self.v.to(device=W.device, dtype=W.dtype)
+
+    def fits(self, W: torch.Tensor) -> bool:
+        """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
+        u, v = self.u, self.v
+        return (v is not None and v.shape == (*W.shape[:-2], W.shape[-1]) and u.shape[-1] == W.shape[-2]
+                and v.dtype == W.dtype and v.device == W.device)
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             Wd = W.detach()
-            self._start(Wd)
-            u, v = self.u, self.v
-            for _ in range(self.n_iter):
-                v = _normalize((transpose(Wd) @ u.unsqueeze(-1)).squeeze(-1))
-                u = _normalize((Wd @ v.unsqueeze(-1)).squeeze(-1))
-            self.u, self.v = u, v
+            self.prepare(Wd)
+            if Wd.ndim == 2 and not Wd.is_complex():
+                if self.n_iter:
+                    power_steps([self], [Wd], self.n_iter)
+            else:
+                u, v = self.u, self.v
+                for _ in range(self.n_iter):
+                    v = _normalize((transpose(Wd) @ u.unsqueeze(-1)).squeeze(-1))
+                    u = _normalize((Wd @ v.unsqueeze(-1)).squeeze(-1))
+                self.u, self.v = u, v
+        u, v = self.u, self.v
+        if W.ndim == 2 and not W.is_complex():
+            return torch.dot(u, torch.mv(W, v))
         sigma = (u.conj().unsqueeze(-2) @ W @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
         return sigma.real if sigma.is_complex() else sigma
+
+
+def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_iter: int) -> list[torch.Tensor]:
+    """Advance several persistent power iterations ``n_iter ≥ 1`` steps together (no gradient).
+
+    For real 2-D matrices ``W_l`` whose states already :meth:`~PowerIteration.fits` them, each
+    step is ``v ← Wᵀu/‖Wᵀu‖, w ← Wv, u ← w/‖w‖`` and the estimate is ``σ₁ ≈ ‖Wv‖`` — equal to
+    ``uᵀWv`` for the new ``u`` without a third product. Norms and divisions run as foreach
+    calls over all matrices at once: on a small model a training step is a few hundred
+    operator calls, so the per-call cost, not the arithmetic, is what a penalty pays. A zero
+    ``Wᵀu`` or ``Wv`` leaves zero vectors and ``σ = 0`` (the caller restarts those).
+
+    Returns the 0-dim estimates ``‖W_l v_l‖``, one per matrix; the states hold the new vectors.
+    """
+    us = [state.u for state in states]
+    for _ in range(n_iter):
+        vs = [torch.mv(W.mT, u) for W, u in zip(matrices, us)]
+        _normalize_all_(vs)
+        us = [torch.mv(W, v) for W, v in zip(matrices, vs)]
+        sigmas = _normalize_all_(us)
+    for state, u, v in zip(states, us, vs):
+        state.u, state.v = u, v
+    return sigmas
 
 
 def gram_iteration_bound(W: torch.Tensor, n_iter: int = DEFAULT_GRAM_ITERS) -> torch.Tensor:

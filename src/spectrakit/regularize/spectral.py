@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
+from ..linalg.norms import power_steps
 from ._base import CONV_KINDS, Patterns, Penalty, Target
 from ._operators import ConvInputShapes, operator_blocks, top_singular_value, warm_up
 
@@ -81,6 +82,7 @@ class SpectralPenalty(Penalty):
             raise SpectrakitError(f"update_every={update_every!r} must be a positive integer")
         self.update_every, self.calls = update_every, 0
         self.last_values: tuple[float, list[float]] = (0.0, [])
+        self._operands: tuple[list, list, list] | None = None  # see _power_operands
         self.states = [PowerIteration(n_iter, seed=seed + i) for i in range(len(self.targets))]
         self.shapes = ConvInputShapes(self.targets, input_shapes, example_input,
                                       source if isinstance(source, nn.Module) else None) if conv == "operator" else None
@@ -127,13 +129,15 @@ class SpectralPenalty(Penalty):
         2k(σ^k − τ^k)σ^{k−1}·u vᵀ``, exactly what differentiating ``uᵀWv`` gives — and one
         host synchronization checks finiteness and degenerate (zero) layers together.
         """
-        self.calls += 1
-        advance = (self.calls - 1) % self.update_every == 0
-        matrices = [t.matrix() for t in self.targets]
+        # nn.Module.__setattr__ costs microseconds (it looks for parameters, buffers and
+        # submodules first); a plain counter can go straight into the instance dict.
+        self.__dict__["calls"] = calls = self.calls + 1
+        advance = (calls - 1) % self.update_every == 0
+        matrices, biases = self._power_operands()
         for X, state in zip(matrices, self.states):
-            if state.v is None or state.v.shape[-1] != X.shape[-1]:
+            if not state.fits(X):  # a new layer shape, dtype or device, or restarted vectors
                 warm_up(state, X, WARMUP_ITERS)
-        biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
+                state.prepare(X.detach())
         total = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
         value, sigmas = self.last_values
         if not (math.isfinite(value) and all(s > 0 for s in sigmas)):
@@ -142,6 +146,40 @@ class SpectralPenalty(Penalty):
                 if sigma == 0:
                     state.reset()  # zero vectors would stay zero: restart from a random vector next call
         return total
+
+    def _power_operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This call's canonical matrices and biases, re-read only when they may have changed.
+
+        Re-reading every target (``Target.matrix()``, ``Target.bias()``: a few Python attribute
+        look-ups per layer) is a tenth of the penalty's cost on a small model. A matrix that
+        *is* its module's registered parameter (a Linear weight: no transpose, reshape or
+        fp32 copy) stays valid as long as the module still holds that same object: optimizers
+        and ``load_state_dict`` update it in place, and ``.data`` swaps (``.to()``,
+        ``.double()``) keep the object, whose new shape, dtype and device the caller's
+        :meth:`PowerIteration.fits` check sees. So each call only checks, per layer, that the
+        module's ``_parameters`` still hold the cached weight and bias objects. A replaced
+        weight or bias fails that check and everything is re-read; a parametrized weight (not
+        in ``_parameters``), a view (conv kernel, transposed ``Conv1D``), an fp32 copy of a
+        half-precision weight or a bare tensor is never cached and is re-read every call.
+        """
+        if self._operands is not None:
+            checks, matrices, biases = self._operands
+            if all(params.get(key) is tensor for params, key, tensor in checks):
+                return matrices, biases
+        matrices = [t.matrix() for t in self.targets]
+        biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
+        checks = []  # (module._parameters, name, the object it must still hold)
+        for target, X in zip(self.targets, matrices):
+            if target.module is None:
+                checks = None
+                break
+            params = target.module._parameters
+            checks.append((params, target.attr, X))
+            if self.bias_weight and target.attr == "weight":
+                checks.append((params, "bias", target.bias()))
+        cacheable = checks is not None and all(params.get(key) is tensor for params, key, tensor in checks)
+        self.__dict__["_operands"] = (checks, matrices, biases) if cacheable else None
+        return matrices, biases
 
     def sigmas(self) -> dict[str, float]:
         """The current σ₁ estimate of each layer (advances the power iteration once)."""
@@ -170,16 +208,21 @@ class _SpectralTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, penalty: SpectralPenalty, advance: bool, n_matrices: int,
                 *tensors: torch.Tensor) -> torch.Tensor:
-        matrices, biases = tensors[:n_matrices], tensors[n_matrices:]
-        sigmas = []
-        for X, state in zip(matrices, penalty.states):
-            if advance:
-                sigmas.append(state(X))
-            else:  # in between updates: the Rayleigh quotient uᵀWv on the kept vectors
-                sigmas.append(torch.dot(state.u, X @ state.v))
+        matrices, biases = list(tensors[:n_matrices]), list(tensors[n_matrices:])
+        states = penalty.states[:n_matrices]
+        n_iter = states[0].n_iter
+        if advance and n_iter and all(state.n_iter == n_iter for state in states):
+            sigmas = power_steps(states, matrices, n_iter)  # all layers together
+        elif advance:
+            sigmas = [state(X) for X, state in zip(matrices, states)]
+        else:  # in between updates: the Rayleigh quotient uᵀWv on the kept vectors
+            sigmas = [torch.dot(state.u, torch.mv(X, state.v)) for X, state in zip(matrices, states)]
         norms = torch._foreach_norm(biases) if biases else []
-        dtype = sigmas[0].dtype
-        host = torch.stack([*sigmas, *(n if n.dtype == dtype else n.to(dtype) for n in norms)]).tolist()
+        dtype, device = sigmas[0].dtype, sigmas[0].device
+        if device.type == "cpu":  # no synchronization to save: reading each scalar beats stacking them
+            host = [x.item() for x in (*sigmas, *norms)]
+        else:
+            host = torch.stack([*sigmas, *(n if n.dtype == dtype else n.to(dtype) for n in norms)]).tolist()
         # clamp: a Rayleigh quotient between updates can dip below 0 by rounding, and a
         # fractional power of a negative float would be complex
         sigma, norm = [max(x, 0.0) if x == x else x for x in host[:n_matrices]], host[n_matrices:]
@@ -188,17 +231,20 @@ class _SpectralTerms(torch.autograd.Function):
         total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
         ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
         ctx.bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
-        ctx.vectors = [(state.u, state.v) for state in penalty.states[:n_matrices]]
+        ctx.vectors = [(state.u, state.v) for state in states]
+        ctx.matrices = matrices  # only as addr's (ignored) input in backward: no version check needed
         ctx.save_for_backward(*biases)
-        penalty.last_values = (total, sigma)
-        return torch.tensor(total, dtype=sigmas[0].dtype, device=sigmas[0].device)
+        penalty.__dict__["last_values"] = (total, sigma)  # not through nn.Module.__setattr__ (slow)
+        return torch.full((), total, dtype=dtype, device=device)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         biases = list(ctx.saved_tensors)
         if grad.device.type == "cpu":  # reading a CPU scalar is free: scalar multipliers, fused bias update
             g = float(grad)
-            weight_grads = [torch.outer(u, v).mul_(g * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
+            # c·u vᵀ in one pass: addr with beta=0 ignores its input (W, for the shape only)
+            weight_grads = [torch.addr(X, u, v, beta=0, alpha=g * c)
+                            for X, (u, v), c in zip(ctx.matrices, ctx.vectors, ctx.weight_coef)]
             bias_grads = list(torch._foreach_mul(biases, [g * c for c in ctx.bias_coef])) if biases else []
         else:  # no host round trip on an accelerator
             weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
