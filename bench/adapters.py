@@ -224,7 +224,7 @@ def run_pissa_init(args) -> dict:
         return build
 
     def residuals_of(model) -> dict[str, torch.Tensor]:
-        inner = model.base_model.model if hasattr(model, "base_model") else model
+        inner = model.base_model.model if isinstance(model, peft.PeftModel) else model
         return {n: inner.get_submodule(n).base_layer.weight.detach().T for n in check}
 
     runs = [("spectrakit pissa (default: block Krylov, 5 iterations)", ours("krylov")),

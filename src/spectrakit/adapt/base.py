@@ -217,6 +217,23 @@ class AdaptedLinear(nn.Module):
         target = self.base_layer.weight
         target.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
 
+    @torch.no_grad()
+    def subtract_from_base(self, left: torch.Tensor, right: torch.Tensor, scale: float = 1.0) -> None:
+        """``W ← W − scale · left @ right`` for an ``out × in`` product, in place.
+
+        One ``addmm_`` on the weight as it is stored (``Wᵀ ← Wᵀ − scale · rightᵀ leftᵀ`` for
+        ``Conv1D``): no full-size temporaries, and no elementwise pass over a transposed
+        view, which costs several times a contiguous one.
+        """
+        target = self.base_layer.weight
+        if target.dtype != self.adapter_dtype:  # compute in the adapter's precision, then cast
+            product = (left @ right).to(self.adapter_dtype)
+            self.write_base_weight(self.base_weight().to(self.adapter_dtype) - scale * product)
+        elif self.fan_in_fan_out:
+            target.addmm_(right.T, left.T, alpha=-scale)
+        else:
+            target.addmm_(left, right, alpha=-scale)
+
     def new_parameter(self, value: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(value.to(device=self.base_layer.weight.device, dtype=self.adapter_dtype).contiguous())
 

@@ -47,8 +47,7 @@ class PiSSALinear(LoRALinear):
         with torch.no_grad():
             self.new_buffer("A0", self.lora_A.detach().clone())
             self.new_buffer("B0", self.lora_B.detach().clone())
-            residual = self.base_weight().to(self.adapter_dtype) - self.scaling * (self.B0 @ self.A0)
-            self.write_base_weight(residual)
+            self.subtract_from_base(self.B0, self.A0, self.scaling)
 
     def config(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "svd_method": self.svd_method}

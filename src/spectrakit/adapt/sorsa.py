@@ -45,7 +45,7 @@ class SORSALinear(AdaptedLinear):
         self.S_p = self.new_parameter(S)
         self.Vh_p = self.new_parameter(Vh)
         with torch.no_grad():
-            self.write_base_weight(self.base_weight().to(self.adapter_dtype) - (U * S) @ Vh)
+            self.subtract_from_base(U * S, Vh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
