@@ -6,9 +6,10 @@ rules and the error messages are the same everywhere.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NoReturn, Sequence, TypeVar
+from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 from .errors import SpectrakitError
+from .linalg._prepare import all_finite
 from .weights.record import natural_key
 
 Layer = TypeVar("Layer")
@@ -45,3 +46,15 @@ def select_targets(layers: Mapping[str, Layer], targets: str | Sequence[str], *,
                 check_hit(name)
             selected.update(hits)
     return dict(sorted(selected.items(), key=lambda item: natural_key(item[0])))
+
+
+def check_weight(name: str, layer: Any) -> None:
+    """Refuse a layer's weight that no verb can work on, before any layer is touched:
+    a meta tensor, a non-floating-point (quantized) dtype, or NaN/Inf values."""
+    weight = layer.weight
+    if weight.is_meta:
+        raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
+    if not weight.dtype.is_floating_point:
+        raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
+    if not all_finite(weight):
+        raise SpectrakitError(f"{name}.weight contains NaN or Inf values")

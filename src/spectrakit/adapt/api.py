@@ -26,7 +26,8 @@ from torch import nn
 
 from .._atomic import atomic_save_path
 from ..errors import SpectrakitError
-from .base import adapted_layers, check_weight, find_targets, fingerprint, get_method, is_conv1d, tied_names
+from .._targets import check_weight
+from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
 
 FORMAT = "spectrakit-adapter"
 FORMAT_VERSION = 1

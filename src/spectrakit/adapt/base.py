@@ -31,7 +31,6 @@ from torch import nn
 from .. import linalg
 from .._targets import select_targets
 from ..errors import SpectrakitError
-from ..linalg._prepare import all_finite
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REGISTRY: dict[str, type["AdaptedLinear"]] = {}
@@ -267,17 +266,6 @@ def tied_names(model: nn.Module) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     return names
-
-
-def check_weight(name: str, layer: nn.Module) -> None:
-    """Refuse a base weight that cannot be adapted, before any layer is touched."""
-    weight = layer.weight
-    if weight.is_meta:
-        raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
-    if not weight.dtype.is_floating_point:
-        raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
-    if not all_finite(weight):
-        raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
 
 
 # ----- target selection -----------------------------------------------------------------

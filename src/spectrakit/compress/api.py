@@ -21,8 +21,7 @@ from torch import nn
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
-from ..linalg._prepare import all_finite
-from .._targets import select_targets
+from .._targets import check_weight, select_targets
 from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget
 from .asvd import ActivationAwareSVD
@@ -157,13 +156,7 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
 
 def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
     """``out × in`` weight of a Linear or Conv1D, checked: real data, floating point, finite."""
-    weight = layer.weight
-    if weight.is_meta:
-        raise SpectrakitError(f"{name}.weight is a meta tensor and holds no data")
-    if not weight.dtype.is_floating_point:
-        raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
-    if not all_finite(weight):
-        raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
+    check_weight(name, layer)
     # iter_matrices knows each layer's storage layout (Conv1D is in × out): reuse it
     (record,) = [r for r in spectrakit_weights.iter_matrices(layer) if r.name == "weight"]
     return record.matrix().detach()

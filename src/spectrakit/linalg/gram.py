@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NonFiniteError, SpectrakitError
+from ..errors import NonFiniteError
 from ._prepare import all_finite, transpose
 
 
