@@ -44,3 +44,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically, and close it."""
+    from spectrakit._atomic import atomic_save_path
+
+    fig.tight_layout()
+    with atomic_save_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

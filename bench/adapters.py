@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, machine, markdown_table  # noqa: E402
+from _common import best_of, machine, markdown_table, save_figure  # noqa: E402
 
 import spectrakit as sk  # noqa: E402
 
@@ -159,7 +159,6 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spectrakit._atomic import atomic_save_path
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
@@ -171,10 +170,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title("Fine-tuning the reference model on English docs (legend: trainable parameters)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_save_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def gpt2_small():

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, save_figure  # noqa: E402
 
 import spectrakit as sk  # noqa: E402
 from spectrakit import data  # noqa: E402
@@ -113,13 +113,7 @@ def plot(results: list[dict], dense: dict[str, float], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle("spectrakit.compress on the reference model (byte-level Llama, 3.0 M parameters)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from spectrakit._atomic import atomic_save_path
-
-    with atomic_save_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

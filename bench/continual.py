@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table  # noqa: E402
+from _common import machine, markdown_table, save_figure  # noqa: E402
 
 import spectrakit as sk  # noqa: E402
-from spectrakit._atomic import atomic_save_path, atomic_write  # noqa: E402
+from spectrakit._atomic import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
@@ -161,10 +161,7 @@ def plot(runs: list[dict], rows: list[dict], path: Path, last: int) -> None:
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_save_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
