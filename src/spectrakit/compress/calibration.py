@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SpectrakitError
+from ..linalg._prepare import all_finite
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -64,7 +65,7 @@ class _Collector:
             flat = x.detach().reshape(-1, x.shape[-1])
             entry = self.cache.get(id(x))
             if entry is None or entry[0] is not x:
-                if not bool(torch.isfinite(flat).all()):
+                if not all_finite(flat):
                     raise SpectrakitError(f"calibration batch {self.batch_index}: the input of layer {name} "
                                           "contains NaN or Inf values")
                 products: dict[str, torch.Tensor] = {}
@@ -97,7 +98,7 @@ class _Collector:
 def _check_finite(batch: Batch, index: int) -> None:
     tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
     for value in tensors:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
             raise SpectrakitError(f"calibration batch {index} contains NaN or Inf values")
 
 
