@@ -276,7 +276,10 @@ def test_training_with_spectral_penalty_pulls_sigma_to_target():
         penalty().backward()
         optimizer.step()
     for layer in (model[0], model[2]):
-        assert float(torch.linalg.matrix_norm(layer.weight, 2)) == pytest.approx(1.0, abs=0.06)  # from 5
+        # from 5. Where σ₁ ≈ σ₂ at the end, one power step per call tracks σ₁ slowly, and where
+        # it ends depends on rounding along this oscillating SGD run: over seeds 0-9 the first
+        # layer ends at 1.003-1.066 (the same spread before and after the lean power step).
+        assert float(torch.linalg.matrix_norm(layer.weight, 2)) == pytest.approx(1.0, abs=0.08)
         assert float(layer.bias.norm()) < 0.3
 
 

@@ -47,6 +47,10 @@ class PowerIteration:
     (without gradient), then returns ``σ₁ ≈ uᵀ W v`` — differentiable, with gradient
     ``u vᵀ``, the exact gradient of σ₁ once ``u, v`` have converged.
 
+    ``u`` and ``v`` read as unit vectors (a zero vector stays zero). :func:`power_step_host`
+    may leave them stored as unnormalized multiples with their norms on the host; they are
+    then normalized on first read, and :meth:`scaled_vectors` gives ``u vᵀ`` without it.
+
     >>> W = torch.randn(64, 32)
     >>> estimate = PowerIteration(n_iter=1)
     >>> for _ in range(200):
@@ -60,25 +64,52 @@ class PowerIteration:
             raise SpectrakitError(f"n_iter={n_iter} must be ≥ 0")
         self.n_iter = n_iter
         self.seed = seed
-        self.u: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.reset()
 
     def reset(self) -> None:
-        self.u = self.v = None
+        # stored vectors and their norms: u = _u / _u_norm, v = _v / _v_norm (1.0: already unit)
+        self._u: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._u_norm = self._v_norm = 1.0
+
+    @property
+    def u(self) -> torch.Tensor | None:
+        if self._u_norm != 1.0:
+            self._u, self._u_norm = self._u / max(self._u_norm, _NORM_FLOOR), 1.0
+        return self._u
+
+    @u.setter
+    def u(self, value: torch.Tensor | None) -> None:
+        self._u, self._u_norm = value, 1.0
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        if self._v_norm != 1.0:
+            self._v, self._v_norm = self._v / max(self._v_norm, _NORM_FLOOR), 1.0
+        return self._v
+
+    @v.setter
+    def v(self, value: torch.Tensor | None) -> None:
+        self._v, self._v_norm = value, 1.0
+
+    def scaled_vectors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(x, y, s)`` with ``u vᵀ = s · x yᵀ``, without normalizing the stored vectors."""
+        norms = self._u_norm * self._v_norm
+        return self._u, self._v, (1 / norms if norms > 0 else 0.0)  # zero vectors: any scale
 
     def prepare(self, W: torch.Tensor) -> None:
         """Vectors for ``W``: fresh (random ``v``) for a new shape, moved to ``W``'s dtype and device."""
         shape_v = (*W.shape[:-2], W.shape[-1])
-        if self.v is None or self.v.shape != shape_v or self.u.shape[-1] != W.shape[-2]:
+        if self._v is None or self._v.shape != shape_v or self._u.shape[-1] != W.shape[-2]:
             self.v = _normalize(gaussian_sketch(shape_v, W, self.seed))
             self.u = _normalize((W @ self.v.unsqueeze(-1)).squeeze(-1))
-        if self.v.dtype != W.dtype or self.v.device != W.device:
-            self.u = self.u.to(device=W.device, dtype=W.dtype)
-            self.v = self.v.to(device=W.device, dtype=W.dtype)
+        if self._v.dtype != W.dtype or self._v.device != W.device:
+            self._u = self._u.to(device=W.device, dtype=W.dtype)
+            self._v = self._v.to(device=W.device, dtype=W.dtype)
 
     def fits(self, W: torch.Tensor) -> bool:
         """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
-        u, v = self.u, self.v
+        u, v = self._u, self._v
         return (v is not None and v.shape == (*W.shape[:-2], W.shape[-1]) and u.shape[-1] == W.shape[-2]
                 and v.dtype == W.dtype and v.device == W.device)
 
@@ -108,9 +139,8 @@ def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_it
     For real 2-D matrices ``W_l`` whose states already :meth:`~PowerIteration.fits` them, each
     step is ``v ← Wᵀu/‖Wᵀu‖, w ← Wv, u ← w/‖w‖`` and the estimate is ``σ₁ ≈ ‖Wv‖`` — equal to
     ``uᵀWv`` for the new ``u`` without a third product. Norms and divisions run as foreach
-    calls over all matrices at once: on a small model a training step is a few hundred
-    operator calls, so the per-call cost, not the arithmetic, is what a penalty pays. A zero
-    ``Wᵀu`` or ``Wv`` leaves zero vectors and ``σ = 0`` (the caller restarts those).
+    calls over all matrices at once (one fused kernel each on an accelerator). A zero ``Wᵀu``
+    or ``Wv`` leaves zero vectors and ``σ = 0`` (the caller restarts those).
 
     Returns the 0-dim estimates ``‖W_l v_l‖``, one per matrix; the states hold the new vectors.
     """
@@ -123,6 +153,49 @@ def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_it
     for state, u, v in zip(states, us, vs):
         state.u, state.v = u, v
     return sigmas
+
+
+def host_floats(scalars: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors as Python floats: one ``.item()`` each on the CPU (there is no
+    synchronization to save, and stacking costs more), one stacked transfer elsewhere."""
+    if scalars[0].device.type == "cpu":
+        return [x.item() for x in scalars]
+    dtype = scalars[0].dtype
+    return torch.stack([x if x.dtype == dtype else x.to(dtype) for x in scalars]).tolist()
+
+
+def power_step_host(states: list[PowerIteration], matrices: list[torch.Tensor],
+                    extra: list[torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
+    """One power-iteration step on several real 2-D matrices, with σ₁ read on the host.
+
+    For callers that need σ₁ as Python numbers anyway (a penalty checking finiteness):
+    per matrix ``a = Wᵀu`` (``u`` normalized through the scalar argument of ``addmv``),
+    ``w = W a`` and ``σ₁ ≈ ‖w‖/‖a‖ = ‖W v‖`` with ``v = a/‖a‖`` — the same estimate as
+    :func:`power_steps`. The new ``u = w/‖w‖`` and ``v`` are kept *unnormalized*, with their
+    norms on the host: normalizing four vectors per layer would cost as many operator calls
+    as the products themselves, and a consumer of ``u vᵀ`` can fold the norms into a scalar
+    (:meth:`PowerIteration.scaled_vectors`). So a step is two products and two norms per
+    matrix, and all the norms — also of the ``extra`` tensors (e.g. biases), so the caller
+    needs no second synchronization — reach the host together: one ``.item()`` each on the
+    CPU, where that is cheapest, one stacked transfer elsewhere.
+
+    ``‖w‖`` is of order σ₁², so this is for σ₁ within about 10^±19 in single precision
+    (beyond, ``σ`` reads 0 or ∞). A zero ``a`` or ``w`` gives ``σ = 0`` (the caller restarts
+    those states). The states must :meth:`~PowerIteration.fits` their matrices.
+
+    Returns ``(sigmas, extra_norms)`` as floats.
+    """
+    vectors = []  # a₁, w₁, a₂, w₂, …
+    for state, W in zip(states, matrices):
+        a = torch.addmv(state._v, W.mT, state._u, beta=0, alpha=1 / max(state._u_norm, _NORM_FLOOR))
+        vectors += (a, torch.mv(W, a))
+    host = host_floats(torch._foreach_norm(vectors + list(extra)) if extra else torch._foreach_norm(vectors))
+    sigmas = []
+    for i, state in enumerate(states):
+        a_norm, w_norm = host[2 * i], host[2 * i + 1]
+        state._v, state._v_norm, state._u, state._u_norm = vectors[2 * i], a_norm, vectors[2 * i + 1], w_norm
+        sigmas.append(w_norm / max(a_norm, _NORM_FLOOR))
+    return sigmas, host[2 * len(states):]
 
 
 def gram_iteration_bound(W: torch.Tensor, n_iter: int = DEFAULT_GRAM_ITERS) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
-from ..linalg.norms import power_steps
+from ..linalg.norms import host_floats, power_step_host, power_steps
 from ._base import CONV_KINDS, Patterns, Penalty, Target
 from ._operators import ConvInputShapes, operator_blocks, top_singular_value, warm_up
 
@@ -211,31 +211,36 @@ class _SpectralTerms(torch.autograd.Function):
         matrices, biases = list(tensors[:n_matrices]), list(tensors[n_matrices:])
         states = penalty.states[:n_matrices]
         n_iter = states[0].n_iter
-        if advance and n_iter and all(state.n_iter == n_iter for state in states):
-            sigmas = power_steps(states, matrices, n_iter)  # all layers together
-        elif advance:
-            sigmas = [state(X) for X, state in zip(matrices, states)]
-        else:  # in between updates: the Rayleigh quotient uᵀWv on the kept vectors
-            sigmas = [torch.dot(state.u, torch.mv(X, state.v)) for X, state in zip(matrices, states)]
-        norms = torch._foreach_norm(biases) if biases else []
-        dtype, device = sigmas[0].dtype, sigmas[0].device
-        if device.type == "cpu":  # no synchronization to save: reading each scalar beats stacking them
-            host = [x.item() for x in (*sigmas, *norms)]
+        if advance and n_iter >= 1 and all(state.n_iter == n_iter for state in states):
+            if n_iter > 1:
+                power_steps(states, matrices, n_iter - 1)
+            sigma, norm = power_step_host(states, matrices, biases)  # the default: one lean step
         else:
-            host = torch.stack([*sigmas, *(n if n.dtype == dtype else n.to(dtype) for n in norms)]).tolist()
+            if advance:  # per-layer iteration counts differ (or are 0)
+                for X, state in zip(matrices, states):
+                    if state.n_iter:
+                        power_steps([state], [X], state.n_iter)
+            # the Rayleigh quotient uᵀWv on the kept vectors (in between updates: a lower estimate)
+            scaled = [state.scaled_vectors() for state in states]
+            rayleigh = [torch.dot(x, torch.mv(X, y)) for X, (x, y, _) in zip(matrices, scaled)]
+            host = host_floats(rayleigh + (list(torch._foreach_norm(biases)) if biases else []))
+            sigma, norm = [r * s for r, (_, _, s) in zip(host, scaled)], host[n_matrices:]
         # clamp: a Rayleigh quotient between updates can dip below 0 by rounding, and a
         # fractional power of a negative float would be complex
-        sigma, norm = [max(x, 0.0) if x == x else x for x in host[:n_matrices]], host[n_matrices:]
+        sigma = [max(x, 0.0) if x == x else x for x in sigma]
         k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
         scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
-        total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
-        ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
-        ctx.bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
-        ctx.vectors = [(state.u, state.v) for state in states]
+        try:
+            total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
+            ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
+            ctx.bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
+        except OverflowError:  # a diverging run (σ ≳ 1e77 in float64): reported as not finite
+            total, ctx.weight_coef, ctx.bias_coef = math.inf, [0.0] * len(sigma), [0.0] * len(norm)
+        ctx.vectors = [state.scaled_vectors() for state in states]  # u vᵀ = s · x yᵀ
         ctx.matrices = matrices  # only as addr's (ignored) input in backward: no version check needed
         ctx.save_for_backward(*biases)
         penalty.__dict__["last_values"] = (total, sigma)  # not through nn.Module.__setattr__ (slow)
-        return torch.full((), total, dtype=dtype, device=device)
+        return torch.full((), total, dtype=matrices[0].dtype, device=matrices[0].device)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -243,11 +248,11 @@ class _SpectralTerms(torch.autograd.Function):
         if grad.device.type == "cpu":  # reading a CPU scalar is free: scalar multipliers, fused bias update
             g = float(grad)
             # c·u vᵀ in one pass: addr with beta=0 ignores its input (W, for the shape only)
-            weight_grads = [torch.addr(X, u, v, beta=0, alpha=g * c)
-                            for X, (u, v), c in zip(ctx.matrices, ctx.vectors, ctx.weight_coef)]
+            weight_grads = [torch.addr(X, x, y, beta=0, alpha=g * c * s)
+                            for X, (x, y, s), c in zip(ctx.matrices, ctx.vectors, ctx.weight_coef)]
             bias_grads = list(torch._foreach_mul(biases, [g * c for c in ctx.bias_coef])) if biases else []
         else:  # no host round trip on an accelerator
-            weight_grads = [torch.outer(u, v).mul_(grad * c) for (u, v), c in zip(ctx.vectors, ctx.weight_coef)]
+            weight_grads = [torch.outer(x, y).mul_(grad * (c * s)) for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
             bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
 
