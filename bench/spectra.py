@@ -75,23 +75,32 @@ def weightwatcher_analyze(model):
 
 
 def parity(model, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
-    """spectrakit's parity metrics vs weightwatcher's analyze(), on weightwatcher's matrices."""
-    timed: dict[str, tuple[float, float]] = {}
-    frames = []
+    """spectrakit's parity metrics vs weightwatcher's analyze(), on weightwatcher's matrices.
 
-    def run_ww():
-        frames.append(weightwatcher_analyze(model))
-
+    The three runs are interleaved round by round, and each round's ratio is taken against
+    that round's weightwatcher time, so that a load change on a shared machine hits both
+    sides of a ratio alike; the table gives the best and median time of each run and the
+    median of the per-round ratios.
+    """
     import weightwatcher  # noqa: F401  (import time is not analysis time)
 
-    timed["weightwatcher analyze()"] = best_of(run_ww, 2)
+    frames = [weightwatcher_analyze(model)]  # warm-up round, also the reference values
     reference = {row["longname"]: row for row in frames[-1].to_dict("records")}
     names = [r.name for r in sk.weights.iter_matrices(model) if r.name.removesuffix(".weight") in reference]
     tables = []
-    timed["spectrakit analyze(farms=False)"] = best_of(
-        lambda: tables.append(sk.analyze(model, include=names, farms=False, progress=False)), repeats)
-    timed["spectrakit analyze() (+ FARMS)"] = best_of(
-        lambda: sk.analyze(model, include=names, progress=False), repeats)
+    runs = {
+        "weightwatcher analyze()": lambda: weightwatcher_analyze(model),
+        "spectrakit analyze(farms=False)": lambda: tables.append(
+            sk.analyze(model, include=names, farms=False, progress=False)),
+        "spectrakit analyze() (+ FARMS)": lambda: sk.analyze(model, include=names, progress=False),
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            seconds[label].append(best_of(run, 1)[0])
+    ww = seconds["weightwatcher analyze()"]
+    timed = {label: (min(times), statistics.median(times),
+                     statistics.median(w / t for w, t in zip(ww, times))) for label, times in seconds.items()}
     gaps = {"spectral_norm": [], "stable_rank": [], "alpha": []}
     for row in tables[0].analyzed:
         theirs = reference[row["name"].removesuffix(".weight")]
@@ -103,8 +112,7 @@ def parity(model, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
                "max_rel_gap_stable_rank": max(gaps["stable_rank"]),
                "median_abs_gap_alpha": statistics.median(gaps["alpha"]),
                "max_abs_gap_alpha": max(gaps["alpha"])}
-    ww_time = timed["weightwatcher analyze()"][0]
-    rows = [[label, best, median, ww_time / best] for label, (best, median) in timed.items()]
+    rows = [[label, best, median, ratio] for label, (best, median, ratio) in timed.items()]
     return rows, figures
 
 
@@ -179,7 +187,8 @@ def main() -> None:
     print(markdown_table(header, rows))
     if parity_rows:
         print("\nweightwatcher-parity metrics on weightwatcher's own matrices\n")
-        print(markdown_table(["model", "run", "best s", "median s", "weightwatcher ÷ this"], parity_rows))
+        print(markdown_table(["model", "run", "best s", "median s",
+                                      "weightwatcher ÷ this (median of per-round ratios)"], parity_rows))
         print()
         figure_rows = [[name, *figures.values()] for name, figures in parity_figures.items()]
         print(markdown_table(["model", *next(iter(parity_figures.values())).keys()], figure_rows))
