@@ -264,6 +264,110 @@ def test_power_iteration_recovers_from_zero_weight():
     assert penalty.sigmas()["weight"] == pytest.approx(3, rel=1e-5)
 
 
+def converged_sigmas(penalty, calls=300):
+    """σ₁ estimates after ``calls`` penalty calls (one power step each), by parameter name."""
+    for _ in range(calls):
+        penalty()
+    return penalty.sigmas()
+
+
+def exact_sigma(weight):
+    return float(torch.linalg.matrix_norm(weight.detach().double(), 2))
+
+
+def test_spectral_penalty_follows_replaced_reloaded_and_converted_weights():
+    # The default power path keeps the layers' weight and bias objects between calls; each of
+    # these changes must still be seen.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    penalty = SpectralPenalty(model)
+    penalty()
+    # a new Parameter object for a weight and a bias: σ₁ of the new weight, gradients reach the new objects
+    old_weight = model[0].weight
+    model[0].weight = torch.nn.Parameter(torch.randn(16, 12) * torch.linspace(1, 3, 12))
+    model[0].bias = torch.nn.Parameter(torch.full((16,), 0.1))
+    assert converged_sigmas(penalty)["0.weight"] == pytest.approx(exact_sigma(model[0].weight), rel=1e-4)
+    penalty().backward()
+    assert old_weight.grad is None and model[0].weight.grad is not None
+    bias_norm2 = float(model[0].bias.detach().square().sum())
+    assert torch.allclose(model[0].bias.grad, 4 * bias_norm2 * model[0].bias.detach())  # ∂‖b‖⁴/∂b
+    # load_state_dict copies into the same objects
+    other = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        other[2].weight.mul_(7)
+    model.load_state_dict(other.state_dict())
+    assert converged_sigmas(penalty)["2.weight"] == pytest.approx(exact_sigma(other[2].weight), rel=1e-4)
+    # `.data` swapped under the same object, to another shape
+    model[2].weight.data = torch.randn(5, 16)
+    model[2].bias.data = torch.zeros(5)
+    assert converged_sigmas(penalty)["2.weight"] == pytest.approx(exact_sigma(model[2].weight), rel=1e-4)
+    # a dtype conversion of the whole model, in place
+    model.double()
+    value = penalty()
+    assert value.dtype == torch.float64
+    sigmas = converged_sigmas(penalty)
+    for name, layer in (("0.weight", model[0]), ("2.weight", model[2])):
+        assert sigmas[name] == pytest.approx(exact_sigma(layer.weight), rel=1e-8)
+    expected = sum((exact_sigma(model[i].weight) ** 2 - 1) ** 2 + float(model[i].bias.square().sum()) ** 2
+                   for i in (0, 2))
+    assert float(penalty()) == pytest.approx(expected, rel=1e-8)
+
+
+def test_spectral_penalty_power_path_reads_a_parametrized_weight_every_call():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 6)
+    sk.regularize.learnable_multipliers(layer, "scalar")
+    penalty = SpectralPenalty(layer, bias_weight=0)
+    for scale in (2.0, 0.5):
+        with torch.no_grad():
+            layer.parametrizations.weight[0].scale.fill_(scale)
+        assert converged_sigmas(penalty, 100)["weight"] == pytest.approx(exact_sigma(layer.weight), rel=1e-4)
+    penalty().backward()
+    assert layer.parametrizations.weight[0].scale.grad is not None
+
+
+def test_lean_power_step_keeps_unit_vectors_readable():
+    # The default step stores u, v unnormalized with their norms; reading them gives unit vectors
+    # and scaled_vectors() the same u vᵀ.
+    layer = torch.nn.Linear(9, 7, dtype=D)
+    penalty = SpectralPenalty(layer)
+    for _ in range(3):
+        penalty()
+    state = penalty.states[0]
+    x, y, s = state.scaled_vectors()
+    u, v = state.u, state.v
+    assert float(u.norm()) == pytest.approx(1, abs=1e-12) and float(v.norm()) == pytest.approx(1, abs=1e-12)
+    assert torch.allclose(s * torch.outer(x, y), torch.outer(u, v), atol=1e-14)
+    assert float(u @ layer.weight.detach() @ v) == pytest.approx(exact_sigma(layer.weight), rel=1e-10)
+
+
+def test_update_every_uses_the_rayleigh_quotient_between_updates():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 8, dtype=D)
+    penalty = SpectralPenalty(layer, update_every=3, bias_weight=0)
+    penalty()  # an update
+    state = penalty.states[0]
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    u, v = state.u.clone(), state.v.clone()
+    for _ in range(2):  # in between: σ = uᵀWv on the kept vectors, which do not move
+        rayleigh = float(u @ layer.weight.detach() @ v)
+        assert float(penalty()) == pytest.approx((rayleigh ** 2 - 1) ** 2, rel=1e-12)
+        assert torch.equal(state.u, u) and torch.equal(state.v, v)
+    penalty()  # the next update moves them
+    assert not torch.equal(state.v, v)
+    model = mixed_model()
+    check_gradient(SpectralPenalty(model, update_every=2), model.parameters())
+
+
+def test_spectral_penalty_overflow_is_a_clear_error():
+    layer = torch.nn.Linear(4, 4, dtype=D)
+    penalty = SpectralPenalty(layer)
+    with torch.no_grad():
+        layer.weight.mul_(1e100)  # (σ² − 1)² overflows even in float64
+    one_line_error(penalty, "not finite")
+
+
 def test_training_with_spectral_penalty_pulls_sigma_to_target():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

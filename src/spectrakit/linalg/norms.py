@@ -109,8 +109,11 @@ class PowerIteration:
 
     def fits(self, W: torch.Tensor) -> bool:
         """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
-        u, v = self._u, self._v
-        return (v is not None and v.shape == (*W.shape[:-2], W.shape[-1]) and u.shape[-1] == W.shape[-2]
+        v = self._v
+        if v is None:
+            return False
+        v_shape, w_shape = v.shape, W.shape
+        return (v_shape[-1] == w_shape[-1] and self._u.shape[-1] == w_shape[-2] and v_shape[:-1] == w_shape[:-2]
                 and v.dtype == W.dtype and v.device == W.device)
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:

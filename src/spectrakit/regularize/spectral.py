@@ -127,20 +127,21 @@ class SpectralPenalty(Penalty):
         itself. Here :class:`_SpectralTerms` runs the power iteration and the scalar algebra
         without a graph and supplies the gradient in closed form — ``∂/∂W (σ^k − τ^k)² =
         2k(σ^k − τ^k)σ^{k−1}·u vᵀ``, exactly what differentiating ``uᵀWv`` gives — and one
-        host synchronization checks finiteness and degenerate (zero) layers together.
+        host synchronization checks finiteness and degenerate (zero) layers together. With
+        ``n_iter=1`` (the default) a layer costs two matrix-vector products and two norms per
+        call (:func:`spectrakit.linalg.norms.power_step_host`) and one ``addr`` in backward.
         """
         # nn.Module.__setattr__ costs microseconds (it looks for parameters, buffers and
         # submodules first); a plain counter can go straight into the instance dict.
         self.__dict__["calls"] = calls = self.calls + 1
-        advance = (calls - 1) % self.update_every == 0
         matrices, biases = self._power_operands()
         for X, state in zip(matrices, self.states):
             if not state.fits(X):  # a new layer shape, dtype or device, or restarted vectors
                 warm_up(state, X, WARMUP_ITERS)
                 state.prepare(X.detach())
-        total = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
+        total = _SpectralTerms.apply(self, (calls - 1) % self.update_every == 0, len(matrices), *matrices, *biases)
         value, sigmas = self.last_values
-        if not (math.isfinite(value) and all(s > 0 for s in sigmas)):
+        if not (value < math.inf and min(sigmas) > 0):  # NaN fails both (a NaN σ makes the value NaN)
             self.checked(total)  # names a NaN weight, if any
             for state, sigma in zip(self.states, sigmas):
                 if sigma == 0:
@@ -164,7 +165,10 @@ class SpectralPenalty(Penalty):
         """
         if self._operands is not None:
             checks, matrices, biases = self._operands
-            if all(params.get(key) is tensor for params, key, tensor in checks):
+            for params, key, tensor in checks:
+                if params.get(key) is not tensor:
+                    break
+            else:
                 return matrices, biases
         matrices = [t.matrix() for t in self.targets]
         biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
@@ -200,16 +204,18 @@ class _SpectralTerms(torch.autograd.Function):
     """``Σ_l (σ_l^k − τ^k)² + β Σ_b ‖b‖^{2k}`` with σ_l from the persistent power iteration;
     gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases).
 
-    The per-layer scalars are brought to the host once (one synchronization, which the
-    finiteness check needs anyway) and combined in Python: a dozen tiny tensor operations
-    would cost more than the power iteration itself on a small model.
+    The per-layer scalars are brought to the host together (one synchronization on an
+    accelerator, which the finiteness check needs anyway) and combined in Python: a dozen tiny
+    tensor operations would cost more than the power iteration itself on a small model. The
+    vectors stay unnormalized (``u vᵀ = s · x yᵀ``, :meth:`PowerIteration.scaled_vectors`); the
+    scale ``s`` is folded into the ``addr`` that builds each weight gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, penalty: SpectralPenalty, advance: bool, n_matrices: int,
                 *tensors: torch.Tensor) -> torch.Tensor:
-        matrices, biases = list(tensors[:n_matrices]), list(tensors[n_matrices:])
-        states = penalty.states[:n_matrices]
+        matrices, biases = tensors[:n_matrices], tensors[n_matrices:]
+        states = penalty.states
         n_iter = states[0].n_iter
         if advance and n_iter >= 1 and all(state.n_iter == n_iter for state in states):
             if n_iter > 1:
@@ -224,10 +230,10 @@ class _SpectralTerms(torch.autograd.Function):
             scaled = [state.scaled_vectors() for state in states]
             rayleigh = [torch.dot(x, torch.mv(X, y)) for X, (x, y, _) in zip(matrices, scaled)]
             host = host_floats(rayleigh + (list(torch._foreach_norm(biases)) if biases else []))
-            sigma, norm = [r * s for r, (_, _, s) in zip(host, scaled)], host[n_matrices:]
-        # clamp: a Rayleigh quotient between updates can dip below 0 by rounding, and a
-        # fractional power of a negative float would be complex
-        sigma = [max(x, 0.0) if x == x else x for x in sigma]
+            # clamp: a Rayleigh quotient can dip below 0 by rounding, and a fractional power of
+            # a negative float would be complex
+            sigma = [max(r * s, 0.0) if r == r else r for r, (_, _, s) in zip(host, scaled)]
+            norm = host[n_matrices:]
         k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
         scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
         try:
@@ -250,11 +256,26 @@ class _SpectralTerms(torch.autograd.Function):
             # c·u vᵀ in one pass: addr with beta=0 ignores its input (W, for the shape only)
             weight_grads = [torch.addr(X, x, y, beta=0, alpha=g * c * s)
                             for X, (x, y, s), c in zip(ctx.matrices, ctx.vectors, ctx.weight_coef)]
-            bias_grads = list(torch._foreach_mul(biases, [g * c for c in ctx.bias_coef])) if biases else []
+            # c·b as 0 + c·b: add() hands its alpha straight to the kernel, where mul(b, c) first
+            # wraps c in a tensor and converts it (two extra operator calls per bias); same bits
+            zero = _zero(biases[0]) if biases else None
+            bias_grads = [torch.add(zero, b, alpha=g * c) for b, c in zip(biases, ctx.bias_coef)]
         else:  # no host round trip on an accelerator
             weight_grads = [torch.outer(x, y).mul_(grad * (c * s)) for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
             bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A shared 0-dim zero of ``like``'s dtype and device (read-only: only ever an addend)."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 def _power(x: float, exponent: float) -> float:
