@@ -182,9 +182,10 @@ def power_step_host(states: list[PowerIteration], matrices: list[torch.Tensor],
     needs no second synchronization — reach the host together: one ``.item()`` each on the
     CPU, where that is cheapest, one stacked transfer elsewhere.
 
-    ``‖w‖`` is of order σ₁², so this is for σ₁ within about 10^±19 in single precision
-    (beyond, ``σ`` reads 0 or ∞). A zero ``a`` or ``w`` gives ``σ = 0`` (the caller restarts
-    those states). The states must :meth:`~PowerIteration.fits` their matrices.
+    ``‖w‖`` is of order σ₁², so this is for σ₁ within about 10^±9 in single precision
+    (beyond, ``σ`` reads ∞ or 0; a penalty ``(σ₁² − 1)²`` overflows single precision from
+    σ₁ ≈ 1e9 anyway). A zero ``a`` or ``w`` gives ``σ = 0`` (the caller restarts those
+    states). The states must :meth:`~PowerIteration.fits` their matrices.
 
     Returns ``(sigmas, extra_norms)`` as floats.
     """
