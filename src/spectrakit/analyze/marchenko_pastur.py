@@ -24,6 +24,7 @@ can therefore differ from weightwatcher's on spiky layers (see docs/diagnose.md)
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -49,19 +50,22 @@ def fit_marchenko_pastur(eigenvalues: torch.Tensor, *, rows: int, cols: int,
     big, small = max(rows, cols), min(rows, cols)
     aspect = big / small
     scale = evals.numel() / float(evals.sum())  # to unit mean, as weightwatcher does
-    unit = evals * scale
-    lambda_max = float(unit.max())
+    # Sorted ascending, the bulk {λ ≤ σ²·edge} is always a prefix, so each round of the
+    # fixed-point iteration is one bisection and one prefix mean, on host floats.
+    unit = torch.sort(evals * scale).values
+    ascending, prefix_sums = unit.tolist(), torch.cumsum(unit, 0).tolist()
+    lambda_max = ascending[-1]
     edge_factor = (1 + 1 / math.sqrt(aspect)) ** 2
-    in_bulk = torch.ones_like(unit, dtype=torch.bool)
+    in_bulk = len(ascending)
     variance = 1.0
     for _ in range(max_rounds):
-        variance = float(unit[in_bulk].mean())
-        now_in_bulk = unit <= variance * edge_factor
-        if not bool(now_in_bulk.any()) or bool((now_in_bulk == in_bulk).all()):
+        variance = prefix_sums[in_bulk - 1] / in_bulk
+        now_in_bulk = bisect.bisect_right(ascending, variance * edge_factor)
+        if now_in_bulk == 0 or now_in_bulk == in_bulk:
             break
         in_bulk = now_in_bulk
     bulk_max = variance * edge_factor
     tracy_widom = aspect ** -0.5 * bulk_max ** (2 / 3) * small ** (-2 / 3)
-    num_spikes = int((unit > bulk_max + math.sqrt(tracy_widom)).sum())
+    num_spikes = len(ascending) - bisect.bisect_right(ascending, bulk_max + math.sqrt(tracy_widom))
     return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=min(1.0, bulk_max / lambda_max),
                               bulk_max=bulk_max / scale, sigma_mp=math.sqrt(variance))
