@@ -250,7 +250,7 @@ def spectral_norm(W: torch.Tensor, method: str = "power", *, n_iter: int | None 
             cannot push it below σ₁).
 
     >>> import spectrakit as sk
-    >>> W = torch.randn(128, 64)
+    >>> W = torch.randn(128, 64, dtype=torch.float64)
     >>> exact = sk.linalg.spectral_norm(W, "exact")
     >>> bool(sk.linalg.spectral_norm(W, "gram") >= exact)
     True
