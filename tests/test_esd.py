@@ -196,3 +196,76 @@ def test_parity_with_weightwatcher_on_a_gpt2_shaped_model() -> None:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=192, n_layer=2, n_head=4, vocab_size=512, n_positions=256)
     _assert_parity(transformers.GPT2LMHeadModel(config).eval())
+
+
+# ----- weightwatcher-compatible Marchenko–Pastur fit (mp_fit="weightwatcher") ---------------------------
+def _assert_mp_parity(model: torch.nn.Module, layers: list[int] | None = None) -> None:
+    """num_spikes equal and mp_softrank within 1e-4 of weightwatcher's analyze(mp_fit=True).
+
+    Measured: all layers equal, mp_softrank within 2.5e-6 (the reference lm_head, where the
+    Nelder–Mead polish starts from float32-rounded eigenvalues), elsewhere ~1e-15."""
+    ww = pytest.importorskip("weightwatcher")
+    pytest.importorskip("scipy")
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frame = ww.WeightWatcher(model=model).analyze(mp_fit=True, layers=layers or [])
+    reference = {row["longname"]: row for row in frame.to_dict("records")}
+    table = sk.analyze(model, farms=False, progress=False, mp_fit="weightwatcher")
+    compared = spikes_equal = 0
+    for row in table.analyzed:
+        theirs = reference.get(row["name"].removesuffix(".weight"))
+        if theirs is None:
+            continue
+        compared += 1
+        spikes_equal += row["num_spikes"] == theirs["num_spikes"]
+        assert row["mp_softrank"] == pytest.approx(theirs["mp_softrank"], abs=1e-4), row["name"]
+        assert row["mp_bulk_max"] == pytest.approx(theirs["bulk_max"], rel=1e-3), row["name"]
+    assert compared >= 0.8 * len(reference) and compared >= 5
+    assert spikes_equal >= 0.9 * compared
+
+
+def test_weightwatcher_mp_fit_parity_on_the_reference_model() -> None:
+    try:
+        model = sk.reference_model()
+    except sk.SpectrakitError as error:
+        pytest.skip(str(error))
+    # weightwatcher's fit takes ~0.7 s a layer: embedding, Q = 1, Q = 2, two Q = 2.7 and lm_head
+    ww = pytest.importorskip("weightwatcher")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = list(ww.WeightWatcher(model=model).describe()["layer_id"])
+    _assert_mp_parity(model, layers=[ids[i] for i in (0, 1, 2, 5, 7, len(ids) - 1)])
+
+
+def test_weightwatcher_mp_fit_parity_on_a_gpt2_shaped_model() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=256, n_positions=128)
+    _assert_mp_parity(transformers.GPT2LMHeadModel(config).eval())
+
+
+def test_weightwatcher_mp_fit_counts_planted_spikes_and_passes_through_workers() -> None:
+    pytest.importorskip("scipy")
+    state = {f"s{spikes}.weight": _spiked(600, 200, spikes, seed=spikes).float() for spikes in (0, 3)}
+    table = sk.analyze(state, farms=False, progress=False, mp_fit="weightwatcher")
+    assert [row["num_spikes"] for row in table] == [0, 3]
+    workers = sk.analyze(state, farms=False, progress=False, mp_fit="weightwatcher", workers=2)
+    assert [row["mp_softrank"] for row in workers] == pytest.approx([row["mp_softrank"] for row in table], rel=1e-9)
+    iterative = sk.analyze(state, farms=False, progress=False)
+    assert [row["num_spikes"] for row in iterative] == [0, 3]
+    with pytest.raises(sk.SpectrakitError, match="mp_fit"):
+        sk.analyze(state, progress=False, mp_fit="kde")
+
+
+def test_linear_kde_matches_scikit_learn() -> None:
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    import numpy as np
+
+    from spectrakit.analyze.marchenko_pastur import _linear_kde
+
+    samples = np.random.default_rng(0).gamma(2.0, size=300)
+    grid = np.linspace(0, samples.max() + 0.5, 1000)
+    theirs = np.exp(neighbors.KernelDensity(kernel="linear", bandwidth=0.1)
+                    .fit(samples[:, None]).score_samples(grid[:, None]))
+    assert np.allclose(_linear_kde(samples, grid, 0.1), theirs, rtol=1e-10, atol=1e-300)

@@ -22,6 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-farms", action="store_true", help="skip the FARMS fit")
     parser.add_argument("--xmin", default="ks", type=_xmin,
                         help="power-law xmin: ks (weightwatcher's default), median, or a number")
+    parser.add_argument("--mp-fit", default="iterative", choices=["iterative", "weightwatcher"],
+                        help="Marchenko-Pastur bulk fit for num_spikes/mp_softrank: iterative (default) "
+                             "or weightwatcher (its KDE fit, for parity; needs scipy)")
     parser.add_argument("--conv-input", type=_shape, metavar="HxW",
                         help="use the exact conv operator spectrum on this input size (e.g. 32x32)")
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     rank = _join_torchrun()
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
                     dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
-                    xmin=args.xmin, conv_input_shape=args.conv_input, progress=not args.quiet,
+                    xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input, progress=not args.quiet,
                     workers=args.workers)
     if rank == 0:
         _write(table, Path(args.out), "spectra", args.quiet)

@@ -10,7 +10,9 @@ in weightwatcher 0.7.7):
   weightwatcher convention; ``sigma_max`` is σ₁), ``log_spectral_norm = log₁₀ λ_max``;
 * ``alpha_weighted = alpha · log₁₀ λ_max`` and ``log_alpha_norm = log₁₀ Σλ^alpha``;
 * ``num_spikes``, ``mp_softrank``, ``mp_bulk_max`` from the Marchenko–Pastur bulk
-  (:func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur`).
+  (:func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur`, or with
+  ``mp_fit="weightwatcher"`` weightwatcher's own procedure,
+  :func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur_weightwatcher`).
 
 ``stable_rank = Σλ / λ_max`` is already among the basic metrics.
 
@@ -27,12 +29,13 @@ from typing import Any
 
 import torch
 
-from .marchenko_pastur import fit_marchenko_pastur
+from ..errors import SpectrakitError
+from .marchenko_pastur import MP_FITS, fit_marchenko_pastur, fit_marchenko_pastur_weightwatcher
 from .powerlaw import fit_power_law
 
 
 def esd_metrics(singular_values: torch.Tensor, rows: int, cols: int, *,
-                xmin: str | float = "ks") -> dict[str, Any]:
+                xmin: str | float = "ks", mp_fit: str = "iterative") -> dict[str, Any]:
     """The ESD metrics of a ``rows × cols`` matrix from its singular values."""
     evals = singular_values.detach().to(torch.float64).square()
     total = float(evals.sum())
@@ -47,7 +50,10 @@ def esd_metrics(singular_values: torch.Tensor, rows: int, cols: int, *,
         "spectral_norm": lambda_max,
         "log_spectral_norm": log_spectral_norm,
     })
-    row.update(fit_marchenko_pastur(evals, rows=rows, cols=cols).as_row())
+    if mp_fit not in MP_FITS:
+        raise SpectrakitError(f"mp_fit={mp_fit!r} is not one of {', '.join(MP_FITS)}")
+    fit_mp = fit_marchenko_pastur_weightwatcher if mp_fit == "weightwatcher" else fit_marchenko_pastur
+    row.update(fit_mp(evals, rows=rows, cols=cols).as_row())
     return row
 
 

@@ -12,6 +12,8 @@ estimate; we alternate "``s²`` = mean of the eigenvalues inside the bulk" and
 "bulk = eigenvalues below ``λ₊(s)``" until the bulk stops changing — the MP mean
 identity, with no bandwidth to choose. ``num_spikes`` and ``mp_softrank = λ₊ / λ_max``
 can therefore differ from weightwatcher's on spiky layers (see docs/diagnose.md).
+:func:`fit_marchenko_pastur_weightwatcher` (``analyze(mp_fit="weightwatcher")``) is the
+weightwatcher 0.7.7 ``mp_fit`` procedure, written from its formulas, for parity.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -28,7 +30,12 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from ..errors import SpectrakitError
+
+MP_FITS = ("iterative", "weightwatcher")
 
 
 @dataclass(frozen=True)
@@ -69,3 +76,88 @@ def fit_marchenko_pastur(eigenvalues: torch.Tensor, *, rows: int, cols: int,
     num_spikes = len(ascending) - bisect.bisect_right(ascending, bulk_max + math.sqrt(tracy_widom))
     return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=min(1.0, bulk_max / lambda_max),
                               bulk_max=bulk_max / scale, sigma_mp=math.sqrt(variance))
+
+
+# ----- weightwatcher 0.7.7 compatible fit ----------------------------------------------------------
+_KDE_BANDWIDTH = 0.1      # weightwatcher's bw
+_KDE_GRID = 1000          # density grid on [0, max + 0.5]
+_DENSITY_FLOOR = 0.01     # grid points with a lower density are left out of the residual
+_BAD_EDGE_PENALTY = 1000.0
+
+
+def _linear_kde(samples: np.ndarray, grid: np.ndarray, bandwidth: float) -> np.ndarray:
+    """1-D linear-kernel density, normalized as scikit-learn's ``KernelDensity(kernel="linear")``:
+    ``(1 / (n h)) Σ max(0, 1 − |x − xᵢ| / h)``."""
+    density = np.empty_like(grid)
+    chunk = max(1, 4_000_000 // max(1, samples.size))
+    for start in range(0, grid.size, chunk):
+        x = grid[start:start + chunk, None]
+        density[start:start + chunk] = np.clip(1.0 - np.abs(x - samples[None, :]) / bandwidth, 0.0, None).sum(1)
+    return density / (samples.size * bandwidth)
+
+
+def _mp_residual_factory(to_fit: np.ndarray, aspect: float):
+    """Sum of squared residuals of the MP (or, at Q = 1, quarter-circle) density against the
+    KDE of ``to_fit``, as a function of ``s``; bad bulk edges cost ``1000²`` per grid point."""
+    grid = np.linspace(0, np.max(to_fit) + 0.5, _KDE_GRID)
+    density = _linear_kde(to_fit, grid, _KDE_BANDWIDTH)
+    keep = density > _DENSITY_FLOOR
+    x, y = grid[keep], density[keep]
+    if x.size == 0:
+        return lambda sigma: 0.0
+    peak, right = x[np.argmax(y)], np.max(x)
+    inverse_aspect = 1 / aspect
+
+    def residual(p) -> float:
+        sigma = float(np.asarray(p, dtype=np.float64).ravel()[0])
+        with np.errstate(all="ignore"):
+            if aspect == 1:
+                model = np.nan_to_num(1 / (np.pi * sigma * sigma) * np.sqrt(4 - x ** 2))
+            else:
+                upper = (sigma * (1 + np.sqrt(inverse_aspect))) ** 2
+                lower = (sigma * (1 - np.sqrt(inverse_aspect))) ** 2
+                if upper < peak or upper > right or lower > peak:
+                    return float(x.size) * _BAD_EDGE_PENALTY ** 2
+                model = np.nan_to_num(1 / (2 * np.pi * sigma * sigma * x * inverse_aspect)
+                                      * np.sqrt((upper - x) * (x - lower)))
+        return float(np.sum((model - y) ** 2))
+
+    return residual
+
+
+def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
+                                       cols: int) -> MarchenkoPasturFit:
+    """weightwatcher 0.7.7's ``analyze(mp_fit=True)`` bulk fit, for parity.
+
+    The ESD is rescaled by ``W_scale² = n / Σλ``; ``s`` is brute-forced on
+    ``[0.05 s₀, 2 s₀)`` in steps of ``0.01 s₀`` (``s₀ = sqrt(λ_max) / (1 + 1/√Q)``)
+    against a linear-kernel KDE (bandwidth 0.1, 1000 points on ``[0, λ_max + 0.5]``,
+    points of density ≤ 0.01 ignored, bulk edges that miss the KDE's peak or range
+    penalized; at ``Q = 1`` the quarter-circle law on the singular values), then polished
+    with Nelder–Mead (``scipy.optimize.fmin``, as ``scipy.optimize.brute`` does by default).
+    ``λ₊ = (s (1 + 1/√Q))²``; spikes are eigenvalues above ``λ₊ + √TW``, and
+    ``mp_softrank = λ₊ / λ_max`` is not clipped to 1 (weightwatcher does not clip it).
+    Needs SciPy for the polish step. About 10–20 ms a matrix (weightwatcher: ~0.7 s).
+    """
+    try:
+        from scipy.optimize import fmin
+    except ImportError as error:  # pragma: no cover - scipy ships with the dev/bench extras
+        raise SpectrakitError("mp_fit='weightwatcher' needs SciPy (pip install scipy)") from error
+    evals = eigenvalues.detach().to(torch.float64).flatten().cpu().numpy()
+    big, small = max(rows, cols), min(rows, cols)
+    aspect = big / small
+    w_scale = np.sqrt(evals.shape[0]) / np.sqrt(np.sum(evals))
+    scale = w_scale * w_scale
+    unit = scale * evals
+    lambda_max = float(np.max(unit))
+    s0 = np.sqrt(lambda_max / np.square(1.0 + 1.0 / np.sqrt(aspect)))
+    residual = _mp_residual_factory(np.sqrt(unit) if aspect == 1 else unit, aspect)
+    grid = np.mgrid[slice(0.05 * s0, 2.0 * s0, 0.01 * s0)]
+    values = np.array([residual(sigma) for sigma in grid])
+    start = grid[int(np.argmin(values))]
+    sigma = float(np.asarray(fmin(residual, start, full_output=1, disp=False)[0]).ravel()[0])
+    bulk_max = (sigma * (1 + 1 / np.sqrt(aspect))) ** 2
+    tracy_widom = 1 / np.sqrt(aspect) * np.power(bulk_max, 2 / 3) * np.power(small, -2 / 3)
+    num_spikes = int(np.count_nonzero(unit > bulk_max + np.sqrt(tracy_widom)))
+    return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=float(bulk_max / lambda_max),
+                              bulk_max=float(bulk_max / scale), sigma_mp=sigma)

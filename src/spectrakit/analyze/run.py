@@ -13,6 +13,7 @@ from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
 from .esd import esd_metrics
 from .farms import farms_fit
+from .marchenko_pastur import MP_FITS
 from .metrics import BASIC_METRICS
 from .table import SpectrumTable
 
@@ -25,6 +26,7 @@ class AnalyzeOptions:
     dtype: torch.dtype | None = None
     esd: bool = True
     xmin: str | float = "ks"
+    mp_fit: str = "iterative"
     farms: bool = True
     farms_xmin: str | float = "median"
     conv_input_shape: tuple[int, ...] | None = None
@@ -124,7 +126,7 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
     for name, metric in BASIC_METRICS.items():
         metrics[name] = metric(spectrum)
     if options.esd:
-        metrics.update(esd_metrics(spectrum, rows, cols, xmin=options.xmin))
+        metrics.update(esd_metrics(spectrum, rows, cols, xmin=options.xmin, mp_fit=options.mp_fit))
     farms_evals = None
     if options.farms:
         fit, farms_evals = farms_fit(matrix, method=options.method, dtype=options.dtype, xmin=options.farms_xmin)
@@ -154,7 +156,7 @@ def _label(source: Any) -> str:
 def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, method: str = "auto",
             dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
-            farms_xmin: str | float = "median", conv_input_shape: Sequence[int] | None = None,
+            farms_xmin: str | float = "median", mp_fit: str = "iterative", conv_input_shape: Sequence[int] | None = None,
             progress: bool = True, keep_spectra: bool = True,
             workers: int = 1, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
@@ -175,6 +177,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
             default), ``"median"`` or a fixed value.
         farms_xmin: the same for the FARMS fit (default ``"median"``, stable on
             noise-like spectra).
+        mp_fit: the Marchenko–Pastur bulk fit behind ``num_spikes``/``mp_softrank``:
+            ``"iterative"`` (ours, the default: bulk-mean fixed point, no bandwidth) or
+            ``"weightwatcher"`` (weightwatcher 0.7.7's KDE brute-force fit, for parity;
+            needs SciPy).
         conv_input_shape: for conv layers, use the exact spectrum of the convolution
             operator with circular padding on this input size (``(H, W)`` or ``(L,)``)
             instead of the reshaped ``out × in·k`` kernel.
@@ -203,8 +209,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
     if workers < 1:
         raise SpectrakitError(f"workers={workers} must be ≥ 1")
+    if mp_fit not in MP_FITS:
+        raise SpectrakitError(f"mp_fit={mp_fit!r} is not one of {', '.join(MP_FITS)}")
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
-                             farms_xmin=farms_xmin,
+                             farms_xmin=farms_xmin, mp_fit=mp_fit,
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
