@@ -92,6 +92,19 @@ def wide_timing(repeats: int) -> dict[str, dict[str, float]]:
     return timing
 
 
+def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int) -> list[list[str]]:
+    """Each method at ratio 0.3, round by round (so load changes hit every method alike);
+    the best round of each, and its ratio to plain svd's best."""
+    runs: dict[str, list[tuple[float, float]]] = {method: [] for method in METHODS}
+    for _ in range(repeats):
+        for method in METHODS:
+            _, report, seconds, _ = timed_compress(base, method=method, ratio=0.3, calibration=calib)
+            runs[method].append((seconds, report.calibration_seconds))
+    svd = min(runs["svd"])[0]
+    return [[method, f"{min(times)[0]:.3f}", f"{min(times)[1]:.3f}", f"{min(times)[0] / svd:.2f}"]
+            for method, times in runs.items()]
+
+
 def plot(results: list[dict], dense: dict[str, float], path: Path) -> None:
     import matplotlib
 
@@ -124,11 +137,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="docs/benchmarks/compress.json")
     parser.add_argument("--plot", default="docs/img/compress_bpb.png")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the time of each method at ratio 0.3 (interleaved rounds); writes no JSON or plot")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
 
     base = sk.reference_model()
     calib = calibration(args.calib)
+    if args.timing_only:
+        print(f"machine: {machine()}\n")
+        print(markdown_table(["method", "best s", "of which calibration", "× plain svd"], interleaved_timing(
+            base, calib, args.repeats)))
+        return
     windows = {"code": data.eval_windows(data.code_corpus("validation"), SEQ_LEN, args.windows),
                "docs": data.eval_windows(data.docs_corpus("validation"), SEQ_LEN, args.windows)}
     dense = {corpus: bits_per_byte(base, w) for corpus, w in windows.items()}
