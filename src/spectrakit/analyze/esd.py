@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SpectrakitError
-from .marchenko_pastur import MP_FITS, fit_marchenko_pastur, fit_marchenko_pastur_weightwatcher
+from .marchenko_pastur import mp_fit_function
 from .powerlaw import fit_power_law
 
 
@@ -50,10 +49,7 @@ def esd_metrics(singular_values: torch.Tensor, rows: int, cols: int, *,
         "spectral_norm": lambda_max,
         "log_spectral_norm": log_spectral_norm,
     })
-    if mp_fit not in MP_FITS:
-        raise SpectrakitError(f"mp_fit={mp_fit!r} is not one of {', '.join(MP_FITS)}")
-    fit_mp = fit_marchenko_pastur_weightwatcher if mp_fit == "weightwatcher" else fit_marchenko_pastur
-    row.update(fit_mp(evals, rows=rows, cols=cols).as_row())
+    row.update(mp_fit_function(mp_fit)(evals, rows=rows, cols=cols).as_row())
     return row
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import SpectrakitError
 
-MP_FITS = ("iterative", "weightwatcher")
+MP_FITS = ("iterative", "weightwatcher")  # see mp_fit_function
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,11 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
     num_spikes = int(np.count_nonzero(unit > bulk_max + np.sqrt(tracy_widom)))
     return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=float(bulk_max / lambda_max),
                               bulk_max=float(bulk_max / scale), sigma_mp=sigma)
+
+
+def mp_fit_function(name: str):
+    """The bulk fit ``analyze(mp_fit=name)`` uses; a clear error for an unknown name."""
+    fits = {"iterative": fit_marchenko_pastur, "weightwatcher": fit_marchenko_pastur_weightwatcher}
+    if name not in fits:
+        raise SpectrakitError(f"mp_fit={name!r} is not one of {', '.join(MP_FITS)}")
+    return fits[name]

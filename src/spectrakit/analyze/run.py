@@ -13,7 +13,7 @@ from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
 from .esd import esd_metrics
 from .farms import farms_fit
-from .marchenko_pastur import MP_FITS
+from .marchenko_pastur import mp_fit_function
 from .metrics import BASIC_METRICS
 from .table import SpectrumTable
 
@@ -209,8 +209,7 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
     if workers < 1:
         raise SpectrakitError(f"workers={workers} must be ≥ 1")
-    if mp_fit not in MP_FITS:
-        raise SpectrakitError(f"mp_fit={mp_fit!r} is not one of {', '.join(MP_FITS)}")
+    mp_fit_function(mp_fit)  # an unknown name fails here, before any matrix is read
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
                              farms_xmin=farms_xmin, mp_fit=mp_fit,
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape))

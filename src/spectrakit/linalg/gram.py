@@ -44,7 +44,7 @@ def gram_svdvals(W: torch.Tensor, name: str = "W") -> torch.Tensor:
     """
     G, _ = _smaller_gram(W, name)
     eigenvalues = torch.linalg.eigvalsh(G)
-    return eigenvalues.flip(-1).clamp_min(0).sqrt().to(_real(W.dtype))
+    return eigenvalues.flip(-1).clamp_min(0).sqrt().to(W.real.dtype)
 
 
 def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, to
     eigenvalues, vectors = torch.linalg.eigh(G)
     eigenvalues = eigenvalues.flip(-1)[..., :k]
     vectors = vectors.flip(-1)[..., :k].to(W.dtype)
-    S = eigenvalues.clamp_min(0).sqrt().to(_real(W.dtype))
+    S = eigenvalues.clamp_min(0).sqrt().to(W.real.dtype)
     safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
     if tall:
         V = vectors
@@ -66,7 +66,3 @@ def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, to
         U = vectors
         V = (transpose(W) @ U) / safe
     return U, S, transpose(V)
-
-
-def _real(dtype: torch.dtype) -> torch.dtype:
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)

@@ -97,11 +97,16 @@ class PowerIteration:
         norms = self._u_norm * self._v_norm
         return self._u, self._v, (1 / norms if norms > 0 else 0.0)  # zero vectors: any scale
 
+    def sized_for(self, W: torch.Tensor) -> bool:
+        """Whether vectors are kept and have ``W``'s shape (``u``: rows, ``v``: columns, batch)."""
+        v = self._v
+        return (v is not None and v.shape[-1] == W.shape[-1] and v.shape[:-1] == W.shape[:-2]
+                and self._u.shape[-1] == W.shape[-2])
+
     def prepare(self, W: torch.Tensor) -> None:
         """Vectors for ``W``: fresh (random ``v``) for a new shape, moved to ``W``'s dtype and device."""
-        shape_v = (*W.shape[:-2], W.shape[-1])
-        if self._v is None or self._v.shape != shape_v or self._u.shape[-1] != W.shape[-2]:
-            self.v = _normalize(gaussian_sketch(shape_v, W, self.seed))
+        if not self.sized_for(W):
+            self.v = _normalize(gaussian_sketch((*W.shape[:-2], W.shape[-1]), W, self.seed))
             self.u = _normalize((W @ self.v.unsqueeze(-1)).squeeze(-1))
         if self._v.dtype != W.dtype or self._v.device != W.device:
             self._u = self._u.to(device=W.device, dtype=W.dtype)
@@ -109,12 +114,7 @@ class PowerIteration:
 
     def fits(self, W: torch.Tensor) -> bool:
         """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
-        v = self._v
-        if v is None:
-            return False
-        v_shape, w_shape = v.shape, W.shape
-        return (v_shape[-1] == w_shape[-1] and self._u.shape[-1] == w_shape[-2] and v_shape[:-1] == w_shape[:-2]
-                and v.dtype == W.dtype and v.device == W.device)
+        return self.sized_for(W) and self._v.dtype == W.dtype and self._v.device == W.device
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

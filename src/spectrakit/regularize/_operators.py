@@ -126,8 +126,7 @@ def warm_up(state: Any, X: torch.Tensor, iterations: int, max_iterations: int = 
     dtype's precision) or ``max_iterations`` is spent, so the first training step already
     sees σ₁ and its gradient ``u vᵀ``, even when σ₂ is close to σ₁.
     """
-    shape_v = (*X.shape[:-2], X.shape[-1])
-    if state.v is not None and tuple(state.v.shape) == shape_v and state.u.shape[-1] == X.shape[-2]:
+    if state.sized_for(X):
         if bool(state.u.any()):
             return
         # A zero matrix (a zero-initialized layer, an exactly orthogonal W in G − I) leaves
@@ -141,8 +140,7 @@ def warm_up(state: Any, X: torch.Tensor, iterations: int, max_iterations: int = 
             X = X.detach()
             done = 0
             while done < max_iterations:
-                fits = state.v is not None and tuple(state.v.shape) == shape_v and state.u.shape[-1] == X.shape[-2]
-                before = state.v.clone() if fits else None  # vectors for another shape restart
+                before = state.v.clone() if state.sized_for(X) else None  # vectors for another shape restart
                 state(X)
                 done += iterations
                 if before is not None:
