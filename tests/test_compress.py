@@ -56,6 +56,23 @@ def test_svd_llm_truncation_aware_identity() -> None:
     assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-8)
 
 
+def test_svd_llm_on_a_float32_layer() -> None:
+    """float32 weights and inputs with cond(XᵀX) = 1e8 (solved through a float64 Gram
+    matrix): the output error on the calibration inputs is the dropped whitened spectrum
+    of the float64 ground truth, and the report says so up to float32 statistics."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    X = (torch.randn(2000, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 48, dtype=torch.float64)
+         @ Q).float()
+    model = single_layer().float()
+    W, wide = model[0].weight.detach().double(), X.double()
+    dropped = float(torch.linalg.svdvals(W @ torch.linalg.cholesky(wide.T @ wide))[12:].square().sum())
+    report = sk.compress(model, method="svd-llm", rank=12, calibration=[X])
+    compressed = (model[0].up @ model[0].down).detach().double()
+    assert float((wide @ (W - compressed).T).square().sum()) == pytest.approx(dropped, rel=1e-7)
+    assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-5)
+
+
 def test_whitening_beats_plain_svd_on_correlated_inputs() -> None:
     X = correlated_inputs(800, 48, seed=1, decay=0.85)
     errors = {}

@@ -77,6 +77,10 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    # A method whose transform may be ill-conditioned (SVD-LLM's Cholesky factor, cond up
+    # to 1e10) forms W̃ in float64, and with svd_method="auto" on the CPU solves it through
+    # its smaller Gram matrix: a float64 eigh there costs less than the float32 LAPACK SVD.
+    double_gram: ClassVar[bool] = False
 
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         raise NotImplementedError
@@ -89,10 +93,12 @@ class Method:
                  svd_method: str = "auto") -> Spectrum:
         """Transform ``W`` (canonical ``out × in``) and take its thin SVD.
 
-        The SVD runs in float32, or float64 for a float64 weight; transforms are built in
-        float64 and applied in the same precision as the SVD.
+        The SVD runs in float32, or float64 for a float64 weight (or a ``double_gram``
+        method); transforms are built in float64 and applied in the same precision as the SVD.
         """
         compute = torch.float64 if W.dtype == torch.float64 else torch.float32
+        if self.double_gram and svd_method == "auto" and W.device.type == "cpu":
+            compute, svd_method = torch.float64, "gram"
         transform = self.transform(name, W, stats)
         transform = Transform(*(None if t is None else t.to(W.device) for t in (transform.left, transform.right)))
         Wt = Transform(*(None if t is None else t.to(compute) for t in (transform.left, transform.right))

@@ -58,6 +58,9 @@ class _Collector:
     # per-batch cache of products keyed by id(input); the tensors are held so ids stay unique
     cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
     batch_index: int = 0
+    # outputs of the hooked layers in this batch: FWSVD differentiates the loss w.r.t.
+    # these only, so autograd never forms the weight gradients the hooks form themselves
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
     def hook(self, name: str) -> Callable[..., None]:
         def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -91,6 +94,7 @@ class _Collector:
                     stats.batches += 1
 
                 output.register_hook(grad_hook)
+                self.outputs.append(output)
 
         return forward_hook
 
@@ -168,11 +172,13 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                     loss = loss_fn(model, batch)
                     if not bool(torch.isfinite(loss)):
                         raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
-                    loss.backward()
+                    if collector.outputs:
+                        torch.autograd.grad(loss, collector.outputs, allow_unused=True)
             else:
                 with torch.no_grad():
                     run_model(model, batch)
             collector.cache.clear()
+            collector.outputs.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -72,6 +72,7 @@ def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", dampi
 class TruncationAwareSVD(Method):
     name = "svd-llm"
     needs = frozenset({"gram"})
+    double_gram = True
 
     def __init__(self, damping: float = 1e-2, max_condition: float = 1e10) -> None:
         if not damping > 0 or not max_condition > 1:
