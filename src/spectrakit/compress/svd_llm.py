@@ -18,6 +18,10 @@ channels, ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`
 :class:`CompressionWarning` names the layer: the identity then holds only
 approximately, and gathering more calibration tokens is the real fix.
 
+``W S`` is formed in float64 (``S`` may be that ill-conditioned) and, with
+``svd_method="auto"`` on the CPU, decomposed through the float64 eigensolve of its
+smaller Gram matrix, which is faster there than a float32 LAPACK SVD.
+
 >>> import torch, spectrakit as sk
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
 >>> report = sk.compress(model, method="svd-llm", rank=8, calibration=[torch.randn(256, 64)])
