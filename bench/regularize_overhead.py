@@ -2,11 +2,13 @@
 
 Run:  python bench/regularize_overhead.py                 (≈ 3 min on 2 cores, one thread)
       python bench/regularize_overhead.py --batches 128 --rounds 3 --steps 20   (quick look)
+      python bench/regularize_overhead.py --only "SpectralPenalty (power" L2Penalty --rounds 25 --steps 100
+                                                 (a few configurations, more samples)
 
 One process, one thread. The anchor is the plain step — forward, cross-entropy, backward,
 Adam — of the MLP of ``bench/continual.py`` (64 → 256 → 256 → 10) on digits batches. Each
 regularized step adds ``λ·penalty()`` (λ small so the weights stay put). Configurations are
-interleaved round by round with the anchor re-timed in every round, and each ratio is the
+interleaved round by round (in an order that rotates every round) with the anchor re-timed in every round, and each ratio is the
 median over rounds of (regularized step) / (anchor step of the same round), which cancels the
 slow drift of a shared machine. ``SpectralPenalty`` runs with persistent power iteration (one
 step per call, the default), every 4th call, and with the exact SVD; parametrizations are
@@ -17,6 +19,7 @@ Writes ``docs/benchmarks/regularize_overhead.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -55,6 +58,10 @@ WEIGHT_PENALTIES: dict[str, Callable] = {
     "CauchySchwarzOrthogonality": lambda m: R.CauchySchwarzOrthogonality(m),
     "LipschitzPenalty (Gram, 6 it.)": lambda m: R.LipschitzPenalty(m),
 }
+# applied through the optimizer (Penalty.attach) instead of the loss: same update
+ATTACHED: dict[str, Callable] = {
+    "SpectralPenalty (power, attached to the optimizer)": lambda m: R.SpectralPenalty(m),
+}
 FEATURE_LOSSES = {
     "VNE (hidden features)": lambda: R.VNE(),
     "VICReg (hidden features)": lambda: R.VICReg(),
@@ -75,6 +82,8 @@ def make_step(kind: str, name: str, batch: tuple[torch.Tensor, torch.Tensor]) ->
     penalty = feature_loss = None
     if kind == "weights":
         penalty = WEIGHT_PENALTIES[name](model)
+    elif kind == "attached":
+        attached = ATTACHED[name](model)
     elif kind == "parametrization":
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
@@ -82,7 +91,10 @@ def make_step(kind: str, name: str, batch: tuple[torch.Tensor, torch.Tensor]) ->
     elif kind == "features":
         feature_loss = FEATURE_LOSSES[name]()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if kind == "attached":
+        attached.attach(optimizer, LAMBDA)
     body, head = model[:-1], model[-1]
+    start = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
 
     def step() -> None:
         if kind == "jacobian":
@@ -99,6 +111,12 @@ def make_step(kind: str, name: str, batch: tuple[torch.Tensor, torch.Tensor]) ->
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    def restart() -> None:
+        model.load_state_dict(start[0])
+        optimizer.load_state_dict(start[1])
+
+    step.restart = restart  # type: ignore[attr-defined]
     return step
 
 
@@ -109,31 +127,44 @@ def timed(step: Callable[[], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(batch_size: int, rounds: int, steps: int) -> list[dict]:
+def measure(batch_size: int, rounds: int, steps: int, only: list[str] | None = None) -> list[dict]:
     X, y = sk.data.digits("train")
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(y), (batch_size,), generator=g)
     batch = (X[idx], y[idx])
     configs = ([("anchor", "plain torch step")] + [("weights", n) for n in WEIGHT_PENALTIES]
+               + [("attached", n) for n in ATTACHED]
                + [("features", n) for n in FEATURE_LOSSES] + [("jacobian", "JacobianPenalty (1 projection)")]
                + [("parametrization", n) for n in PARAMETRIZATIONS])
+    if only:
+        configs = configs[:1] + [(kind, name) for kind, name in configs[1:] if any(o in name for o in only)]
     steppers = {name: make_step(kind, name, batch) for kind, name in configs}
     for step in steppers.values():  # warm-up: allocator, first-call paths
         timed(step, 5)
     times: dict[str, list[float]] = {name: [] for _, name in configs}
     ratios: dict[str, list[float]] = {name: [] for _, name in configs}
-    for _ in range(rounds):
-        anchor = timed(steppers["plain torch step"], steps)
-        times["plain torch step"].append(anchor)
-        for kind, name in configs[1:]:
-            seconds = timed(steppers[name], steps)
-            times[name].append(seconds)
-            ratios[name].append(seconds / anchor)
+    names = [name for _, name in configs]
+    for round_index in range(rounds):
+        # the order rotates every round, so no configuration always runs next to the anchor
+        shift = round_index % len(names)
+        seconds = {}
+        for name in names[shift:] + names[:shift]:
+            # every round restarts from the initial weights, so every round times the same
+            # work: thousands of steps on one batch drive the gradients and Adam's moments
+            # into subnormal floats, which slows a step up to 3x depending on the trajectory
+            steppers[name].restart()
+            seconds[name] = timed(steppers[name], steps)
+        for name in names:
+            times[name].append(seconds[name])
+            if name != "plain torch step":
+                ratios[name].append(seconds[name] / seconds["plain torch step"])
     rows = []
     for kind, name in configs:
         rows.append({"batch": batch_size, "kind": kind, "name": name,
                      "step_ms": 1e3 * statistics.median(times[name]),
-                     "ratio": statistics.median(ratios[name]) if ratios[name] else 1.0})
+                     "ratio": statistics.median(ratios[name]) if ratios[name] else 1.0,
+                     # the spread over rounds: how far one round's ratio can be trusted
+                     "ratio_quartiles": statistics.quantiles(ratios[name], n=4)[::2] if len(ratios[name]) > 1 else [1.0, 1.0]})
     return rows
 
 
@@ -143,20 +174,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="only the configurations whose name contains one of these (plus the plain step)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "regularize_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for batch_size in args.batches:
-        rows += measure(batch_size, args.rounds, args.steps)
+        rows += measure(batch_size, args.rounds, args.steps, args.only)
     print(f"Machine: {machine()}")
-    header = ["configuration"] + [f"batch {b}: ms/step" for b in args.batches] + [f"batch {b}: × plain" for b in args.batches]
+    header = ["configuration"] + [f"batch {b}: ms/step" for b in args.batches] + [f"batch {b}: × plain (quartiles over rounds)" for b in args.batches]
     names = list(dict.fromkeys(r["name"] for r in rows))
     table = []
     for name in names:
         mine = {r["batch"]: r for r in rows if r["name"] == name}
         table.append([name] + [round(mine[b]["step_ms"], 3) for b in args.batches]
-                     + [f"{mine[b]['ratio']:.2f}" for b in args.batches])
+                     + [f"{mine[b]['ratio']:.2f} ({mine[b]['ratio_quartiles'][0]:.2f}–{mine[b]['ratio_quartiles'][1]:.2f})"
+                        for b in args.batches])
     print(markdown_table(header, table))
     result = {"command": " ".join(["python", "bench/regularize_overhead.py", *sys.argv[1:]]),
               "machine": machine(), "args": vars(args), "rows": rows}

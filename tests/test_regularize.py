@@ -504,3 +504,72 @@ def test_gradients_on_gpt2_conv1d_and_embeddings(make):
     penalty = make(model)
     params = tuple(model.parameters())
     assert gradcheck(lambda *_: penalty(), params, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+
+
+def mlp64(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8, dtype=D), torch.nn.Tanh(), torch.nn.Linear(8, 3, dtype=D))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: SpectralPenalty(m, target=0.5),                      # closed form, in place
+    lambda m: SpectralPenalty(m, target=0.5, update_every=3),
+    lambda m: SpectralPenalty(m, method="exact"),                  # autograd fallback
+    lambda m: SoftOrthogonality(m, "srip"),
+])
+@pytest.mark.parametrize("existing_grad", [False, True])
+def test_add_gradient_equals_backward_of_the_penalty(make, existing_grad):
+    """add_gradient_(w) leaves the .grad that (w · penalty()).backward() leaves, from the same state."""
+    direct, routed = mlp64(), mlp64()
+    direct_penalty, routed_penalty = make(direct), make(routed)
+    for _ in range(4):  # several calls: the persistent vectors and update_every advance alike
+        if existing_grad:
+            for model in (direct, routed):
+                model(torch.ones(2, 6, dtype=D)).sum().backward()
+        value = direct_penalty.add_gradient_(0.3)
+        expected = routed_penalty()
+        (0.3 * expected).backward()
+        assert value == pytest.approx(float(expected), rel=1e-12)
+        for (name, p), q in zip(direct.named_parameters(), routed.parameters()):
+            assert (p.grad is None) == (q.grad is None), name  # e.g. biases SRIP does not touch
+            assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-15), name
+
+
+def test_attached_penalty_trains_like_the_loss_term():
+    X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0), dtype=D)
+    models = [mlp64(), mlp64()]
+    penalties = [SpectralPenalty(m, target=0.5) for m in models]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    handle = penalties[0].attach(optimizers[0], weight=0.1)
+    for _ in range(20):
+        for i, (model, optimizer) in enumerate(zip(models, optimizers)):
+            optimizer.zero_grad()
+            loss = model(X).square().mean()
+            if i == 1:
+                loss = loss + 0.1 * penalties[1]()
+            loss.backward()
+            optimizer.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
+    assert penalties[0].last_value == pytest.approx(penalties[1].last_values[0], rel=1e-10)
+    handle.remove()
+    before = [p.detach().clone() for p in models[0].parameters()]
+    optimizers[0].zero_grad()
+    models[0](X).square().mean().backward()
+    expected = [p - 0.05 * p.grad for p, in zip(models[0].parameters())]
+    optimizers[0].step()  # detached: plain SGD
+    assert all(torch.allclose(p, e) for p, e in zip(models[0].parameters(), expected))
+    assert not all(torch.equal(p, b) for p, b in zip(models[0].parameters(), before))
+
+
+def test_attach_and_add_gradient_bad_input():
+    model = mlp64()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for weight in (-1.0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(SpectrakitError, match="weight="):
+            SpectralPenalty(model).attach(optimizer, weight)
+    penalty = SpectralPenalty(model)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(SpectrakitError, match=r"2\.weight"):
+        penalty.add_gradient_(0.1)

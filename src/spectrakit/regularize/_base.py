@@ -255,6 +255,38 @@ class Penalty(nn.Module):
             total = total / len(terms)
         return self.checked(total)
 
+    def add_gradient_(self, weight: float) -> float:
+        """Add ``weight · ∂penalty/∂θ`` to the ``.grad`` of every tensor the penalty depends on
+        (creating it where it is ``None``), as ``(weight · penalty()).backward()`` would, and
+        return the penalty's value."""
+        with torch.enable_grad():
+            value = self()
+            (value * weight).backward()
+        return float(value)
+
+    def attach(self, optimizer: torch.optim.Optimizer, weight: float) -> Any:
+        """Apply the penalty through ``optimizer`` instead of the loss: right before every
+        ``optimizer.step()``, :meth:`add_gradient_` adds ``weight · ∂penalty/∂θ`` to the
+        gradients — the update of adding ``weight · penalty()`` to the loss, without a term
+        in the loss's graph. The value of the last step is in :attr:`last_value`. Returns a
+        handle: ``handle.remove()`` detaches the penalty.
+
+        >>> import torch, spectrakit as sk
+        >>> model = torch.nn.Linear(8, 4)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> handle = sk.regularize.L2Penalty(model).attach(optimizer, weight=1e-4)
+        >>> model(torch.randn(2, 8)).sum().backward()
+        >>> optimizer.step()
+        >>> handle.remove()
+        """
+        if not (isinstance(weight, (int, float)) and weight >= 0 and weight < float("inf")):
+            raise SpectrakitError(f"{type(self).__name__}.attach: weight={weight!r} must be a finite number ≥ 0")
+
+        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.__dict__["last_value"] = self.add_gradient_(float(weight))
+
+        return optimizer.register_step_pre_hook(before_step)
+
     def per_layer(self) -> dict[str, float]:
         """Each selected tensor's term, as floats, for logging."""
         with torch.no_grad():

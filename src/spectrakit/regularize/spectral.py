@@ -26,9 +26,11 @@ and ``method="gram"`` the certified Gram-iteration upper bound.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -110,10 +112,15 @@ class SpectralPenalty(Penalty):
         return value
 
     def forward(self) -> torch.Tensor:
-        try:
+        with self._resetting_on_error():
             if self.method == "power" and self.shapes is None:
                 return self.power_forward()
             return super().forward()
+
+    @contextlib.contextmanager
+    def _resetting_on_error(self) -> Iterator[None]:
+        try:
+            yield
         except SpectrakitError:
             for state in self.states:  # NaN vectors must not outlive the bad weights
                 state.reset()
@@ -131,6 +138,39 @@ class SpectralPenalty(Penalty):
         ``n_iter=1`` (the default) a layer costs two matrix-vector products and two norms per
         call (:func:`spectrakit.linalg.norms.power_step_host`) and one ``addr`` in backward.
         """
+        advance, matrices, biases = self._power_call()
+        total = _SpectralTerms.apply(self, advance, len(matrices), *matrices, *biases)
+        self._check_power_values()
+        return total
+
+    def add_gradient_(self, weight: float) -> float:
+        """:meth:`Penalty.add_gradient_` without autograd where the weights are the layers'
+        own parameters: the closed-form gradient goes into ``.grad`` in place (one ``addr_``
+        per weight, one ``add_`` per bias), so an attached penalty costs the power
+        iteration and these updates only."""
+        if not (self.method == "power" and self.shapes is None):
+            return super().add_gradient_(weight)
+        with self._resetting_on_error():
+            advance, matrices, biases = self._power_call()
+            if self._operands is None:  # views or copies: let autograd route the gradient
+                return super().add_gradient_(weight)
+            with torch.no_grad():
+                terms = _evaluate_terms(self, advance, matrices, biases)
+                self._check_power_values()
+                for X, (x, y, s), c in zip(matrices, terms.vectors, terms.weight_coef):
+                    if X.grad is None:
+                        X.grad = torch.addr(X, x, y, beta=0, alpha=weight * c * s)
+                    else:
+                        X.grad.addr_(x, y, alpha=weight * c * s)
+                for b, c in zip(biases, terms.bias_coef):
+                    if b.grad is None:
+                        b.grad = b.detach() * (weight * c)
+                    else:
+                        b.grad.add_(b, alpha=weight * c)
+            return terms.total
+
+    def _power_call(self) -> tuple[bool, list[torch.Tensor], list[torch.Tensor]]:
+        """Count the call; this call's matrices and biases, with power-iteration vectors that fit them."""
         # nn.Module.__setattr__ costs microseconds (it looks for parameters, buffers and
         # submodules first); a plain counter can go straight into the instance dict.
         self.__dict__["calls"] = calls = self.calls + 1
@@ -139,14 +179,16 @@ class SpectralPenalty(Penalty):
             if not state.fits(X):  # a new layer shape, dtype or device, or restarted vectors
                 warm_up(state, X, WARMUP_ITERS)
                 state.prepare(X.detach())
-        total = _SpectralTerms.apply(self, (calls - 1) % self.update_every == 0, len(matrices), *matrices, *biases)
+        return (calls - 1) % self.update_every == 0, matrices, biases
+
+    def _check_power_values(self) -> None:
+        """Name a NaN weight, if any, and restart the iterations of zero layers."""
         value, sigmas = self.last_values
         if not (value < math.inf and min(sigmas) > 0):  # NaN fails both (a NaN σ makes the value NaN)
-            self.checked(total)  # names a NaN weight, if any
+            self.checked(torch.tensor(value))
             for state, sigma in zip(self.states, sigmas):
                 if sigma == 0:
                     state.reset()  # zero vectors would stay zero: restart from a random vector next call
-        return total
 
     def _power_operands(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This call's canonical matrices and biases, re-read only when they may have changed.
@@ -202,51 +244,20 @@ class SpectralPenalty(Penalty):
 
 class _SpectralTerms(torch.autograd.Function):
     """``Σ_l (σ_l^k − τ^k)² + β Σ_b ‖b‖^{2k}`` with σ_l from the persistent power iteration;
-    gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases).
-
-    The per-layer scalars are brought to the host together (one synchronization on an
-    accelerator, which the finiteness check needs anyway) and combined in Python: a dozen tiny
-    tensor operations would cost more than the power iteration itself on a small model. The
-    vectors stay unnormalized (``u vᵀ = s · x yᵀ``, :meth:`PowerIteration.scaled_vectors`); the
-    scale ``s`` is folded into the ``addr`` that builds each weight gradient.
+    gradients in closed form (``u vᵀ`` directions for the weights, ``b`` for the biases), from
+    :func:`_evaluate_terms`; the vectors' scale ``s`` is folded into the ``addr`` that builds
+    each weight gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, penalty: SpectralPenalty, advance: bool, n_matrices: int,
                 *tensors: torch.Tensor) -> torch.Tensor:
         matrices, biases = tensors[:n_matrices], tensors[n_matrices:]
-        states = penalty.states
-        n_iter = states[0].n_iter
-        if advance and n_iter >= 1 and all(state.n_iter == n_iter for state in states):
-            if n_iter > 1:
-                power_steps(states, matrices, n_iter - 1)
-            sigma, norm = power_step_host(states, matrices, biases)  # the default: one lean step
-        else:
-            if advance:  # per-layer iteration counts differ (or are 0)
-                for X, state in zip(matrices, states):
-                    if state.n_iter:
-                        power_steps([state], [X], state.n_iter)
-            # the Rayleigh quotient uᵀWv on the kept vectors (in between updates: a lower estimate)
-            scaled = [state.scaled_vectors() for state in states]
-            rayleigh = [torch.dot(x, torch.mv(X, y)) for X, (x, y, _) in zip(matrices, scaled)]
-            host = host_floats(rayleigh + (list(torch._foreach_norm(biases)) if biases else []))
-            # clamp: a Rayleigh quotient can dip below 0 by rounding, and a fractional power of
-            # a negative float would be complex
-            sigma = [max(r * s, 0.0) if r == r else r for r, (_, _, s) in zip(host, scaled)]
-            norm = host[n_matrices:]
-        k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
-        scale = 1 / n_matrices if penalty.reduction == "mean" else 1.0
-        try:
-            total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
-            ctx.weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
-            ctx.bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
-        except OverflowError:  # a diverging run (σ ≳ 1e77 in float64): reported as not finite
-            total, ctx.weight_coef, ctx.bias_coef = math.inf, [0.0] * len(sigma), [0.0] * len(norm)
-        ctx.vectors = [state.scaled_vectors() for state in states]  # u vᵀ = s · x yᵀ
+        terms = _evaluate_terms(penalty, advance, matrices, biases)
+        ctx.weight_coef, ctx.bias_coef, ctx.vectors = terms.weight_coef, terms.bias_coef, terms.vectors
         ctx.matrices = matrices  # only as addr's (ignored) input in backward: no version check needed
         ctx.save_for_backward(*biases)
-        penalty.__dict__["last_values"] = (total, sigma)  # not through nn.Module.__setattr__ (slow)
-        return torch.full((), total, dtype=matrices[0].dtype, device=matrices[0].device)
+        return torch.full((), terms.total, dtype=matrices[0].dtype, device=matrices[0].device)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -264,6 +275,54 @@ class _SpectralTerms(torch.autograd.Function):
             weight_grads = [torch.outer(x, y).mul_(grad * (c * s)) for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
             bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
+
+
+@dataclass
+class _Terms:
+    total: float
+    weight_coef: list[float]  # ∂total/∂σ-direction scale of each weight's u vᵀ
+    bias_coef: list[float]  # ∂total/∂b = coef · b
+    vectors: list[tuple[torch.Tensor, torch.Tensor, float]]  # u vᵀ = s · x yᵀ
+
+
+def _evaluate_terms(penalty: SpectralPenalty, advance: bool, matrices: Sequence[torch.Tensor],
+                    biases: Sequence[torch.Tensor]) -> _Terms:
+    """The penalty's value and closed-form gradient coefficients (no autograd graph).
+
+    The per-layer scalars are brought to the host together (one synchronization on an
+    accelerator, which the finiteness check needs anyway) and combined in Python: a dozen tiny
+    tensor operations would cost more than the power iteration itself on a small model. The
+    vectors stay unnormalized (``u vᵀ = s · x yᵀ``, :meth:`PowerIteration.scaled_vectors`).
+    """
+    states = penalty.states
+    n_iter = states[0].n_iter
+    if advance and n_iter >= 1 and all(state.n_iter == n_iter for state in states):
+        if n_iter > 1:
+            power_steps(states, matrices, n_iter - 1)
+        sigma, norm = power_step_host(states, matrices, biases)  # the default: one lean step
+    else:
+        if advance:  # per-layer iteration counts differ (or are 0)
+            for X, state in zip(matrices, states):
+                if state.n_iter:
+                    power_steps([state], [X], state.n_iter)
+        # the Rayleigh quotient uᵀWv on the kept vectors (in between updates: a lower estimate)
+        scaled = [state.scaled_vectors() for state in states]
+        rayleigh = [torch.dot(x, torch.mv(X, y)) for X, (x, y, _) in zip(matrices, scaled)]
+        host = host_floats(rayleigh + (list(torch._foreach_norm(biases)) if biases else []))
+        # clamp: a Rayleigh quotient can dip below 0 by rounding, and a fractional power of
+        # a negative float would be complex
+        sigma = [max(r * s, 0.0) if r == r else r for r, (_, _, s) in zip(host, scaled)]
+        norm = host[len(matrices):]
+    k, tau_k, beta = penalty.power, penalty.target ** penalty.power, penalty.bias_weight
+    scale = 1 / len(matrices) if penalty.reduction == "mean" else 1.0
+    try:
+        total = scale * (sum((s ** k - tau_k) ** 2 for s in sigma) + beta * sum(n ** (2 * k) for n in norm))
+        weight_coef = [scale * 2 * k * (s ** k - tau_k) * _power(s, k - 1) for s in sigma]
+        bias_coef = [scale * 2 * k * beta * _power(n, 2 * k - 2) for n in norm]
+    except OverflowError:  # a diverging run (σ ≳ 1e77 in float64): reported as not finite
+        total, weight_coef, bias_coef = math.inf, [0.0] * len(sigma), [0.0] * len(norm)
+    penalty.__dict__["last_values"] = (total, sigma)  # not through nn.Module.__setattr__ (slow)
+    return _Terms(total, weight_coef, bias_coef, [state.scaled_vectors() for state in states])
 
 
 _ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
