@@ -515,6 +515,7 @@ def mlp64(seed=0):
     lambda m: SpectralPenalty(m, target=0.5),                      # closed form, in place
     lambda m: SpectralPenalty(m, target=0.5, update_every=3),
     lambda m: SpectralPenalty(m, method="exact"),                  # autograd fallback
+    lambda m: SpectralPenalty([("a", m[0].weight), ("b", m[2].weight)], update_every=3),  # bare tensors: fallback
     lambda m: SoftOrthogonality(m, "srip"),
 ])
 @pytest.mark.parametrize("existing_grad", [False, True])
@@ -530,6 +531,7 @@ def test_add_gradient_equals_backward_of_the_penalty(make, existing_grad):
         expected = routed_penalty()
         (0.3 * expected).backward()
         assert value == pytest.approx(float(expected), rel=1e-12)
+        assert getattr(direct_penalty, "calls", 0) == getattr(routed_penalty, "calls", 0)  # update_every counts alike
         for (name, p), q in zip(direct.named_parameters(), routed.parameters()):
             assert (p.grad is None) == (q.grad is None), name  # e.g. biases SRIP does not touch
             assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-15), name

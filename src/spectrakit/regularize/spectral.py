@@ -150,10 +150,11 @@ class SpectralPenalty(Penalty):
         iteration and these updates only."""
         if not (self.method == "power" and self.shapes is None):
             return super().add_gradient_(weight)
+        self._power_operands()
+        if self._operands is None:  # views, copies or bare tensors: let autograd route the gradient
+            return super().add_gradient_(weight)
         with self._resetting_on_error():
             advance, matrices, biases = self._power_call()
-            if self._operands is None:  # views or copies: let autograd route the gradient
-                return super().add_gradient_(weight)
             with torch.no_grad():
                 terms = _evaluate_terms(self, advance, matrices, biases)
                 self._check_power_values()
