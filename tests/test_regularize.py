@@ -511,11 +511,17 @@ def mlp64(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(6, 8, dtype=D), torch.nn.Tanh(), torch.nn.Linear(8, 3, dtype=D))
 
 
+def with_first_layer_frozen(model):
+    model[0].requires_grad_(False)
+    return model
+
+
 @pytest.mark.parametrize("make", [
     lambda m: SpectralPenalty(m, target=0.5),                      # closed form, in place
     lambda m: SpectralPenalty(m, target=0.5, update_every=3),
     lambda m: SpectralPenalty(m, method="exact"),                  # autograd fallback
     lambda m: SpectralPenalty([("a", m[0].weight), ("b", m[2].weight)], update_every=3),  # bare tensors: fallback
+    lambda m: SpectralPenalty(with_first_layer_frozen(m)),
     lambda m: SoftOrthogonality(m, "srip"),
 ])
 @pytest.mark.parametrize("existing_grad", [False, True])

@@ -159,11 +159,15 @@ class SpectralPenalty(Penalty):
                 terms = _evaluate_terms(self, advance, matrices, biases)
                 self._check_power_values()
                 for X, (x, y, s), c in zip(matrices, terms.vectors, terms.weight_coef):
+                    if not X.requires_grad:  # a frozen layer: autograd would leave it alone too
+                        continue
                     if X.grad is None:
                         X.grad = torch.addr(X, x, y, beta=0, alpha=weight * c * s)
                     else:
                         X.grad.addr_(x, y, alpha=weight * c * s)
                 for b, c in zip(biases, terms.bias_coef):
+                    if not b.requires_grad:
+                        continue
                     if b.grad is None:
                         b.grad = b.detach() * (weight * c)
                     else:
