@@ -176,6 +176,14 @@ def test_calibration_statistics_match_autograd() -> None:
     model.zero_grad(set_to_none=True)
     collect_statistics(model, layers, batches, fisher=True, loss_fn=square_loss)
     assert model[0].weight.grad is None and all(p.requires_grad for p in model.parameters())
+    assert not any(x.requires_grad for x in batches)  # the first layer's input was a root for the pass
+    leaf = batches[0].clone().requires_grad_(True)  # a batch that requires grad itself: no root is marked
+    fisher_one = torch.zeros_like(model[2].weight)
+    square_loss(model, leaf).backward()
+    fisher_one += model[2].weight.grad.square()
+    model.zero_grad(set_to_none=True)
+    stats = collect_statistics(model, layers, [leaf], fisher=True, loss_fn=square_loss)
+    assert torch.allclose(stats["2"].fisher, fisher_one, rtol=1e-10, atol=0) and leaf.requires_grad
 
 
 def test_low_rank_linear_forward_and_weight() -> None:

@@ -58,9 +58,22 @@ class _Collector:
     # per-batch cache of products keyed by id(input); the tensors are held so ids stay unique
     cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
     batch_index: int = 0
-    # outputs of the hooked layers in this batch: FWSVD differentiates the loss w.r.t.
-    # these only, so autograd never forms the weight gradients the hooks form themselves
-    outputs: list[torch.Tensor] = field(default_factory=list)
+    # FWSVD: every parameter is frozen for the pass, and a hooked layer's input that does not
+    # require grad yet is made to (a *root*); differentiating the loss w.r.t. the roots then
+    # reaches every hooked output downstream, whose gradient hooks form GᵀX, while autograd
+    # forms no weight gradient at all and keeps only the roots' gradients
+    roots: list[torch.Tensor] = field(default_factory=list)
+
+    def mark_root(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad and x.grad_fn is None:
+            x.requires_grad_(True)
+            self.roots.append(x)
+
+    def release_roots(self) -> None:
+        for root in self.roots:  # one may be the caller's own batch tensor
+            root.requires_grad_(False)
+        self.roots.clear()
 
     def hook(self, name: str) -> Callable[..., None]:
         def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -94,14 +107,16 @@ class _Collector:
                     stats.batches += 1
 
                 output.register_hook(grad_hook)
-                self.outputs.append(output)
 
         return forward_hook
 
 
+def _batch_tensors(batch: Batch) -> list[Any]:
+    return list(batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch])
+
+
 def _check_finite(batch: Batch, index: int) -> None:
-    tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
-    for value in tensors:
+    for value in _batch_tensors(batch):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
             raise SpectrakitError(f"calibration batch {index} contains NaN or Inf values")
 
@@ -152,17 +167,17 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
         calibration = [calibration]
     collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher)
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
+    if fisher:
+        handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]
     was_training = model.training
     model.eval()
-    # FWSVD differentiates w.r.t. the targeted weights only; every other parameter is frozen
-    # for the pass and all requires_grad flags and .grad fields are put back afterwards.
+    # FWSVD freezes every parameter for the pass (see _Collector.roots); all requires_grad
+    # flags and .grad fields are put back afterwards.
     flags = {id(p): (p, p.requires_grad, p.grad) for p in model.parameters()}
     try:
         if fisher:
             for p, _, _ in flags.values():
                 p.requires_grad_(False)
-            for module in layers.values():
-                module.weight.requires_grad_(True)
         loss_fn = loss_fn or default_loss
         for index, batch in enumerate(calibration):
             collector.batch_index = index
@@ -172,14 +187,18 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                     loss = loss_fn(model, batch)
                     if not bool(torch.isfinite(loss)):
                         raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
-                    if collector.outputs:
-                        torch.autograd.grad(loss, collector.outputs, allow_unused=True)
+                    # the batch's own tensors that require grad are roots too (then no layer input was marked)
+                    roots = collector.roots + [t for t in _batch_tensors(batch)
+                                               if isinstance(t, torch.Tensor) and t.requires_grad]
+                    if roots and loss.requires_grad:
+                        torch.autograd.grad(loss, roots, allow_unused=True)
             else:
                 with torch.no_grad():
                     run_model(model, batch)
             collector.cache.clear()
-            collector.outputs.clear()
+            collector.release_roots()
     finally:
+        collector.release_roots()
         for handle in handles:
             handle.remove()
         for p, requires_grad, grad in flags.values():
