@@ -76,6 +76,9 @@ def run(kind: str, method: str, strength: float, seed: int, args) -> dict:
     model = mlp(seed)
     penalty = METHODS[method](model) if method != "none" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if penalty is not None and args.attach:  # the same update, applied in optimizer.step()
+        penalty.attach(optimizer, strength)
+        penalty = None
     g = torch.Generator().manual_seed(seed)
     train_acc, test_acc = [], []
     for X, y, Xt, yt in make_tasks(kind, args.tasks, seed, args.random_subset):
@@ -176,6 +179,8 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=5, help="tasks averaged at the end of the sequence")
     parser.add_argument("--kinds", nargs="+", default=["permuted", "random-label"])
     parser.add_argument("--methods", nargs="+", default=["none", *METHODS])
+    parser.add_argument("--attach", action="store_true",
+                        help="apply each penalty through the optimizer (Penalty.attach) instead of the loss")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "regularize_continual.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "regularize_continual.png"))
     args = parser.parse_args()
