@@ -51,6 +51,28 @@ def test_workers_match_serial_for_files_and_modules(tmp_path):
     assert_same(sk.analyze(model, progress=False, workers=2), sk.analyze(model, progress=False))
 
 
+def test_threads_match_serial_and_restore_torch_threads(tmp_path):
+    from safetensors.torch import load_file
+
+    from spectrakit.analyze.parallel import default_threads
+    from spectrakit.weights import iter_matrices
+
+    tensors = load_file(str(checkpoint(tmp_path / "m.safetensors")))
+    tensors["nan.weight"] = torch.full((6, 4), float("nan"))
+    before = torch.get_num_threads()
+    threaded = sk.analyze(tensors, progress=False, threads=3)
+    assert torch.get_num_threads() == before
+    assert_same(threaded, sk.analyze(tensors, progress=False, threads=1))
+    assert threaded["bad.weight"]["status"] == threaded["nan.weight"]["status"] == "skipped"
+    # files stream one tensor at a time: one thread unless asked
+    assert default_threads(list(iter_matrices(str(tmp_path / "m.safetensors")))) == 1
+    expected = min(4, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 1
+    assert default_threads(list(iter_matrices(tensors))) == expected
+    for bad in (0, -1, 1.5):
+        with pytest.raises(sk.SpectrakitError, match="threads="):
+            sk.analyze(tensors, progress=False, threads=bad)
+
+
 def _rank_main(rank, world, port, path, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

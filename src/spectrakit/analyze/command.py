@@ -30,6 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
     parser.add_argument("--workers", type=int, default=1, help="local processes sharing the matrices")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="matrices analyzed at a time in this process (default: 1 for files, which "
+                             "stream one tensor at a time; e.g. 2 on small models where memory is no concern)")
     parser.set_defaults(run=run)
     _add_compare(commands)
 
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
                     dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
                     xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input, progress=not args.quiet,
-                    workers=args.workers)
+                    workers=args.workers, threads=args.threads)
     if rank == 0:
         _write(table, Path(args.out), "spectra", args.quiet)
         if not args.no_html:

@@ -44,6 +44,43 @@ def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: 
     return results
 
 
+# --- threads in this process ----------------------------------------------------------------
+
+def _threaded(records: Sequence[MatrixRecord], options: AnalyzeOptions, threads: int,
+              progress: bool) -> dict[str, MatrixResult]:
+    """Several matrices at a time in this process, one intra-op thread each.
+
+    LAPACK's symmetric eigensolver keeps about one core busy on matrices of a few hundred
+    rows, so a model of small matrices leaves the other cores idle in :func:`_serial`.
+    torch's thread setting changes for the whole process while the pool runs (a worker
+    thread cannot set it for itself alone) and is put back afterwards.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    ordered = sorted(records, key=_cost, reverse=True)  # big ones first: less idle at the end
+    results = {}
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            done = pool.map(analyze_record, ordered, [options] * len(ordered))
+            for result in progress_bar(done, total=len(ordered), desc="spectra", enabled=progress):
+                results[result.name] = result
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def default_threads(records: Sequence[MatrixRecord]) -> int:
+    """Threads for ``analyze(threads=None)``: one per core (at most 4) for matrices already in
+    this process's CPU memory; 1 for files, which stream one tensor at a time, and for
+    accelerators."""
+    cores = min(4, os.cpu_count() or 1)
+    if cores < 2 or len(records) < 2 or any(r.source not in ("module", "state_dict") for r in records):
+        return 1
+    loaded = next((r for r in records if skip_reason_before_load(r) is None), None)
+    return cores if loaded is not None and loaded.load().device.type == "cpu" else 1
+
+
 # --- local worker processes ------------------------------------------------------------------
 
 _WORKER_RECORDS: dict[str, MatrixRecord] = {}
@@ -134,12 +171,15 @@ def _gathered(records: Sequence[MatrixRecord], options: AnalyzeOptions, rank: in
 
 
 def run_records(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions, *, include: Any = None,
-                exclude: Any = None, workers: int = 1, distributed: bool | None = None,
+                exclude: Any = None, workers: int = 1, threads: int | None = None, distributed: bool | None = None,
                 progress: bool = True) -> dict[str, MatrixResult]:
-    """Results for every record, computed serially, by local workers or across ranks."""
+    """Results for every record, computed serially, by threads, by local workers or across ranks."""
     group = _distributed_group(distributed)
     if group is not None:
         return _gathered(records, options, *group, progress)
     if workers > 1 and len(records) > 1:
         return _pool(source, records, options, include, exclude, workers, progress)
+    threads = default_threads(records) if threads is None else threads
+    if threads > 1 and len(records) > 1:
+        return _threaded(records, options, threads, progress)
     return _serial(records, options, progress)

@@ -158,7 +158,7 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
             dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
             farms_xmin: str | float = "median", mp_fit: str = "iterative", conv_input_shape: Sequence[int] | None = None,
             progress: bool = True, keep_spectra: bool = True,
-            workers: int = 1, distributed: bool | None = None) -> SpectrumTable:
+            workers: int = 1, threads: int | None = None, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
 
     Args:
@@ -187,6 +187,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         progress: show a progress bar on stderr.
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
         workers: local processes sharing the matrices (files stream in each worker).
+        threads: matrices analyzed at a time in this process, one intra-op thread each.
+            ``None``: one per core (up to 4) for a model or state dict in CPU memory,
+            where small matrices leave cores idle otherwise; 1 for files (they stream
+            one tensor at a time) and accelerators.
         distributed: split the matrices over the ranks of an initialized
             ``torch.distributed`` group (e.g. under ``torchrun``); every rank gets the
             whole table back. ``None``: on when such a group with > 1 rank exists.
@@ -209,13 +213,15 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
     if workers < 1:
         raise SpectrakitError(f"workers={workers} must be ≥ 1")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise SpectrakitError(f"threads={threads!r} must be an integer ≥ 1 (or None)")
     mp_fit_function(mp_fit)  # an unknown name fails here, before any matrix is read
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
                              farms_xmin=farms_xmin, mp_fit=mp_fit,
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
-                          distributed=distributed, progress=progress)
+                          threads=threads, distributed=distributed, progress=progress)
     rows, spectra, farms = [], {}, {}
     for record in records:
         result = results[record.name]
