@@ -165,6 +165,28 @@ def test_weight_normalize_formula():
     assert g.shape == (3, 1, 1, 1) and v.shape == (3, 2, 3, 3)
 
 
+def test_weight_normalize_matches_torch_and_keeps_zero_neurons():
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(6, 4).double(), torch.nn.Linear(6, 4).double()
+    theirs.load_state_dict(ours.state_dict())
+    weight_normalize(ours)
+    torch.nn.utils.parametrizations.weight_norm(theirs)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    for a, b in zip((ours.parametrizations.weight.original0, ours.parametrizations.weight.original1),
+                    (theirs.parametrizations.weight.original0, theirs.parametrizations.weight.original1)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    layer = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        layer.weight[1] = 0.0  # a dead neuron: g = 0, and v must not be 0/0
+    before = layer.weight.detach().clone()
+    weight_normalize(layer)
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=1e-7)
+    layer(torch.randn(2, 3)).sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in layer.parameters())
+
+
 def test_eval_is_deterministic_and_reads_do_not_iterate():
     layer = spectral_normalize(torch.nn.Linear(10, 10))
     first = layer.weight.detach().clone()
