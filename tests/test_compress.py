@@ -186,6 +186,59 @@ def test_calibration_statistics_match_autograd() -> None:
     assert torch.allclose(stats["2"].fisher, fisher_one, rtol=1e-10, atol=0) and leaf.requires_grad
 
 
+class _Branches(torch.nn.Module):
+    """b's input requires grad only through `prompt`, a tensor outside the parameters; `scale`
+    overwrites the input of layer l in place after l used it (when `in_place`)."""
+
+    def __init__(self, prompt: torch.Tensor, in_place: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b, self.l, self.o = (torch.nn.Linear(8, 8).double() for _ in range(5))
+        self.prompt, self.in_place = prompt, in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.b(self.pre(x) + self.prompt)
+        h = self.a(x)
+        y = self.l(h)
+        h = h.mul_(3) if self.in_place else h * 3
+        return self.o(y + h + v)
+
+
+def test_fisher_edge_cases_are_right_or_refused() -> None:
+    x = torch.randn(5, 8, dtype=torch.float64)
+    prompt = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    model = _Branches(prompt)
+    square_loss(model, x).backward()
+    expected = {name: getattr(model, name).weight.grad.square() for name in "abl"}
+    model.zero_grad(set_to_none=True)
+    prompt.grad = None
+    layers = {name: getattr(model, name) for name in "abl"}
+    stats = collect_statistics(model, layers, [x], fisher=True, loss_fn=square_loss)
+    for name in "abl":  # b's gradient comes through `prompt`, not through a marked input
+        assert torch.allclose(stats[name].fisher, expected[name], rtol=1e-10, atol=0), name
+    assert prompt.grad is None and not x.requires_grad
+    in_place = _Branches(prompt, in_place=True)
+    with pytest.raises(SpectrakitError, match="layer l was modified in place"):
+        collect_statistics(in_place, {"a": in_place.a, "l": in_place.l}, [x], fisher=True, loss_fn=square_loss)
+    with pytest.raises(SpectrakitError, match="calibration batch 0: fwsvd cannot differentiate"):
+        # l's input is then the tensor made to require grad, and the model writes into it
+        collect_statistics(in_place, {"l": in_place.l}, [x], fisher=True, loss_fn=square_loss)
+    with pytest.raises(SpectrakitError, match="does not depend on the targeted layers"):
+        collect_statistics(model, layers, [x], fisher=True, loss_fn=lambda m, b: m(b).detach().square().mean())
+
+
+def test_svd_llm_float64_weight_keeps_the_exact_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 64, generator=g, dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(torch.randn(48, 64, generator=g, dtype=torch.float64), full_matrices=False)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False).double())
+    with torch.no_grad():  # σ from 1 down to 1e-12: a Gram route would lose the lower half
+        model[0].weight.copy_(U @ torch.diag(torch.logspace(0, -12, 48, dtype=torch.float64)) @ Vh)
+    W = model[0].weight.detach().clone()
+    sk.compress(model, method="svd-llm", rank=48, calibration=[X], only_if_smaller=False)
+    assert float((model[0].up @ model[0].down - W).norm() / W.norm()) < 1e-12
+
+
 def test_low_rank_linear_forward_and_weight() -> None:
     torch.manual_seed(0)
     up, down, bias = torch.randn(6, 3), torch.randn(3, 5), torch.randn(6)

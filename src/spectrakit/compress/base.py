@@ -78,8 +78,9 @@ class Method:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     # A method whose transform may be ill-conditioned (SVD-LLM's Cholesky factor, cond up
-    # to 1e10) forms W̃ in float64, and with svd_method="auto" on the CPU solves it through
-    # its smaller Gram matrix: a float64 eigh there costs less than the float32 LAPACK SVD.
+    # to 1e10) forms W̃ of a single-precision weight in float64, and with svd_method="auto"
+    # on the CPU solves it through its smaller Gram matrix: a float64 eigh there costs less
+    # than the float32 LAPACK SVD. (A float64 weight keeps the exact float64 SVD.)
     double_gram: ClassVar[bool] = False
 
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
@@ -97,14 +98,15 @@ class Method:
         method); transforms are built in float64 and applied in the same precision as the SVD.
         """
         compute = torch.float64 if W.dtype == torch.float64 else torch.float32
-        if self.double_gram and svd_method == "auto" and W.device.type == "cpu":
+        stored = compute  # the precision U and Vh are kept in until the ranks are chosen
+        if self.double_gram and svd_method == "auto" and W.device.type == "cpu" and compute != torch.float64:
             compute, svd_method = torch.float64, "gram"
         transform = self.transform(name, W, stats)
         transform = Transform(*(None if t is None else t.to(W.device) for t in (transform.left, transform.right)))
         Wt = Transform(*(None if t is None else t.to(compute) for t in (transform.left, transform.right))
                        ).apply(W.to(compute))
         U, S, Vh = linalg.svd(Wt, method=svd_method)
-        return Spectrum(U, S, Vh, transform)
+        return Spectrum(U.to(stored), S, Vh.to(stored), transform)
 
 
 def positive_floor(values: torch.Tensor, relative: float = 1e-6) -> torch.Tensor:

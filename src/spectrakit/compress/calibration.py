@@ -18,7 +18,8 @@ untouched. Layers that see the very same input tensor (q/k/v, gate/up) share one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,9 @@ class _Collector:
     # reaches every hooked output downstream, whose gradient hooks form GᵀX, while autograd
     # forms no weight gradient at all and keeps only the roots' gradients
     roots: list[torch.Tensor] = field(default_factory=list)
+    # hooked outputs produced before any root exists (their input requires grad through a
+    # tensor outside the model's parameters): differentiated directly, next to the roots
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
     def mark_root(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         x = inputs[0] if inputs else None
@@ -99,8 +103,16 @@ class _Collector:
             if self.fisher and output.requires_grad:
                 compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
                 saved = flat.to(compute)
+                version = saved._version
+                if not self.roots:  # its gradient does not come from a root (see `outputs`)
+                    self.outputs.append(output)
 
                 def grad_hook(grad: torch.Tensor) -> None:
+                    # the weights are frozen, so autograd does not keep X for us and would not
+                    # notice the model overwriting it in place after this layer
+                    if saved._version != version:
+                        raise SpectrakitError(f"fwsvd: the input of layer {name} was modified in place after the "
+                                              "layer used it, so its Fisher cannot be formed from it")
                     weight_grad = grad.reshape(-1, grad.shape[-1]).to(compute).T @ saved  # out × in
                     square = weight_grad.double().square_()
                     stats.fisher = square if stats.fisher is None else stats.fisher.add_(square)
@@ -109,6 +121,17 @@ class _Collector:
                 output.register_hook(grad_hook)
 
         return forward_hook
+
+
+@contextlib.contextmanager
+def _autograd_errors_named(index: int) -> Iterator[None]:
+    """autograd's refusals (e.g. a model writing in place into a tensor FWSVD differentiates)
+    as one line naming the batch."""
+    try:
+        yield
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpectrakitError(f"calibration batch {index}: fwsvd cannot differentiate this model: {first}") from None
 
 
 def _batch_tensors(batch: Batch) -> list[Any]:
@@ -183,19 +206,21 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             collector.batch_index = index
             _check_finite(batch, index)
             if fisher:
-                with torch.enable_grad():
+                with torch.enable_grad(), _autograd_errors_named(index):
                     loss = loss_fn(model, batch)
                     if not bool(torch.isfinite(loss)):
                         raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
-                    # the batch's own tensors that require grad are roots too (then no layer input was marked)
-                    roots = collector.roots + [t for t in _batch_tensors(batch)
-                                               if isinstance(t, torch.Tensor) and t.requires_grad]
-                    if roots and loss.requires_grad:
-                        torch.autograd.grad(loss, roots, allow_unused=True)
+                    if not loss.requires_grad:
+                        raise SpectrakitError(f"calibration batch {index}: the fwsvd loss does not depend on the "
+                                              "targeted layers (computed under no_grad, or detached?)")
+                    differentiate = collector.roots + collector.outputs
+                    if differentiate:  # none: no targeted layer ran (reported below)
+                        torch.autograd.grad(loss, differentiate, allow_unused=True)
             else:
                 with torch.no_grad():
                     run_model(model, batch)
             collector.cache.clear()
+            collector.outputs.clear()
             collector.release_roots()
     finally:
         collector.release_roots()

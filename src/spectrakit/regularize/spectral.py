@@ -190,7 +190,7 @@ class SpectralPenalty(Penalty):
         """Name a NaN weight, if any, and restart the iterations of zero layers."""
         value, sigmas = self.last_values
         if not (value < math.inf and min(sigmas) > 0):  # NaN fails both (a NaN σ makes the value NaN)
-            self.checked(torch.tensor(value))
+            self.checked(torch.tensor(value, dtype=torch.float64))
             for state, sigma in zip(self.states, sigmas):
                 if sigma == 0:
                     state.reset()  # zero vectors would stay zero: restart from a random vector next call
