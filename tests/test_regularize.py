@@ -581,3 +581,52 @@ def test_attach_and_add_gradient_bad_input():
         model[2].weight[0, 0] = float("nan")
     with pytest.raises(SpectrakitError, match=r"2\.weight"):
         penalty.add_gradient_(0.1)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attach_under_grad_scaler_equals_the_loss_term(fused):
+    """A fused optimizer steps on still-scaled gradients (GradScaler sets grad_scale): the
+    attached gradient must be scaled alike."""
+    X = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    results = []
+    for attach in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        penalty = SpectralPenalty(model, target=0.5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        if attach:
+            penalty.attach(optimizer, weight=0.1)
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = model(X).square().mean() + (0 if attach else 0.1 * penalty())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_attach_scope_and_refusals():
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(first, second)
+    penalty = L2Penalty(model)
+    only_first = torch.optim.SGD(first.parameters(), lr=0.1)
+    handle = penalty.attach(only_first, weight=1.0)
+    assert math.isnan(penalty.last_value)
+    before = float(L2Penalty(model)())
+    only_first.step()  # no task gradient at all: the penalty's own, for the first layer only
+    assert first.weight.grad is not None and second.weight.grad is None
+    assert penalty.last_value == pytest.approx(before, rel=1e-6)  # the value the step was taken from
+    handle.remove()
+    frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    frozen_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    L2Penalty(frozen).attach(frozen_optimizer, weight=1.0)
+    frozen_optimizer.step()  # nothing to add: no error
+    assert frozen.weight.grad is None
+    with pytest.raises(SpectrakitError, match="LBFGS"):
+        L2Penalty(model).attach(torch.optim.LBFGS(model.parameters()), weight=1.0)
+    closure_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    L2Penalty(model).attach(closure_optimizer, weight=1.0)
+    with pytest.raises(SpectrakitError, match="closure"):
+        closure_optimizer.step(lambda: model(torch.ones(1, 4)).sum())

@@ -15,6 +15,7 @@ parametrized weight is penalized as the layer really uses it and gradients reach
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -255,21 +256,38 @@ class Penalty(nn.Module):
             total = total / len(terms)
         return self.checked(total)
 
-    def add_gradient_(self, weight: float) -> float:
-        """Add ``weight · ∂penalty/∂θ`` to the ``.grad`` of every tensor the penalty depends on
-        (creating it where it is ``None``), as ``(weight · penalty()).backward()`` would, and
-        return the penalty's value."""
+    def add_gradient_(self, weight: float, params: Iterable[torch.Tensor] | None = None) -> float:
+        """Add ``weight · ∂penalty/∂θ`` to the ``.grad`` of the tensors the penalty depends on
+        (creating it where it is ``None``), as ``(weight · penalty()).backward()`` would —
+        only to those in ``params`` when given — and return the penalty's value."""
         with torch.enable_grad():
             value = self()
+        if not value.requires_grad:  # every penalized tensor is frozen
+            return float(value)
+        if params is None:
             (value * weight).backward()
+            return float(value)
+        chosen = [p for p in params if p.requires_grad]
+        if chosen:
+            for p, grad in zip(chosen, torch.autograd.grad(value, chosen, allow_unused=True)):
+                if grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = grad * weight  # (autograd may hand back an expanded view)
+                else:
+                    p.grad.add_(grad, alpha=weight)
         return float(value)
 
     def attach(self, optimizer: torch.optim.Optimizer, weight: float) -> Any:
         """Apply the penalty through ``optimizer`` instead of the loss: right before every
         ``optimizer.step()``, :meth:`add_gradient_` adds ``weight · ∂penalty/∂θ`` to the
-        gradients — the update of adding ``weight · penalty()`` to the loss, without a term
-        in the loss's graph. The value of the last step is in :attr:`last_value`. Returns a
-        handle: ``handle.remove()`` detaches the penalty.
+        gradients of the parameters that optimizer updates — the update of adding
+        ``weight · penalty()`` to the loss, without a term in the loss's graph. Works with
+        ``torch.amp.GradScaler`` (also with fused optimizers, whose gradients stay scaled) and
+        with wrappers that keep the torch optimizer in ``.optimizer`` (accelerate); not with
+        optimizers that re-evaluate a closure (LBFGS), which clear the gradients inside
+        ``step()``. The value of the last step is in :attr:`last_value` (NaN before the first).
+        Returns a handle: ``handle.remove()`` detaches the penalty.
 
         >>> import torch, spectrakit as sk
         >>> model = torch.nn.Linear(8, 4)
@@ -279,13 +297,33 @@ class Penalty(nn.Module):
         >>> optimizer.step()
         >>> handle.remove()
         """
-        if not (isinstance(weight, (int, float)) and weight >= 0 and weight < float("inf")):
-            raise SpectrakitError(f"{type(self).__name__}.attach: weight={weight!r} must be a finite number ≥ 0")
+        owner = f"{type(self).__name__}.attach"
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
+            raise SpectrakitError(f"{owner}: weight={weight!r} must be a finite number ≥ 0")
+        inner = optimizer
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer  # a wrapper such as accelerate's AcceleratedOptimizer: hook what it steps
+        if not hasattr(inner, "register_step_pre_hook"):
+            raise SpectrakitError(f"{owner}: {type(optimizer).__name__} is not a torch optimizer (no "
+                                  "register_step_pre_hook); attach to the one it wraps, or add the penalty to the loss")
+        if isinstance(inner, torch.optim.LBFGS):
+            raise SpectrakitError(f"{owner}: LBFGS re-evaluates its closure and clears the gradients inside "
+                                  "step(); add weight · penalty() to the loss in the closure instead")
+        self.__dict__["last_value"] = math.nan
 
         def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self.__dict__["last_value"] = self.add_gradient_(float(weight))
+            # torch passes step's own arguments, the optimizer first: (optimizer, closure?)
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            if closure is not None:
+                raise SpectrakitError(f"{owner}: optimizer.step(closure) re-evaluates the loss inside step(); "
+                                      "add weight · penalty() to the loss in the closure instead")
+            # a fused optimizer under GradScaler divides the still-scaled gradients by grad_scale
+            scale = getattr(optimizer, "grad_scale", None)
+            factor = float(weight) * (1.0 if scale is None else float(scale))
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.__dict__["last_value"] = self.add_gradient_(factor, params)
 
-        return optimizer.register_step_pre_hook(before_step)
+        return inner.register_step_pre_hook(before_step)
 
     def per_layer(self) -> dict[str, float]:
         """Each selected tensor's term, as floats, for logging."""

@@ -143,30 +143,31 @@ class SpectralPenalty(Penalty):
         self._check_power_values()
         return total
 
-    def add_gradient_(self, weight: float) -> float:
+    def add_gradient_(self, weight: float, params: Iterable[torch.Tensor] | None = None) -> float:
         """:meth:`Penalty.add_gradient_` without autograd where the weights are the layers'
         own parameters: the closed-form gradient goes into ``.grad`` in place (one ``addr_``
         per weight, one ``add_`` per bias), so an attached penalty costs the power
         iteration and these updates only."""
         if not (self.method == "power" and self.shapes is None):
-            return super().add_gradient_(weight)
+            return super().add_gradient_(weight, params)
         self._power_operands()
         if self._operands is None:  # views, copies or bare tensors: let autograd route the gradient
-            return super().add_gradient_(weight)
+            return super().add_gradient_(weight, params)
+        owned = None if params is None else {id(p) for p in params}
         with self._resetting_on_error():
             advance, matrices, biases = self._power_call()
             with torch.no_grad():
                 terms = _evaluate_terms(self, advance, matrices, biases)
                 self._check_power_values()
                 for X, (x, y, s), c in zip(matrices, terms.vectors, terms.weight_coef):
-                    if not X.requires_grad:  # a frozen layer: autograd would leave it alone too
-                        continue
+                    if not X.requires_grad or (owned is not None and id(X) not in owned):
+                        continue  # frozen (autograd would leave it alone too), or not this optimizer's
                     if X.grad is None:
                         X.grad = torch.addr(X, x, y, beta=0, alpha=weight * c * s)
                     else:
                         X.grad.addr_(x, y, alpha=weight * c * s)
                 for b, c in zip(biases, terms.bias_coef):
-                    if not b.requires_grad:
+                    if not b.requires_grad or (owned is not None and id(b) not in owned):
                         continue
                     if b.grad is None:
                         b.grad = b.detach() * (weight * c)
