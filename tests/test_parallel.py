@@ -51,7 +51,7 @@ def test_workers_match_serial_for_files_and_modules(tmp_path):
     assert_same(sk.analyze(model, progress=False, workers=2), sk.analyze(model, progress=False))
 
 
-def test_threads_match_serial_and_restore_torch_threads(tmp_path):
+def test_threads_match_serial_and_restore_torch_threads(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from spectrakit.analyze.parallel import default_threads
@@ -63,12 +63,17 @@ def test_threads_match_serial_and_restore_torch_threads(tmp_path):
     threaded = sk.analyze(tensors, progress=False, threads=3)
     assert torch.get_num_threads() == before
     assert_same(threaded, sk.analyze(tensors, progress=False, threads=1))
+    from spectrakit.analyze import parallel
+
+    monkeypatch.setattr(parallel, "_SMALL_COST", 60 * 30 * 30)  # layers 4 and 5 count as large: run alone first
+    assert_same(sk.analyze(tensors, progress=False, threads=2), threaded)
+    assert torch.get_num_threads() == before
     assert threaded["bad.weight"]["status"] == threaded["nan.weight"]["status"] == "skipped"
     # files stream one tensor at a time: one thread unless asked
     assert default_threads(list(iter_matrices(str(tmp_path / "m.safetensors")))) == 1
     expected = min(4, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 1
     assert default_threads(list(iter_matrices(tensors))) == expected
-    for bad in (0, -1, 1.5):
+    for bad in (0, -1, 1.5, True):
         with pytest.raises(sk.SpectrakitError, match="threads="):
             sk.analyze(tensors, progress=False, threads=bad)
 

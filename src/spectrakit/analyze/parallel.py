@@ -48,26 +48,36 @@ def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: 
 
 def _threaded(records: Sequence[MatrixRecord], options: AnalyzeOptions, threads: int,
               progress: bool) -> dict[str, MatrixResult]:
-    """Several matrices at a time in this process, one intra-op thread each.
+    """Several matrices at a time in this process, sharing the intra-op threads.
 
     LAPACK's symmetric eigensolver keeps about one core busy on matrices of a few hundred
-    rows, so a model of small matrices leaves the other cores idle in :func:`_serial`.
-    torch's thread setting changes for the whole process while the pool runs (a worker
-    thread cannot set it for itself alone) and is put back afterwards.
+    rows, so a model of small matrices leaves the other cores idle in :func:`_serial`. Large
+    matrices keep the whole machine to themselves (their products and eigensolves use every
+    core already) and run first, one at a time, so at most ``threads`` small ones are held
+    at once. torch's thread setting is process-wide while the pool runs (a worker thread
+    cannot set it for itself alone) and is put back afterwards.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    large = [r for r in records if _cost(r) > _SMALL_COST]
+    small = sorted((r for r in records if _cost(r) <= _SMALL_COST), key=_cost, reverse=True)
+    results = _serial(large, options, progress, desc="spectra (large)") if large else {}
+    if not small:
+        return results
     before = torch.get_num_threads()
-    ordered = sorted(records, key=_cost, reverse=True)  # big ones first: less idle at the end
-    results = {}
+    per_worker = max(1, before // threads)
     try:
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            done = pool.map(analyze_record, ordered, [options] * len(ordered))
-            for result in progress_bar(done, total=len(ordered), desc="spectra", enabled=progress):
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
+            done = pool.map(analyze_record, small, [options] * len(small))
+            for result in progress_bar(done, total=len(small), desc="spectra", enabled=progress):
                 results[result.name] = result
     finally:
         torch.set_num_threads(before)
     return results
+
+
+# rows · cols · min(rows, cols) up to a 1024 × 4096 matrix: eigensolves of ≤ 1024 rows
+_SMALL_COST = 1024 * 4096 * 1024
 
 
 def default_threads(records: Sequence[MatrixRecord]) -> int:
@@ -77,8 +87,8 @@ def default_threads(records: Sequence[MatrixRecord]) -> int:
     cores = min(4, os.cpu_count() or 1)
     if cores < 2 or len(records) < 2 or any(r.source not in ("module", "state_dict") for r in records):
         return 1
-    loaded = next((r for r in records if skip_reason_before_load(r) is None), None)
-    return cores if loaded is not None and loaded.load().device.type == "cpu" else 1
+    loadable = [r for r in records if skip_reason_before_load(r) is None]
+    return cores if loadable and all(r.load().device.type == "cpu" for r in loadable) else 1
 
 
 # --- local worker processes ------------------------------------------------------------------

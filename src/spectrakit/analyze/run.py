@@ -187,10 +187,11 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         progress: show a progress bar on stderr.
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
         workers: local processes sharing the matrices (files stream in each worker).
-        threads: matrices analyzed at a time in this process, one intra-op thread each.
-            ``None``: one per core (up to 4) for a model or state dict in CPU memory,
-            where small matrices leave cores idle otherwise; 1 for files (they stream
-            one tensor at a time) and accelerators.
+        threads: small matrices (≤ 1024 rows on the smaller side, or so) analyzed at a
+            time in this process, sharing the intra-op threads; larger ones run one at a
+            time first. ``None``: one per core (up to 4) for a model or state dict in CPU
+            memory, where small matrices leave cores idle otherwise; 1 for files (they
+            stream one tensor at a time) and accelerators.
         distributed: split the matrices over the ranks of an initialized
             ``torch.distributed`` group (e.g. under ``torchrun``); every rank gets the
             whole table back. ``None``: on when such a group with > 1 rank exists.
@@ -213,7 +214,7 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(linalg.METHODS)}")
     if workers < 1:
         raise SpectrakitError(f"workers={workers} must be ≥ 1")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SpectrakitError(f"threads={threads!r} must be an integer ≥ 1 (or None)")
     mp_fit_function(mp_fit)  # an unknown name fails here, before any matrix is read
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
