@@ -92,16 +92,21 @@ class SpectralNormalization(nn.Module):
 
     def sigma(self, W: torch.Tensor) -> torch.Tensor:
         X = self.operand(W)
-        # vectors sized for X were warmed up, and in training checked for zeros by advance()
-        if self.method == "power" and not self.state.sized_for(X):
-            warm_up(self.state, X, WARMUP_ITERS)
+        if self.method == "power":
+            state = self.state
+            # vectors sized for X were warmed up, and in training checked for zeros by advance()
+            if not state.sized_for(X):
+                warm_up(state, X, WARMUP_ITERS)
+            if X.ndim == 2 and not X.is_complex() and state.fits(X):
+                return torch.dot(state.u, torch.mv(X, state.v))  # σ = uᵀXv, gradient u vᵀ
         return top_singular_value(X, self.method, self.state)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         self.last_input = W.detach()
-        sigma = self.sigma(W)
-        # W / (σ/τ): tensor-by-float arithmetic, no Python-level reflected division
-        return W / (sigma.clamp_min(torch.finfo(sigma.dtype).tiny) * (1 / self.scale)).to(W.dtype)
+        sigma = self.sigma(W).clamp_min(torch.finfo(W.dtype).tiny)
+        if self.scale != 1.0:  # W / (σ/τ): tensor-by-float arithmetic, no reflected division
+            sigma = sigma * (1 / self.scale)
+        return W / (sigma if sigma.dtype == W.dtype else sigma.to(W.dtype))
 
     def advance(self, W: torch.Tensor) -> None:
         """Move the power iteration ``n_iter`` steps on the current weight (no gradient)."""
