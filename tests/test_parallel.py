@@ -71,8 +71,13 @@ def test_threads_match_serial_and_restore_torch_threads(tmp_path, monkeypatch):
     assert threaded["bad.weight"]["status"] == threaded["nan.weight"]["status"] == "skipped"
     # files stream one tensor at a time: one thread unless asked
     assert default_threads(list(iter_matrices(str(tmp_path / "m.safetensors")))) == 1
-    expected = min(4, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 1
+    expected = min(4, torch.get_num_threads()) if torch.get_num_threads() > 1 else 1
     assert default_threads(list(iter_matrices(tensors))) == expected
+    torch.set_num_threads(1)  # a caller that limits torch to one thread keeps analyze serial
+    try:
+        assert default_threads(list(iter_matrices(tensors))) == 1
+    finally:
+        torch.set_num_threads(before)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(sk.SpectrakitError, match="threads="):
             sk.analyze(tensors, progress=False, threads=bad)

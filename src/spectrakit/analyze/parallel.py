@@ -81,10 +81,10 @@ _SMALL_COST = 1024 * 4096 * 1024
 
 
 def default_threads(records: Sequence[MatrixRecord]) -> int:
-    """Threads for ``analyze(threads=None)``: one per core (at most 4) for matrices already in
-    this process's CPU memory; 1 for files, which stream one tensor at a time, and for
-    accelerators."""
-    cores = min(4, os.cpu_count() or 1)
+    """Threads for ``analyze(threads=None)``: one per intra-op thread torch may use (at most 4)
+    for matrices already in this process's CPU memory; 1 for files, which stream one tensor at
+    a time, and for accelerators. (``torch.set_num_threads(1)`` before the call keeps it serial.)"""
+    cores = min(4, torch.get_num_threads())
     if cores < 2 or len(records) < 2 or any(r.source not in ("module", "state_dict") for r in records):
         return 1
     loadable = [r for r in records if skip_reason_before_load(r) is None]

@@ -189,9 +189,9 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         workers: local processes sharing the matrices (files stream in each worker).
         threads: small matrices (≤ 1024 rows on the smaller side, or so) analyzed at a
             time in this process, sharing the intra-op threads; larger ones run one at a
-            time first. ``None``: one per core (up to 4) for a model or state dict in CPU
-            memory, where small matrices leave cores idle otherwise; 1 for files (they
-            stream one tensor at a time) and accelerators.
+            time first. ``None``: one per torch intra-op thread (up to 4) for a model or
+            state dict in CPU memory, where small matrices leave cores idle otherwise; 1
+            for files (they stream one tensor at a time) and accelerators.
         distributed: split the matrices over the ranks of an initialized
             ``torch.distributed`` group (e.g. under ``torchrun``); every rank gets the
             whole table back. ``None``: on when such a group with > 1 rank exists.
