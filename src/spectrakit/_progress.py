@@ -8,7 +8,8 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabled: bool = True) -> Iterator[T]:
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabled: bool = True,
+             unit: str = "matrix") -> Iterator[T]:
     """Iterate ``items`` with a progress bar on stderr (silent when ``enabled`` is False)."""
     if not enabled:
         yield from items
@@ -18,7 +19,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
     except ImportError:
         yield from _plain(items, total, desc)
         return
-    yield from tqdm(items, total=total, desc=desc, unit="matrix", leave=False, dynamic_ncols=True)
+    yield from tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def _plain(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 2e-3)
     log = finetune(model, batches, lr, penalty_weight=args.penalty,
                    progress=lambda items: progress(items, total=args.steps, desc=f"finetune {args.method}",
-                                                   enabled=not args.quiet))
+                                                   enabled=not args.quiet, unit="step"))
     after = bits_per_byte(model, windows)
     out = Path(args.out)
     save_adapter(model, out / "adapter.safetensors")

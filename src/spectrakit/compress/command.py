@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
         batches = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
-        calibration = progress(batches, total=len(batches), desc="calibration", enabled=not args.quiet)
+        calibration = progress(batches, total=len(batches), desc="calibration", enabled=not args.quiet, unit="batch")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
