@@ -82,9 +82,6 @@ def krylov_svd(W: torch.Tensor, k: int, niter: int | None = None, block: int | N
     if float((Qt @ transpose(Qt) - eye).abs().amax()) > slack:
         Qt = transpose(torch.linalg.qr(transpose(Qt)).Q)
         Pt = Qt @ transpose(W)
-    eigenvalues, E = torch.linalg.eigh(Pt @ transpose(Pt))  # PᴴP
-    eigenvalues, E = eigenvalues.flip(-1)[..., :k], E.flip(-1)[..., :k]
-    S = eigenvalues.clamp_min(0).sqrt()
-    safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
-    U = (transpose(Pt) @ E) / safe
-    return U, S, transpose(E) @ Qt
+    # Rayleigh–Ritz: P = W Q = U Σ Eᴴ (its Gram eigensolve), so W ≈ U Σ (Q E)ᴴ
+    U, S, Eh = gram_svd(transpose(Pt), k)
+    return U, S, Eh @ Qt

@@ -116,19 +116,27 @@ class PowerIteration:
         """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
         return self.sized_for(W) and self._v.dtype == W.dtype and self._v.device == W.device
 
-    def __call__(self, W: torch.Tensor) -> torch.Tensor:
+    def step(self, W: torch.Tensor, n_iter: int | None = None) -> None:
+        """Advance the kept vectors ``n_iter`` steps (default :attr:`n_iter`) on ``W``, without
+        gradient and without forming σ₁ (fresh vectors first for a new shape)."""
+        n_iter = self.n_iter if n_iter is None else n_iter
         with torch.no_grad():
             Wd = W.detach()
             self.prepare(Wd)
+            if not n_iter:
+                return
             if Wd.ndim == 2 and not Wd.is_complex():
-                if self.n_iter:
-                    power_steps([self], [Wd], self.n_iter)
-            else:
-                u, v = self.u, self.v
-                for _ in range(self.n_iter):
-                    v = _normalize((transpose(Wd) @ u.unsqueeze(-1)).squeeze(-1))
-                    u = _normalize((Wd @ v.unsqueeze(-1)).squeeze(-1))
-                self.u, self.v = u, v
+                power_steps([self], [Wd], n_iter)
+                return
+            u, v = self.u, self.v
+            for _ in range(n_iter):
+                v = _normalize((transpose(Wd) @ u.unsqueeze(-1)).squeeze(-1))
+                u = _normalize((Wd @ v.unsqueeze(-1)).squeeze(-1))
+            self.u, self.v = u, v
+
+    def __call__(self, W: torch.Tensor) -> torch.Tensor:
+        if self.n_iter or not self.fits(W):  # a read with vectors that fit needs no step
+            self.step(W)
         u, v = self.u, self.v
         if W.ndim == 2 and not W.is_complex():
             return torch.dot(u, torch.mv(W, v))

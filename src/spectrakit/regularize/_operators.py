@@ -134,19 +134,15 @@ def warm_up(state: Any, X: torch.Tensor, iterations: int, max_iterations: int = 
         state.reset()
     real = X.real.dtype if X.is_complex() else X.dtype
     tolerance = 1e-12 if real == torch.float64 else 1e-6
-    per_call, state.n_iter = state.n_iter, iterations
-    try:
-        with torch.no_grad():
-            X = X.detach()
-            done = 0
-            while done < max_iterations:
-                before = state.v.clone() if state.sized_for(X) else None  # vectors for another shape restart
-                state(X)
-                done += iterations
-                if before is not None:
-                    # |cos| between successive vectors → 1 once converged (the sign may flip)
-                    cosine = (before.conj() * state.v).sum(-1).abs()
-                    if bool((1 - cosine).abs().max() < tolerance):
-                        break
-    finally:
-        state.n_iter = per_call
+    with torch.no_grad():
+        X = X.detach()
+        done = 0
+        while done < max_iterations:
+            before = state.v.clone() if state.sized_for(X) else None  # vectors for another shape restart
+            state.step(X, iterations)
+            done += iterations
+            if before is not None:
+                # |cos| between successive vectors → 1 once converged (the sign may flip)
+                cosine = (before.conj() * state.v).sum(-1).abs()
+                if bool((1 - cosine).abs().max() < tolerance):
+                    break

@@ -36,7 +36,6 @@ from torch.nn.utils import parametrize
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
-from ..linalg.norms import power_steps
 from ..weights import iter_matrices
 from ._base import CONV_KINDS, Target, _is_hf_conv1d, check_tensor
 from ._operators import PROVISIONAL_GRID, operator_blocks, top_singular_value, warm_up
@@ -92,13 +91,9 @@ class SpectralNormalization(nn.Module):
 
     def sigma(self, W: torch.Tensor) -> torch.Tensor:
         X = self.operand(W)
-        if self.method == "power":
-            state = self.state
-            # vectors sized for X were warmed up, and in training checked for zeros by advance()
-            if not state.sized_for(X):
-                warm_up(state, X, WARMUP_ITERS)
-            if X.ndim == 2 and not X.is_complex() and state.fits(X):
-                return torch.dot(state.u, torch.mv(X, state.v))  # σ = uᵀXv, gradient u vᵀ
+        # vectors sized for X were warmed up, and in training checked for zeros by advance()
+        if self.method == "power" and not self.state.sized_for(X):
+            warm_up(self.state, X, WARMUP_ITERS)
         return top_singular_value(X, self.method, self.state)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
@@ -114,17 +109,7 @@ class SpectralNormalization(nn.Module):
             return
         X = self.operand(W.detach())
         warm_up(self.state, X, WARMUP_ITERS)
-        if X.ndim == 2 and not X.is_complex():  # the steps alone: σ is read in forward
-            self.state.prepare(X)
-            with torch.no_grad():
-                power_steps([self.state], [X], self.n_iter)
-            return
-        self.state.n_iter = self.n_iter
-        try:
-            with torch.no_grad():
-                self.state(X)
-        finally:
-            self.state.n_iter = 0
+        self.state.step(X, self.n_iter)  # the steps alone: σ is read in forward
 
     def extra_repr(self) -> str:
         return f"target={self.scale}, method={self.method!r}, exact_conv={self.exact_conv}, input_shape={self.input_shape}"
