@@ -6,8 +6,10 @@ One pass over the calibration batches fills, for each targeted layer with inputs
 * ``gram``   — the input second moment ``XᵀX = Σ x xᵀ`` (``in × in``, float64): SVD-LLM;
 * ``abs_sum`` — ``Σ |x|`` per input channel (float64), so ``abs_sum / N`` is the mean
   activation magnitude: ASVD;
-* ``fisher`` — ``Σ_batches (∂L_b/∂W)²`` (``out × in``, float64), the empirical Fisher
-  diagonal from one backward pass per batch: FWSVD.
+* ``fisher`` — ``Σ_batches Σ_j (∂L_b/∂W_ij)²`` (one entry per output row ``i``,
+  float64), the empirical Fisher diagonal from one backward pass per batch, summed
+  along each row: FWSVD. Only the row sums are kept, so a layer costs ``out`` numbers
+  here, not ``out × in`` (8 GB in float64 for a 1B-parameter model).
 
 The weight gradient of a batch is formed from the hooked input ``X`` and output
 gradient ``G`` as ``GᵀX`` (``out × in`` whatever the layer stores), so the same code
@@ -114,8 +116,9 @@ class _Collector:
                         raise SpectrakitError(f"fwsvd: the input of layer {name} was modified in place after the "
                                               "layer used it, so its Fisher cannot be formed from it")
                     weight_grad = grad.reshape(-1, grad.shape[-1]).to(compute).T @ saved  # out × in
-                    square = weight_grad.double().square_()
-                    stats.fisher = square if stats.fisher is None else stats.fisher.add_(square)
+                    # squared in float64: a float32 square underflows below gradients of 1e-19
+                    rows = torch.linalg.vector_norm(weight_grad, dim=1, dtype=torch.float64).square_()
+                    stats.fisher = rows if stats.fisher is None else stats.fisher.add_(rows)
                     stats.batches += 1
 
                 output.register_hook(grad_hook)

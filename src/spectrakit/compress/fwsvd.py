@@ -36,4 +36,4 @@ class FisherWeightedSVD(Method):
         assert stats is not None
         if stats.fisher is None:  # the layer does not influence the loss: plain SVD
             return Transform()
-        return Transform(left=positive_floor(stats.fisher.sum(dim=1).sqrt()))
+        return Transform(left=positive_floor(stats.fisher.sqrt()))

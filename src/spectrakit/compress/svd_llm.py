@@ -18,9 +18,8 @@ channels, ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`
 :class:`CompressionWarning` names the layer: the identity then holds only
 approximately, and gathering more calibration tokens is the real fix.
 
-``W S`` is formed in float64 (``S`` may be that ill-conditioned) and, with
-``svd_method="auto"`` on the CPU, decomposed through the float64 eigensolve of its
-smaller Gram matrix, which is faster there than a float32 LAPACK SVD.
+With ``svd_method="auto"`` on the CPU, ``W S`` is formed and decomposed in float64
+(``S`` may be that ill-conditioned; see :meth:`Method.spectrum`).
 
 >>> import torch, spectrakit as sk
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
@@ -76,7 +75,6 @@ def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", dampi
 class TruncationAwareSVD(Method):
     name = "svd-llm"
     needs = frozenset({"gram"})
-    double_gram = True
 
     def __init__(self, damping: float = 1e-2, max_condition: float = 1e10) -> None:
         if not damping > 0 or not max_condition > 1:
