@@ -347,3 +347,22 @@ def test_krylov_on_a_small_problem_is_the_exact_eigensolve():
     W = torch.randn(60, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     S = sk.linalg.svdvals(W, k=10, method="krylov")  # (5 + 1)·10 ≥ 40 columns: solved exactly
     assert torch.allclose(S, torch.linalg.svdvals(W)[:10], rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape,dtype", [((300, 800), torch.float64), ((2, 40, 500), torch.float32),
+                                         ((64, 420), torch.complex128), ((50, 100), torch.float64)])
+def test_gram_equals_the_full_product(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(*shape, generator=g, dtype=dtype)
+    expected = X.mH @ X
+    G = sk.linalg.gram(X)
+    assert G.shape == expected.shape
+    tolerance = {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+    assert torch.allclose(G, expected, **tolerance)
+    if shape[-1] >= 384:  # formed in blocks: the lower triangle is a copy of the upper one
+        assert torch.equal(torch.tril(G, -1), torch.tril(G.mH, -1))
+    leaf = X.clone().requires_grad_(True)  # under autograd: one product, differentiable
+    (grad,) = torch.autograd.grad(sk.linalg.gram(leaf).abs().square().sum(), leaf)
+    reference = X.clone().requires_grad_(True)
+    (expected_grad,) = torch.autograd.grad((reference.mH @ reference).abs().square().sum(), reference)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4 if dtype == torch.float32 else 1e-10)

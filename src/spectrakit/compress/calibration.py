@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SpectrakitError
+from .. import linalg
 from ..linalg._prepare import all_finite
 
 Batch = Any
@@ -93,7 +94,7 @@ class _Collector:
                 products: dict[str, torch.Tensor] = {}
                 wide = flat.to(torch.float64) if flat.dtype == torch.float64 else flat.float()
                 if self.gram:
-                    products["gram"] = (wide.T @ wide).double()
+                    products["gram"] = linalg.gram(wide).double()
                 if self.scale:
                     products["abs_sum"] = wide.abs().sum(dim=0).double()
                 self.cache[id(x)] = entry = (x, products)

@@ -8,6 +8,7 @@
 """
 
 from .conv import conv_frequency_matrices, conv_singular_values
+from .gram import gram
 from .incremental import IncrementalSVD, svd_update
 from .norms import PowerIteration, gram_iteration_bound, spectral_norm
 from .polar import orthogonalize
@@ -20,6 +21,7 @@ __all__ = [
     "choose_method",
     "conv_frequency_matrices",
     "conv_singular_values",
+    "gram",
     "gram_iteration_bound",
     "orthogonalize",
     "spectral_norm",
