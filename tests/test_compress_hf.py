@@ -133,3 +133,43 @@ def test_cli_compresses_a_byte_level_folder(tmp_path, capsys) -> None:
     assert "ratio=1.2 must be in (0, 1)" in capsys.readouterr().err
     assert main(["compress", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert main(["compress", str(tmp_path / "src"), "--method", "tucker", "--out", str(out)]) == 2
+
+
+class _HeadThenLayer(torch.nn.Module):
+    """Runs its `late` layer after the output head (no real model does): the head stop must
+    then let the forward finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.early, self.head, self.late = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.late(self.head(self.early(x)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_statistics_pass_stops_at_the_output_head(arch: str) -> None:
+    from spectrakit.compress.api import _output_head, find_layers
+    from spectrakit.compress.calibration import collect_statistics
+
+    model = BUILDERS[arch]()
+    layers, head, batches = find_layers(model), _output_head(model), calibration()
+    head_calls = []
+    counter = head.register_forward_hook(lambda *args: head_calls.append(1))
+    full = collect_statistics(model, layers, batches, gram=True, scale=True)
+    assert len(head_calls) == len(batches)
+    stopped = collect_statistics(model, layers, batches, gram=True, scale=True, head=head)
+    assert len(head_calls) == len(batches)  # the head never ran
+    for name in layers:
+        assert torch.equal(stopped[name].gram, full[name].gram) and stopped[name].tokens == full[name].tokens
+        assert torch.equal(stopped[name].abs_sum, full[name].abs_sum)
+    with_head = {**layers, "lm_head": head}  # a targeted head is run, of course
+    collect_statistics(model, with_head, batches, gram=True, head=head)
+    assert len(head_calls) == 2 * len(batches)
+    counter.remove()
+    odd = _HeadThenLayer()
+    x = torch.randn(5, 8)
+    stats = collect_statistics(odd, {"early": odd.early, "late": odd.late}, [x], gram=True, head=odd.head)
+    hidden = odd.head(odd.early(x)).detach().double()
+    assert torch.allclose(stats["late"].gram, hidden.T @ hidden, atol=1e-5)

@@ -96,17 +96,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """A Hugging Face model's output head (``get_output_embeddings()``), if it has one."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if not callable(get_output):
+        return None
+    try:
+        head = get_output()
+    except Exception:  # some models raise NotImplementedError here
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _output_weight_ids(model: nn.Module) -> set[int]:
     """Weights ``targets="all-linear"`` leaves alone: the output head and embedding-tied ones."""
     skip: set[int] = set()
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            head = get_output()
-        except Exception:  # some models raise NotImplementedError here
-            head = None
-        if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
-            skip.add(id(head.weight))
+    head = _output_head(model)
+    if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        skip.add(id(head.weight))
     skip.update(id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
     return skip
 
@@ -226,7 +233,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
         statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
                                         scale="scale" in solver.needs, fisher="fisher" in solver.needs,
-                                        loss_fn=loss_fn)
+                                        loss_fn=loss_fn, head=_output_head(model))
         tokens = max((s.tokens for s in statistics.values()), default=0)
     calibration_seconds = time.perf_counter() - calibration_start
 

@@ -70,6 +70,15 @@ class _Collector:
     # hooked outputs produced before any root exists (their input requires grad through a
     # tensor outside the model's parameters): differentiated directly, next to the roots
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # layers hooked in the current batch (see stop_at_head)
+    seen: set[str] = field(default_factory=set)
+
+    def stop_at_head(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """End a statistics-only forward at the output head's input once every targeted
+        layer has run in this batch: nothing after the head is needed, and the head is up
+        to a third of a small language model's forward (GPT-2: 39 M of 124 M weights)."""
+        if len(self.seen) == len(self.layers):
+            raise _HeadReached
 
     def mark_root(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         x = inputs[0] if inputs else None
@@ -98,6 +107,7 @@ class _Collector:
                 if self.scale:
                     products["abs_sum"] = wide.abs().sum(dim=0).double()
                 self.cache[id(x)] = entry = (x, products)
+            self.seen.add(name)
             stats = self.stats.setdefault(name, LayerStatistics())
             stats.tokens += flat.shape[0]
             for key, value in entry[1].items():
@@ -125,6 +135,11 @@ class _Collector:
                 output.register_hook(grad_hook)
 
         return forward_hook
+
+
+class _HeadReached(BaseException):
+    """Ends a calibration forward early (a BaseException, so that a model's own
+    ``except Exception`` cannot swallow it)."""
 
 
 @contextlib.contextmanager
@@ -182,8 +197,13 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
                        gram: bool = False, scale: bool = False, fisher: bool = False,
-                       loss_fn: LossFn | None = None) -> dict[str, LayerStatistics]:
+                       loss_fn: LossFn | None = None, head: nn.Module | None = None) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
+
+    ``head``: the model's output head, if it is not among ``layers``. Without ``fisher``
+    (which needs the loss) each forward then stops at the head's input as soon as every
+    layer in ``layers`` has run in that batch; a layer the model would call again after
+    its head (no common architecture does) would miss those later calls.
 
     Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
     in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
@@ -196,6 +216,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
     if fisher:
         handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]
+    elif head is not None and all(head is not module for module in layers.values()):
+        handles.append(head.register_forward_pre_hook(collector.stop_at_head))
     was_training = model.training
     model.eval()
     # FWSVD freezes every parameter for the pass (see _Collector.roots); all requires_grad
@@ -221,8 +243,9 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                     if differentiate:  # none: no targeted layer ran (reported below)
                         torch.autograd.grad(loss, differentiate, allow_unused=True)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), contextlib.suppress(_HeadReached):
                     run_model(model, batch)
+            collector.seen.clear()
             collector.cache.clear()
             collector.outputs.clear()
             collector.release_roots()
