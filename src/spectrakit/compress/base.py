@@ -40,23 +40,41 @@ class Transform:
 
 @dataclass
 class Spectrum:
-    """The SVD of one layer's transformed weight, ready to be truncated at any rank."""
+    """The SVD of one layer's transformed weight ``W̃``, ready to be truncated at any rank.
 
-    U: torch.Tensor
+    From a Gram eigensolve only one side's vectors are known (``U`` or ``Vh`` is ``None``);
+    the other is recovered from ``matrix`` (``W̃``) for the kept columns only.
+    """
+
     S: torch.Tensor
-    Vh: torch.Tensor
     transform: Transform
+    U: torch.Tensor | None = None
+    Vh: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
 
     @property
     def losses(self) -> torch.Tensor:
         """``σᵢ²``: the method's loss for dropping component ``i`` (float64)."""
         return self.S.double().square()
 
+    def top(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U_k, V_kᵀ)`` of the ``rank`` largest singular values."""
+        if self.U is not None and self.Vh is not None:
+            return self.U[:, :rank], self.Vh[:rank]
+        assert self.matrix is not None
+        S = self.S[:rank]
+        if self.U is None:
+            V = self.Vh[:rank].mT
+            return linalg.other_vectors(self.matrix, V, S, tall=True), V.mT
+        U = self.U[:, :rank]
+        return U, linalg.other_vectors(self.matrix, U, S, tall=False).mT
+
     def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` of the rank-``rank`` truncation, mapped back through the transform."""
-        root = self.S[:rank].sqrt()
-        up = self.U[:, :rank] * root[None, :]
-        down = root[:, None] * self.Vh[:rank]
+        U, Vh = self.top(rank)
+        root = self.S[:rank].sqrt().to(U.dtype)
+        up = U * root[None, :]
+        down = root[:, None] * Vh
         left, right = self.transform.left, self.transform.right
         if left is not None:
             up = up / left[:, None].to(up.dtype)
@@ -104,8 +122,13 @@ class Method:
         transform = Transform(*(None if t is None else t.to(W.device) for t in (transform.left, transform.right)))
         Wt = Transform(*(None if t is None else t.to(compute) for t in (transform.left, transform.right))
                        ).apply(W.to(compute))
+        if svd_method == "gram":  # one side's vectors now, the other for the kept columns later
+            S, vectors, tall = linalg.gram_eigh(Wt)
+            vectors = vectors.to(stored)
+            return Spectrum(S, transform, U=None if tall else vectors, Vh=vectors.mT if tall else None,
+                            matrix=Wt.to(stored))
         U, S, Vh = linalg.svd(Wt, method=svd_method)
-        return Spectrum(U.to(stored), S, Vh.to(stored), transform)
+        return Spectrum(S, transform, U=U.to(stored), Vh=Vh.to(stored))
 
 
 def positive_floor(values: torch.Tensor, relative: float = 1e-6) -> torch.Tensor:

@@ -67,8 +67,8 @@ class LowRankLinear(nn.Module):
         """A layer holding ``up`` (out × k), ``down`` (k × in) and ``bias``, cast to ``dtype``."""
         out_features, rank = up.shape
         dtype = dtype or up.dtype
-        layer = cls(down.shape[1], out_features, rank, bias=bias is not None, method=method,
-                    device=up.device, dtype=dtype)
+        layer = nn.utils.skip_init(cls, down.shape[1], out_features, rank, bias=bias is not None, method=method,
+                                   device=up.device, dtype=dtype)  # no random init: overwritten at once
         with torch.no_grad():
             layer.up.copy_(up)
             layer.down.copy_(down)

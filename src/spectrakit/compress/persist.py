@@ -132,10 +132,12 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         except AttributeError:
             raise SpectrakitError(f"{folder / CONFIG}: layer {name} does not exist in the model") from None
         weight = getattr(old, "weight", None)
-        device = weight.device if isinstance(weight, torch.Tensor) else None
-        _replace(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                            bias=spec["bias"], method=spec.get("method", ""),
-                                            device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None))
+        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        # no random init: every factor is loaded below (strict)
+        _replace(model, name, nn.utils.skip_init(LowRankLinear, spec["in_features"], spec["out_features"],
+                                                 spec["rank"], bias=spec["bias"], method=spec.get("method", ""),
+                                                 device=device,
+                                                 dtype=dtype if isinstance(dtype, torch.dtype) else None))
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")

@@ -78,22 +78,33 @@ def gram_svdvals(W: torch.Tensor, name: str = "W") -> torch.Tensor:
     return eigenvalues.flip(-1).clamp_min(0).sqrt().to(W.real.dtype)
 
 
-def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` thin SVD via ``eigh`` of the smaller Gram matrix.
-
-    The other side's vectors are recovered as ``U = W V / σ``; directions whose
-    σ is near zero are unreliable there, so ask for ``k`` within the numerical rank.
+def gram_eigh(W: torch.Tensor, k: int | None = None, name: str = "W") -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(S, vectors, tall)``: the ``k`` largest singular values of ``W`` (descending) and
+    the singular vectors of its smaller side — ``V`` (``n × k``) when ``W`` is tall (or
+    square), else ``U`` (``m × k``) — from ``eigh`` of the smaller Gram matrix. The other
+    side follows from :func:`other_vectors`, for as few columns as needed.
     """
     G, tall = _smaller_gram(W, name)
     eigenvalues, vectors = torch.linalg.eigh(G)
     eigenvalues = eigenvalues.flip(-1)[..., :k]
     vectors = vectors.flip(-1)[..., :k].to(W.dtype)
-    S = eigenvalues.clamp_min(0).sqrt().to(W.real.dtype)
-    safe = torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-2)
-    if tall:
-        V = vectors
-        U = (W @ V) / safe
-    else:
-        U = vectors
-        V = (transpose(W) @ U) / safe
+    return eigenvalues.clamp_min(0).sqrt().to(W.real.dtype), vectors, tall
+
+
+def other_vectors(W: torch.Tensor, vectors: torch.Tensor, S: torch.Tensor, tall: bool) -> torch.Tensor:
+    """The singular vectors of ``W``'s other side: ``U = W V / σ`` when ``tall`` (``vectors``
+    is ``V``), else ``V = Wᴴ U / σ``. Directions whose σ is near zero are unreliable here
+    (a zero σ gives ``W v`` itself, a zero column)."""
+    safe = torch.where(S > 0, S, torch.ones_like(S)).to(W.real.dtype).unsqueeze(-2)
+    return (W @ vectors if tall else transpose(W) @ vectors) / safe
+
+
+def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` thin SVD via ``eigh`` of the smaller Gram matrix (:func:`gram_eigh`), the
+    other side's vectors recovered by :func:`other_vectors`; ask for ``k`` within the
+    numerical rank.
+    """
+    S, vectors, tall = gram_eigh(W, k, name)
+    other = other_vectors(W, vectors, S, tall)
+    U, V = (other, vectors) if tall else (vectors, other)
     return U, S, transpose(V)
