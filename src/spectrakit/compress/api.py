@@ -239,8 +239,8 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
 
     spectra = {}
     for name in progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress):
-        spectra[name] = solver.spectrum(name, matrices[name], statistics.get(name), svd_method=svd_method)
-    statistics.clear()
+        # each layer's statistics (an in × in Gram for svd-llm) are let go as soon as it is decomposed
+        spectra[name] = solver.spectrum(name, matrices[name], statistics.pop(name, None), svd_method=svd_method)
     for message in solver.warnings():
         warnings.warn(message, CompressionWarning, stacklevel=2)
     shapes = {name: LayerShape(*matrices[name].shape, spectra[name].losses) for name in layers}
@@ -249,7 +249,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
 
     report_layers: dict[str, LayerReport] = {}
     for name, layer in layers.items():
-        shape, spectrum, k = shapes[name], spectra[name], ranks[name]
+        shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
         replace = not only_if_smaller or shape.cost(k) < shape.dense
         if replace:
             up, down = spectrum.factors(k, dtype=layer.weight.dtype)
