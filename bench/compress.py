@@ -1,8 +1,8 @@
 """Low-rank compression of the reference model: every method × allocation × ratio.
 
 Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--windows 64]
-                               [--repeats 3] [--json docs/benchmarks/compress.json]
-                               [--plot docs/img/compress_bpb.png]
+                               [--repeats 3] [--gpt2-repeats 1] [--json docs/benchmarks/compress.json]
+                               [--plot docs/img/compress_bpb.png] [--timing-only]
 
 On the bundled reference model (byte-level Llama pretrained on Python code), in one
 process:
@@ -16,7 +16,8 @@ process:
    windows of 256 bytes from ``byte_batches(code_corpus("train"), 8, 256, seed=0)``.
 2. **Time**: wall time of ``compress`` (calibration pass + SVDs + allocation + layer
    swap) for every method at ratio 0.3, best of ``--repeats``, as a multiple of plain
-   ``svd``; and ``svd-llm``'s time as the calibration set grows.
+   ``svd``; ``svd-llm``'s time as the calibration set grows; and the same timings on two
+   larger random models (a 768-wide Llama, GPT-2 small's architecture).
 """
 
 from __future__ import annotations
@@ -72,15 +73,28 @@ def timed_compress(base: torch.nn.Module, **kwargs) -> tuple:
     return model, report, seconds, [str(w.message) for w in caught]
 
 
-def wide_timing(repeats: int) -> dict[str, dict[str, float]]:
-    """Compression time of each method on a wider random Llama, where SVDs cost more
-    relative to the calibration pass (SVD ∝ width³, forward ∝ width² per token)."""
+def wide_llama() -> torch.nn.Module:
+    """A random Llama, hidden 768, MLP 2048, 2 layers: SVDs cost more relative to the
+    calibration pass than on the reference model (SVD ∝ width³, forward ∝ width² per token)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
+    return LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
                                         num_attention_heads=12, num_key_value_heads=12, vocab_size=256,
                                         max_position_embeddings=512)).eval()
+
+
+def gpt2_small() -> torch.nn.Module:
+    """GPT-2 small's architecture (124 M parameters, Conv1D layers), random weights: the
+    timings of a real-size model (they do not depend on the weights' values)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def model_timing(base: torch.nn.Module, repeats: int) -> dict[str, dict[str, float]]:
+    """Each method at ratio 0.3 on ``base`` with 16 × 256 calibration tokens, best of ``repeats``."""
     calib = calibration(16)
     timing = {}
     for method in METHODS:
@@ -95,10 +109,10 @@ def wide_timing(repeats: int) -> dict[str, dict[str, float]]:
 def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int) -> list[list[str]]:
     """Each method at ratio 0.3, round by round (so load changes hit every method alike);
     the best round of each, and its ratio to plain svd's best."""
-    # svd-llm solves W·S by a float64 Gram eigensolve; the extra row gives its time with
-    # plain svd's float32 LAPACK solver, so the two solvers' share of the ratio is visible
+    # every method decomposes through a float64 Gram eigensolve on the CPU; the extra row is
+    # plain svd with float32 LAPACK SVD instead, the baseline before 2026-12-02 (3rd session)
     variants = {method: {"method": method} for method in METHODS}
-    variants["svd-llm, svd_method='exact'"] = {"method": "svd-llm", "svd_method": "exact"}
+    variants["svd, svd_method='exact'"] = {"method": "svd", "svd_method": "exact"}
     runs: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
     for _ in range(repeats):
         for label, kwargs in variants.items():
@@ -141,6 +155,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="docs/benchmarks/compress.json")
     parser.add_argument("--plot", default="docs/img/compress_bpb.png")
+    parser.add_argument("--gpt2-repeats", type=int, default=1,
+                        help="rounds of the GPT-2-size timing (about 70 s each; 0 skips it)")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time of each method at ratio 0.3 (interleaved rounds); writes no JSON or plot")
     args = parser.parse_args()
@@ -192,7 +208,8 @@ def main() -> None:
                               "calibration_seconds": best[1].calibration_seconds,
                               "vs_svd": best[2] / timing["svd"]["seconds"], "damped": bool(best[3])}
 
-    wide = wide_timing(args.repeats)
+    wide = model_timing(wide_llama(), args.repeats)
+    gpt2 = model_timing(gpt2_small(), args.gpt2_repeats) if args.gpt2_repeats else {}
 
     print("\n### Held-out bits per byte (lower is better)\n")
     for corpus in ("code", "docs"):
@@ -218,6 +235,11 @@ def main() -> None:
     print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
                          [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
                           for m, t in wide.items()]))
+    if gpt2:
+        print(f"\n### GPT-2 small (124 M, random weights; 4096 calibration tokens; best of {args.gpt2_repeats})\n")
+        print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
+                             [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
+                              for m, t in gpt2.items()]))
 
     plot(results, dense, Path(args.plot))
     from spectrakit._atomic import atomic_write
@@ -225,7 +247,8 @@ def main() -> None:
     with atomic_write(args.json) as handle:
         json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
                    "calibration_sequences": args.calib, "eval_windows": args.windows, "results": results,
-                   "timing": timing, "timing_vs_calibration": scaling, "timing_wide_model": wide}, handle, indent=1)
+                   "timing": timing, "timing_vs_calibration": scaling, "timing_wide_model": wide,
+                   "timing_gpt2": gpt2}, handle, indent=1)
     print(f"\nwrote {args.json} and {args.plot}")
 
 
