@@ -160,16 +160,47 @@ def test_statistics_pass_stops_at_the_output_head(arch: str) -> None:
     full = collect_statistics(model, layers, batches, gram=True, scale=True)
     assert len(head_calls) == len(batches)
     stopped = collect_statistics(model, layers, batches, gram=True, scale=True, head=head)
-    assert len(head_calls) == len(batches)  # the head never ran
+    assert len(head_calls) == len(batches) + 1  # the head ran in the first batch only
     for name in layers:
         assert torch.equal(stopped[name].gram, full[name].gram) and stopped[name].tokens == full[name].tokens
         assert torch.equal(stopped[name].abs_sum, full[name].abs_sum)
     with_head = {**layers, "lm_head": head}  # a targeted head is run, of course
     collect_statistics(model, with_head, batches, gram=True, head=head)
-    assert len(head_calls) == 2 * len(batches)
+    assert len(head_calls) == 2 * len(batches) + 1
     counter.remove()
     odd = _HeadThenLayer()
-    x = torch.randn(5, 8)
-    stats = collect_statistics(odd, {"early": odd.early, "late": odd.late}, [x], gram=True, head=odd.head)
-    hidden = odd.head(odd.early(x)).detach().double()
+    x = [torch.randn(5, 8), torch.randn(5, 8)]
+    stats = collect_statistics(odd, {"early": odd.early, "late": odd.late}, x, gram=True, head=odd.head)
+    hidden = torch.cat([odd.head(odd.early(batch)) for batch in x]).detach().double()
     assert torch.allclose(stats["late"].gram, hidden.T @ hidden, atol=1e-5)
+
+
+class _StepLM(torch.nn.Module):
+    """Calls its output head at every step (a recurrent language model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, logits = torch.zeros(x.shape[0], 8), []
+        for step in range(x.shape[1]):
+            h = torch.tanh(self.cell(x[:, step] + h))
+            logits.append(self.head(h))
+        return torch.stack(logits, 1)
+
+
+def test_head_called_at_every_step_is_not_a_stop() -> None:
+    from spectrakit.compress.api import _output_head
+    from spectrakit.compress.calibration import collect_statistics
+
+    model = _StepLM()
+    batches = [torch.randn(3, 6, 8) for _ in range(3)]
+    layers = {"cell": model.cell}
+    full = collect_statistics(model, layers, batches, gram=True)["cell"]
+    watched = collect_statistics(model, layers, batches, gram=True, head=_output_head(model))["cell"]
+    assert watched.tokens == full.tokens == 3 * 3 * 6 and torch.equal(watched.gram, full.gram)

@@ -141,7 +141,13 @@ def test_power_and_exact_spectral_norm():
 
 
 def test_persistent_power_iteration_converges_and_is_differentiable():
-    W = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    # a fixed matrix with σ₁ = 1.5 σ₂: 300 steps converge whatever ran before (an unseeded
+    # Gaussian matrix's gap can be too small for that)
+    U, S, Vh = torch.linalg.svd(torch.randn(64, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+                                full_matrices=False)
+    S[0] = 1.5 * S[1]
+    W = (U * S) @ Vh
+    W.requires_grad_(True)
     state = sk.linalg.PowerIteration(n_iter=1)
     for _ in range(300):
         sigma = sk.linalg.spectral_norm(W, state=state)
@@ -280,6 +286,11 @@ def test_gram_recovers_from_overflow_of_finite_entries():
     U, S, Vh = sk.linalg.svd(W.float(), k=4, method="gram")
     assert torch.allclose(S.double(), truth[:4], rtol=1e-5)
     assert U.dtype == torch.float32
+    # squares that fit fp32 one by one but whose sum (the largest eigenvalue) does not
+    W = (torch.ones(200, 80, dtype=torch.float64) + 0.1 * torch.randn(200, 80, dtype=torch.float64)) * 8e17
+    assert float((W.float().double() ** 2).sum(0).max()) < 3e38 < float(torch.linalg.svdvals(W)[0] ** 2)
+    values = sk.linalg.svdvals(W.float(), method="gram")
+    assert torch.allclose(values.double(), torch.linalg.svdvals(W), rtol=1e-5)
 
 
 def test_auto_values_of_small_single_precision_matrix_match_exact_float64():

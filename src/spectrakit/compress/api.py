@@ -205,7 +205,8 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             language model fed token ids.
         only_if_smaller: keep a layer dense where its factors would not save parameters;
             ``False`` factorizes every target (used to check full-rank exactness).
-        svd_method: passed to :func:`spectrakit.linalg.svd`.
+        svd_method: ``"auto"`` (on the CPU a float64 Gram eigensolve, see
+            :meth:`Method.spectrum`), or a method of :func:`spectrakit.linalg.svd`.
         progress: show a progress bar over the layers.
         options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm).
 

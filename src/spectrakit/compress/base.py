@@ -9,7 +9,8 @@ vector) or a lower-triangular matrix, both invertible; the squared singular valu
 .. math::  up = L^{-1} U_k \\Sigma_k^{1/2}, \\qquad down = \\Sigma_k^{1/2} V_k^T R^{-1}
 
 so that ``up @ down = L⁻¹ (U_k Σ_k V_kᵀ) R⁻¹`` (√Σ is split between the factors to keep
-them on the same scale). The SVD is computed once, by :func:`spectrakit.linalg.svd`.
+them on the same scale). The SVD is computed once, by :mod:`spectrakit.linalg`
+(:func:`~spectrakit.linalg.svd`, or :func:`~spectrakit.linalg.gram_eigh` on the CPU).
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ class Method:
         and decomposed through the eigensolve of its smaller Gram matrix: that resolves σ
         down to about 1e-8·σ₁ (as finely as a float32 SVD does, and better than one where the
         transform is ill-conditioned, as SVD-LLM's Cholesky factor may be: cond up to 1e10)
-        and costs 1.2–3× less than float32 LAPACK SVD (more for rectangular weights). U and
-        Vᵀ go back to float32 until ranks are chosen. A float64 weight keeps the exact
-        float64 SVD; elsewhere the SVD runs in the weight's precision (float32 for half).
+        and costs 1.2–3× less than float32 LAPACK SVD (more for rectangular weights). The
+        smaller side's singular vectors and ``W̃`` are then kept in float32 until ranks are
+        chosen, and the other side's vectors are formed from them for the kept columns only
+        (:meth:`Spectrum.top`). A float64 weight keeps the exact float64 SVD; elsewhere the
+        SVD runs in the weight's precision (float32 for half).
         """
         compute = torch.float64 if W.dtype == torch.float64 else torch.float32
         stored = compute  # the precision U and Vh are kept in until the ranks are chosen

@@ -70,15 +70,27 @@ class _Collector:
     # hooked outputs produced before any root exists (their input requires grad through a
     # tensor outside the model's parameters): differentiated directly, next to the roots
     outputs: list[torch.Tensor] = field(default_factory=list)
-    # layers hooked in the current batch (see stop_at_head)
+    # the output-head stop (see watch_head): layers hooked in the current batch; what the
+    # first batch showed (head calls, a targeted layer running after the head); whether to stop
     seen: set[str] = field(default_factory=set)
+    head_calls: int = 0
+    layer_after_head: bool = False
+    stop_at_head: bool = False
 
-    def stop_at_head(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def watch_head(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """End a statistics-only forward at the output head's input once every targeted
         layer has run in this batch: nothing after the head is needed, and the head is up
-        to a third of a small language model's forward (GPT-2: 39 M of 124 M weights)."""
-        if len(self.seen) == len(self.layers):
+        to a third of a small language model's forward (GPT-2: 39 M of 124 M weights).
+        Only from the second batch on, and only if in the first one the head ran once and
+        no targeted layer ran after it (a model may call its head at every step, or twice
+        for a pair of inputs)."""
+        if self.stop_at_head and len(self.seen) == len(self.layers):
             raise _HeadReached
+        self.head_calls += 1
+
+    def learn_head_stop(self) -> None:
+        """After the first batch: stop at the head from now on if that is safe (see watch_head)."""
+        self.stop_at_head = self.head_calls == 1 and not self.layer_after_head
 
     def mark_root(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         x = inputs[0] if inputs else None
@@ -108,6 +120,7 @@ class _Collector:
                     products["abs_sum"] = wide.abs().sum(dim=0).double()
                 self.cache[id(x)] = entry = (x, products)
             self.seen.add(name)
+            self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
             stats.tokens += flat.shape[0]
             for key, value in entry[1].items():
@@ -201,9 +214,11 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
 
     ``head``: the model's output head, if it is not among ``layers``. Without ``fisher``
-    (which needs the loss) each forward then stops at the head's input as soon as every
-    layer in ``layers`` has run in that batch; a layer the model would call again after
-    its head (no common architecture does) would miss those later calls.
+    (which needs the loss) every forward after the first then stops at the head's input as
+    soon as every layer in ``layers`` has run in that batch — provided that in the first
+    batch the head ran exactly once and no layer in ``layers`` ran after it. (A model
+    whose later batches call the head or the layers in another order than its first
+    would lose statistics; none of the usual architectures does.)
 
     Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
     in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
@@ -217,7 +232,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     if fisher:
         handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]
     elif head is not None and all(head is not module for module in layers.values()):
-        handles.append(head.register_forward_pre_hook(collector.stop_at_head))
+        handles.append(head.register_forward_pre_hook(collector.watch_head))
     was_training = model.training
     model.eval()
     # FWSVD freezes every parameter for the pass (see _Collector.roots); all requires_grad
@@ -245,6 +260,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             else:
                 with torch.no_grad(), contextlib.suppress(_HeadReached):
                     run_model(model, batch)
+            if index == 0:
+                collector.learn_head_stop()
             collector.seen.clear()
             collector.cache.clear()
             collector.outputs.clear()

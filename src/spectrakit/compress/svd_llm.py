@@ -18,8 +18,8 @@ channels, ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`
 :class:`CompressionWarning` names the layer: the identity then holds only
 approximately, and gathering more calibration tokens is the real fix.
 
-With ``svd_method="auto"`` on the CPU, ``W S`` is formed and decomposed in float64
-(``S`` may be that ill-conditioned; see :meth:`Method.spectrum`).
+With ``svd_method="auto"`` on the CPU, ``W S`` is formed in float64 and its Gram matrix
+decomposed in float64 (``S`` may be that ill-conditioned; see :meth:`Method.spectrum`).
 
 >>> import torch, spectrakit as sk
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import NonFiniteError
-from ._prepare import all_finite, transpose
+from ._prepare import all_finite, compute_dtype, transpose
 
 
 # Below this many columns one product is as fast as the blocks; above it, blocks of at
@@ -52,14 +52,15 @@ def gram(X: torch.Tensor) -> torch.Tensor:
 def _smaller_gram(W: torch.Tensor, name: str = "W") -> tuple[torch.Tensor, bool]:
     """``(G, tall)``: ``G = WᴴW`` when ``W`` is tall (or square), else ``WWᴴ``.
 
-    Also the finiteness check of ``W``, at a fraction of its cost: ``G``'s diagonal holds
-    the squared norms of ``W``'s columns (rows), sums of non-negative terms, so it is
-    finite exactly when every entry of ``W`` is — unless a large finite entry overflows
-    when squared, in which case ``G`` is formed again in float64.
+    Also the finiteness check of ``W``, at a fraction of its cost: ``G``'s trace sums the
+    squared norms of ``W``'s columns (rows), non-negative terms, so it is finite exactly
+    when every entry of ``W`` is — unless large finite entries overflow when squared or
+    summed, in which case ``G`` is formed again in float64. (The trace bounds ``G``'s
+    largest eigenvalue, so a finite trace also keeps the eigensolve finite.)
     """
     tall = W.shape[-2] >= W.shape[-1]
     G = gram(W if tall else transpose(W))
-    if not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1)).all()):
+    if not bool(torch.isfinite(G.diagonal(dim1=-2, dim2=-1).sum(-1)).all()):
         if not all_finite(W):
             raise NonFiniteError(f"{name}: contains NaN or Inf values")
         G, _ = _smaller_gram(W.to(torch.complex128 if W.is_complex() else torch.float64), name)
@@ -82,8 +83,10 @@ def gram_eigh(W: torch.Tensor, k: int | None = None, name: str = "W") -> tuple[t
     """``(S, vectors, tall)``: the ``k`` largest singular values of ``W`` (descending) and
     the singular vectors of its smaller side — ``V`` (``n × k``) when ``W`` is tall (or
     square), else ``U`` (``m × k``) — from ``eigh`` of the smaller Gram matrix. The other
-    side follows from :func:`other_vectors`, for as few columns as needed.
+    side follows from :func:`other_vectors`, for as few columns as needed. Half precision
+    is computed in float32.
     """
+    W = W.to(compute_dtype(W.dtype))
     G, tall = _smaller_gram(W, name)
     eigenvalues, vectors = torch.linalg.eigh(G)
     eigenvalues = eigenvalues.flip(-1)[..., :k]
@@ -93,8 +96,9 @@ def gram_eigh(W: torch.Tensor, k: int | None = None, name: str = "W") -> tuple[t
 
 def other_vectors(W: torch.Tensor, vectors: torch.Tensor, S: torch.Tensor, tall: bool) -> torch.Tensor:
     """The singular vectors of ``W``'s other side: ``U = W V / σ`` when ``tall`` (``vectors``
-    is ``V``), else ``V = Wᴴ U / σ``. Directions whose σ is near zero are unreliable here
-    (a zero σ gives ``W v`` itself, a zero column)."""
+    is ``V``), else ``V = Wᴴ U / σ``. Directions whose σ is near zero (below about
+    ``√ε·σ₁``) come out neither unit-length nor orthogonal; a zero σ gives ``W v`` itself,
+    numerically zero."""
     safe = torch.where(S > 0, S, torch.ones_like(S)).to(W.real.dtype).unsqueeze(-2)
     return (W @ vectors if tall else transpose(W) @ vectors) / safe
 
