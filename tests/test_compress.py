@@ -344,3 +344,41 @@ def test_fisher_of_tiny_gradients_does_not_underflow() -> None:
     tiny = collect_statistics(model, layers, batches, fisher=True,
                               loss_fn=lambda m, x: 1e-22 * square_loss(m, x))["2"].fisher
     assert bool((tiny > 0).all()) and torch.allclose(tiny * 1e44, plain, rtol=1e-4)
+
+
+class _Reuse(torch.nn.Module):
+    """q/k/v read one tensor (k once more at the end); `twice` reads one tensor two times;
+    `again` reads h, then another tensor, then q reads h too (it must get h's products, not
+    `again`'s running sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.twice, self.again = (torch.nn.Linear(6, 6) for _ in range(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(x) + self.k(x) + self.v(x)
+        h = self.twice(h) + self.twice(h)
+        return self.again(h) + self.again(torch.tanh(h)) + self.q(h) + self.k(x)
+
+
+def test_statistics_of_shared_and_reused_inputs_are_exact() -> None:
+    model = _Reuse()
+    batches = [torch.randn(5, 6) for _ in range(4)]
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in "q k v twice again".split()}
+    handles = [getattr(model, name).register_forward_hook(
+        lambda module, inputs, output, name=name: seen[name].append(inputs[0].detach().double()))
+        for name in seen]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for handle in handles:
+        handle.remove()
+    layers = {name: getattr(model, name) for name in seen}
+    stats = collect_statistics(model, layers, batches, gram=True, scale=True)
+    for name, inputs in seen.items():
+        X = torch.cat(inputs)
+        assert stats[name].tokens == X.shape[0], name
+        assert torch.allclose(stats[name].gram, X.T @ X, rtol=1e-6, atol=1e-6), name
+        assert torch.allclose(stats[name].abs_sum, X.abs().sum(0), rtol=1e-6, atol=1e-6), name
+    assert stats["q"].gram is not stats["v"].gram  # each layer owns its accumulator

@@ -41,49 +41,56 @@ class Transform:
 
 @dataclass
 class Spectrum:
-    """The SVD of one layer's transformed weight ``W̃``, ready to be truncated at any rank.
+    """The SVD of one layer's transformed weight ``W̃ = L W R``, ready to be truncated.
 
     From a Gram eigensolve only one side's vectors are known (``U`` or ``Vh`` is ``None``);
-    the other is recovered from ``matrix`` (``W̃``) for the kept columns only.
+    the other side's factor is formed for the kept columns only, straight from the layer's
+    own ``weight`` (no copy of ``W̃`` is kept): with ``W̃ᵀ U_k = V_k Σ_k`` and
+    ``W̃ V_k = U_k Σ_k``, the transform cancels on that side,
+
+    .. math::  down = Σ_k^{-1/2} (L U_k)^T W, \qquad up = W (R V_k) Σ_k^{-1/2}
     """
 
     S: torch.Tensor
     transform: Transform
     U: torch.Tensor | None = None
     Vh: torch.Tensor | None = None
-    matrix: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     @property
     def losses(self) -> torch.Tensor:
         """``σᵢ²``: the method's loss for dropping component ``i`` (float64)."""
         return self.S.double().square()
 
-    def top(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U_k, V_kᵀ)`` of the ``rank`` largest singular values."""
-        if self.U is not None and self.Vh is not None:
-            return self.U[:, :rank], self.Vh[:rank]
-        assert self.matrix is not None
-        S = self.S[:rank]
-        if self.U is None:
-            V = self.Vh[:rank].mT
-            return linalg.other_vectors(self.matrix, V, S, tall=True), V.mT
-        U = self.U[:, :rank]
-        return U, linalg.other_vectors(self.matrix, U, S, tall=False).mT
-
     def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` of the rank-``rank`` truncation, mapped back through the transform."""
-        U, Vh = self.top(rank)
-        root = self.S[:rank].sqrt().to(U.dtype)
-        up = U * root[None, :]
-        down = root[:, None] * Vh
         left, right = self.transform.left, self.transform.right
-        if left is not None:
-            up = up / left[:, None].to(up.dtype)
-        if right is not None:
-            if right.ndim == 1:
-                down = down / right[None, :].to(down.dtype)
-            else:  # down · R⁻¹ by a triangular solve (x R = down), in float64
-                down = torch.linalg.solve_triangular(right, down.double(), upper=False, left=False)
+        known = self.U if self.U is not None else self.Vh
+        assert known is not None
+        # the side formed from W is computed in float64 when a transform may be ill-conditioned
+        work = torch.float64 if left is not None or right is not None else known.dtype
+        root = self.S[:rank].sqrt()
+        if self.U is not None:
+            up = self.U[:, :rank] * root[None, :].to(self.U.dtype)
+            if left is not None:
+                up = up / left[:, None].to(up.dtype)
+        else:
+            V = self.Vh[:rank].mT.to(work)
+            if right is not None:
+                V = right[:, None].to(work) * V if right.ndim == 1 else right.to(work) @ V
+            up = linalg.other_vectors(self.weight.to(work), V, root, tall=True)
+        if self.Vh is not None:
+            down = root[:, None].to(self.Vh.dtype) * self.Vh[:rank]
+            if right is not None:
+                if right.ndim == 1:
+                    down = down / right[None, :].to(down.dtype)
+                else:  # down · R⁻¹ by a triangular solve (x R = down), in float64
+                    down = torch.linalg.solve_triangular(right, down.double(), upper=False, left=False)
+        else:
+            U = self.U[:, :rank].to(work)
+            if left is not None:
+                U = left[:, None].to(work) * U
+            down = linalg.other_vectors(self.weight.to(work), U, root, tall=False).mT
         return up.to(dtype), down.to(dtype)
 
 
@@ -112,9 +119,9 @@ class Method:
         down to about 1e-8·σ₁ (as finely as a float32 SVD does, and better than one where the
         transform is ill-conditioned, as SVD-LLM's Cholesky factor may be: cond up to 1e10)
         and costs 1.2–3× less than float32 LAPACK SVD (more for rectangular weights). The
-        smaller side's singular vectors and ``W̃`` are then kept in float32 until ranks are
-        chosen, and the other side's vectors are formed from them for the kept columns only
-        (:meth:`Spectrum.top`). A float64 weight keeps the exact float64 SVD; elsewhere the
+        smaller side's singular vectors are then kept in float32 until ranks are chosen, and
+        the other side's factor is formed from the layer's weight for the kept columns only
+        (see :class:`Spectrum`). A float64 weight keeps the exact float64 SVD; elsewhere the
         SVD runs in the weight's precision (float32 for half).
         """
         compute = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -128,8 +135,7 @@ class Method:
         if svd_method == "gram":  # one side's vectors now, the other for the kept columns later
             S, vectors, tall = linalg.gram_eigh(Wt)
             vectors = vectors.to(stored)
-            return Spectrum(S, transform, U=None if tall else vectors, Vh=vectors.mT if tall else None,
-                            matrix=Wt.to(stored))
+            return Spectrum(S, transform, U=None if tall else vectors, Vh=vectors.mT if tall else None, weight=W)
         U, S, Vh = linalg.svd(Wt, method=svd_method)
         return Spectrum(S, transform, U=U.to(stored), Vh=Vh.to(stored))
 

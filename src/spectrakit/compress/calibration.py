@@ -53,14 +53,32 @@ class LayerStatistics:
 
 
 @dataclass
+class _Input:
+    """One layer input of the current batch, kept while more layers are to read it (q/k/v,
+    gate/up), with its products; holding the tensor keeps its ``id`` unique."""
+
+    tensor: torch.Tensor
+    products: dict[str, torch.Tensor]
+    slot: tuple[str, int]  # (the layer that read it first, how many new inputs it had read before)
+    remaining: int | None  # later reads to come, as in the first batch (None: not known)
+
+
+@dataclass
 class _Collector:
     layers: dict[str, nn.Module]
     gram: bool
     scale: bool
     fisher: bool
     stats: dict[str, LayerStatistics] = field(default_factory=dict)
-    # per-batch cache of products keyed by id(input); the tensors are held so ids stay unique
-    cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # Products are formed once per input tensor and added to every layer that reads it. Peak
+    # memory stays near the accumulators themselves: in the first batch the first reader's
+    # float64 accumulator doubles as the cached product (later readers copy it; it is copied
+    # before it is written while cached: `shared`); later batches keep a product only until
+    # its last reader, counted in the first batch (`followers`), has added it.
+    cache: dict[int, _Input] = field(default_factory=dict)
+    followers: dict[tuple[str, int], int] = field(default_factory=dict)
+    new_inputs: dict[str, int] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)
     batch_index: int = 0
     # FWSVD: every parameter is frozen for the pass, and a hooked layer's input that does not
     # require grad yet is made to (a *root*); differentiating the loss w.r.t. the roots then
@@ -103,29 +121,66 @@ class _Collector:
             root.requires_grad_(False)
         self.roots.clear()
 
+    def check_input(self, name: str, flat: torch.Tensor) -> None:
+        if not all_finite(flat):
+            raise SpectrakitError(f"calibration batch {self.batch_index}: the input of layer {name} "
+                                  "contains NaN or Inf values")
+
+    def add_products(self, name: str, x: torch.Tensor, flat: torch.Tensor, stats: LayerStatistics) -> None:
+        """Add ``x``'s Gram matrix and channel sums to ``stats``, forming them only if no
+        other layer has read ``x`` in this batch (see ``cache``)."""
+        entry = self.cache.get(id(x))
+        first = entry is None or entry.tensor is not x
+        if first:
+            self.check_input(name, flat)
+            wide = flat if flat.dtype == torch.float64 else flat.float()
+            products = {"gram": linalg.gram(wide)} if self.gram else {}
+            if self.scale:
+                products["abs_sum"] = wide.abs().sum(dim=0)
+            index = self.new_inputs.get(name, 0)
+            self.new_inputs[name] = index + 1
+            slot = (name, index)
+            if self.batch_index == 0:
+                self.followers[slot] = 0
+            entry = _Input(x, products, slot, None if self.batch_index == 0 else self.followers.get(slot))
+            if entry.remaining != 0:
+                self.cache[id(x)] = entry
+        elif self.batch_index == 0:
+            self.followers[entry.slot] += 1
+        for key, value in entry.products.items():
+            current = getattr(stats, key)
+            if current is None:
+                current = value.to(torch.float64, copy=not first)
+                if first:  # the accumulator is the cached product now (see `cache`)
+                    entry.products[key] = current
+                    self.shared.add(id(current))
+            else:
+                if id(current) in self.shared:
+                    current = current.clone()
+                current.add_(value)
+            setattr(stats, key, current)
+        if not first and entry.remaining is not None:
+            entry.remaining -= 1
+            if entry.remaining <= 0:
+                del self.cache[id(x)]
+
+    def end_batch(self) -> None:
+        self.cache.clear()
+        self.shared.clear()
+        self.new_inputs.clear()
+
     def hook(self, name: str) -> Callable[..., None]:
         def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             x = inputs[0]
             flat = x.detach().reshape(-1, x.shape[-1])
-            entry = self.cache.get(id(x))
-            if entry is None or entry[0] is not x:
-                if not all_finite(flat):
-                    raise SpectrakitError(f"calibration batch {self.batch_index}: the input of layer {name} "
-                                          "contains NaN or Inf values")
-                products: dict[str, torch.Tensor] = {}
-                wide = flat.to(torch.float64) if flat.dtype == torch.float64 else flat.float()
-                if self.gram:
-                    products["gram"] = linalg.gram(wide).double()
-                if self.scale:
-                    products["abs_sum"] = wide.abs().sum(dim=0).double()
-                self.cache[id(x)] = entry = (x, products)
             self.seen.add(name)
             self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
             stats.tokens += flat.shape[0]
-            for key, value in entry[1].items():
-                current = getattr(stats, key)
-                setattr(stats, key, value.clone() if current is None else current.add_(value))
+            if self.gram or self.scale:
+                self.add_products(name, x, flat, stats)  # checks the input once per tensor
+            else:
+                self.check_input(name, flat)
             if self.fisher and output.requires_grad:
                 compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
                 saved = flat.to(compute)
@@ -263,7 +318,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             if index == 0:
                 collector.learn_head_stop()
             collector.seen.clear()
-            collector.cache.clear()
+            collector.end_batch()
             collector.outputs.clear()
             collector.release_roots()
     finally:
