@@ -382,3 +382,13 @@ def test_statistics_of_shared_and_reused_inputs_are_exact() -> None:
         assert torch.allclose(stats[name].gram, X.T @ X, rtol=1e-6, atol=1e-6), name
         assert torch.allclose(stats[name].abs_sum, X.abs().sum(0), rtol=1e-6, atol=1e-6), name
     assert stats["q"].gram is not stats["v"].gram  # each layer owns its accumulator
+
+
+def test_progress_bars_cover_calibration_and_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    tqdm = pytest.importorskip("tqdm")  # noqa: F841 - the bar text comes from tqdm
+    model = mlp()
+    sk.compress(model, method="svd-llm", rank=4, calibration=[torch.randn(64, 24) for _ in range(3)], progress=True)
+    err = capsys.readouterr().err
+    assert "calibration" in err and "/3 " in err and "batch" in err and "compress svd-llm" in err
+    sk.compress(mlp(), method="asvd", rank=4, calibration=torch.randn(64, 24), progress=False)
+    assert capsys.readouterr().err == ""

@@ -207,7 +207,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             ``False`` factorizes every target (used to check full-rank exactness).
         svd_method: ``"auto"`` (on the CPU a float64 Gram eigensolve, see
             :meth:`Method.spectrum`), or a method of :func:`spectrakit.linalg.svd`.
-        progress: show a progress bar over the layers.
+        progress: show progress bars over the calibration batches and the layers.
         options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm).
 
     Returns:
@@ -234,12 +234,13 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
         statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
                                         scale="scale" in solver.needs, fisher="fisher" in solver.needs,
-                                        loss_fn=loss_fn, head=_output_head(model))
+                                        loss_fn=loss_fn, head=_output_head(model), progress=progress)
         tokens = max((s.tokens for s in statistics.values()), default=0)
     calibration_seconds = time.perf_counter() - calibration_start
 
     spectra = {}
-    for name in progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress):
+    bar = progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress, unit="layer")
+    for name in bar:
         # each layer's statistics (an in × in Gram for svd-llm) are let go as soon as it is decomposed
         spectra[name] = solver.spectrum(name, matrices[name], statistics.pop(name, None), svd_method=svd_method)
     for message in solver.warnings():

@@ -21,7 +21,7 @@ untouched. Layers that see the very same input tensor (q/k/v, gate/up) share one
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from ..errors import SpectrakitError
 from .. import linalg
+from .._progress import progress as progress_bar
 from ..linalg._prepare import all_finite
 
 Batch = Any
@@ -265,7 +266,8 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
                        gram: bool = False, scale: bool = False, fisher: bool = False,
-                       loss_fn: LossFn | None = None, head: nn.Module | None = None) -> dict[str, LayerStatistics]:
+                       loss_fn: LossFn | None = None, head: nn.Module | None = None,
+                       progress: bool = False) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
 
     ``head``: the model's output head, if it is not among ``layers``. Without ``fisher``
@@ -273,7 +275,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     soon as every layer in ``layers`` has run in that batch — provided that in the first
     batch the head ran exactly once and no layer in ``layers`` ran after it. (A model
     whose later batches call the head or the layers in another order than its first
-    would lose statistics; none of the usual architectures does.)
+    would lose statistics; none of the usual architectures does.) ``progress``: a progress
+    bar over the batches.
 
     Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
     in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
@@ -282,6 +285,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
         raise SpectrakitError("calibration=None: this method needs calibration batches")
     if isinstance(calibration, (torch.Tensor, Mapping)):
         calibration = [calibration]
+    total = len(calibration) if isinstance(calibration, Sized) else None
+    calibration = progress_bar(calibration, total=total, desc="calibration", enabled=progress, unit="batch")
     collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher)
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
     if fisher:

@@ -106,7 +106,6 @@ def calibration_batches(text: bytes, tokenizer: Any, count: int, seq_len: int, b
 def run(args: argparse.Namespace) -> int:
     from .. import data
     from .._atomic import atomic_write
-    from .._progress import progress
     from ..errors import SpectrakitError
     from .api import METHODS, compress
     from .base import CompressionWarning
@@ -133,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SpectrakitError(f"--calib-text {args.calib_text}: {error.strerror or error}") from None
         else:
             text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
-        batches = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
-        calibration = progress(batches, total=len(batches), desc="calibration", enabled=not args.quiet, unit="batch")
+        calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
