@@ -392,3 +392,28 @@ def test_progress_bars_cover_calibration_and_layers(capsys: pytest.CaptureFixtur
     assert "calibration" in err and "/3 " in err and "batch" in err and "compress svd-llm" in err
     sk.compress(mlp(), method="asvd", rank=4, calibration=torch.randn(64, 24), progress=False)
     assert capsys.readouterr().err == ""
+
+
+class _WritesBetweenReaders(torch.nn.Module):
+    """`a` and `b` read the same tensor object, which the model scales in place in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b = (torch.nn.Linear(6, 6) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        y = self.a(h)
+        h.mul_(3)
+        return y + self.b(h)
+
+
+def test_an_input_written_in_place_between_readers_is_read_again() -> None:
+    model = _WritesBetweenReaders()
+    batches = [torch.randn(5, 6) for _ in range(3)]
+    stats = collect_statistics(model, {"a": model.a, "b": model.b}, batches, gram=True)
+    with torch.no_grad():
+        H = torch.cat([model.pre(x) for x in batches]).double()
+    assert torch.allclose(stats["a"].gram, H.T @ H, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(stats["b"].gram, 9 * H.T @ H, rtol=1e-6, atol=1e-6)

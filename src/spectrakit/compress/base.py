@@ -48,7 +48,7 @@ class Spectrum:
     own ``weight`` (no copy of ``W̃`` is kept): with ``W̃ᵀ U_k = V_k Σ_k`` and
     ``W̃ V_k = U_k Σ_k``, the transform cancels on that side,
 
-    .. math::  down = Σ_k^{-1/2} (L U_k)^T W, \qquad up = W (R V_k) Σ_k^{-1/2}
+    .. math::  down = Σ_k^{-1/2} (L U_k)^T W, \\qquad up = W (R V_k) Σ_k^{-1/2}
     """
 
     S: torch.Tensor
@@ -56,6 +56,8 @@ class Spectrum:
     U: torch.Tensor | None = None
     Vh: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    # form the missing side in float64 (the method has a transform, which may be ill-conditioned)
+    precise: bool = False
 
     @property
     def losses(self) -> torch.Tensor:
@@ -67,8 +69,7 @@ class Spectrum:
         left, right = self.transform.left, self.transform.right
         known = self.U if self.U is not None else self.Vh
         assert known is not None
-        # the side formed from W is computed in float64 when a transform may be ill-conditioned
-        work = torch.float64 if left is not None or right is not None else known.dtype
+        work = torch.float64 if self.precise else known.dtype
         root = self.S[:rank].sqrt()
         if self.U is not None:
             up = self.U[:, :rank] * root[None, :].to(self.U.dtype)
@@ -135,7 +136,12 @@ class Method:
         if svd_method == "gram":  # one side's vectors now, the other for the kept columns later
             S, vectors, tall = linalg.gram_eigh(Wt)
             vectors = vectors.to(stored)
-            return Spectrum(S, transform, U=None if tall else vectors, Vh=vectors.mT if tall else None, weight=W)
+            precise = transform.left is not None or transform.right is not None
+            # only the known side's part of the transform is used again (svd-llm's in × in
+            # factor is not kept for a wide layer)
+            kept = Transform(right=transform.right) if tall else Transform(left=transform.left)
+            return Spectrum(S, kept, U=None if tall else vectors, Vh=vectors.mT if tall else None, weight=W,
+                            precise=precise)
         U, S, Vh = linalg.svd(Wt, method=svd_method)
         return Spectrum(S, transform, U=U.to(stored), Vh=Vh.to(stored))
 

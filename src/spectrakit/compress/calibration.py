@@ -21,6 +21,7 @@ untouched. Layers that see the very same input tensor (q/k/v, gate/up) share one
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,13 +56,18 @@ class LayerStatistics:
 
 @dataclass
 class _Input:
-    """One layer input of the current batch, kept while more layers are to read it (q/k/v,
-    gate/up), with its products; holding the tensor keeps its ``id`` unique."""
+    """One layer input of the current batch, with its products, while more layers are to
+    read it (q/k/v, gate/up). The tensor is only weakly referenced, so the model can free
+    it as usual; a dead reference or a new version (written in place) is a different input."""
 
-    tensor: torch.Tensor
+    tensor: weakref.ref
+    version: int
     products: dict[str, torch.Tensor]
     slot: tuple[str, int]  # (the layer that read it first, how many new inputs it had read before)
     remaining: int | None  # later reads to come, as in the first batch (None: not known)
+
+    def holds(self, x: torch.Tensor) -> bool:
+        return self.tensor() is x and x._version == self.version
 
 
 @dataclass
@@ -131,7 +137,7 @@ class _Collector:
         """Add ``x``'s Gram matrix and channel sums to ``stats``, forming them only if no
         other layer has read ``x`` in this batch (see ``cache``)."""
         entry = self.cache.get(id(x))
-        first = entry is None or entry.tensor is not x
+        first = entry is None or not entry.holds(x)
         if first:
             self.check_input(name, flat)
             wide = flat if flat.dtype == torch.float64 else flat.float()
@@ -143,9 +149,13 @@ class _Collector:
             slot = (name, index)
             if self.batch_index == 0:
                 self.followers[slot] = 0
-            entry = _Input(x, products, slot, None if self.batch_index == 0 else self.followers.get(slot))
+            entry = _Input(weakref.ref(x), x._version, products, slot,
+                           None if self.batch_index == 0 else self.followers.get(slot))
             if entry.remaining != 0:
-                self.cache[id(x)] = entry
+                key = id(x)
+                self.cache[key] = entry
+                # the model freeing x ends the entry (its id may then be reused)
+                entry.tensor = weakref.ref(x, lambda _, key=key, entry=entry: self.drop(key, entry))
         elif self.batch_index == 0:
             self.followers[entry.slot] += 1
         for key, value in entry.products.items():
@@ -163,7 +173,12 @@ class _Collector:
         if not first and entry.remaining is not None:
             entry.remaining -= 1
             if entry.remaining <= 0:
-                del self.cache[id(x)]
+                self.drop(id(x), entry)
+
+    def drop(self, key: int, entry: _Input) -> None:
+        if self.cache.get(key) is entry:
+            del self.cache[key]
+            self.shared.difference_update(id(value) for value in entry.products.values())
 
     def end_batch(self) -> None:
         self.cache.clear()

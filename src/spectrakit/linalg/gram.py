@@ -108,6 +108,7 @@ def gram_svd(W: torch.Tensor, k: int, name: str = "W") -> tuple[torch.Tensor, to
     other side's vectors recovered by :func:`other_vectors`; ask for ``k`` within the
     numerical rank.
     """
+    W = W.to(compute_dtype(W.dtype))
     S, vectors, tall = gram_eigh(W, k, name)
     other = other_vectors(W, vectors, S, tall)
     U, V = (other, vectors) if tall else (vectors, other)
