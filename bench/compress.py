@@ -2,7 +2,7 @@
 
 Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--windows 64]
                                [--repeats 3] [--gpt2-repeats 1] [--json docs/benchmarks/compress.json]
-                               [--plot docs/img/compress_bpb.png] [--timing-only]
+                               [--plot docs/img/compress_bpb.png] [--timing-only] [--memory-only]
 
 On the bundled reference model (byte-level Llama pretrained on Python code), in one
 process:
@@ -106,6 +106,31 @@ def model_timing(base: torch.nn.Module, repeats: int) -> dict[str, dict[str, flo
     return timing
 
 
+_MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {bench!r})
+import compress as bench
+import spectrakit as sk
+model, batches = bench.gpt2_small(), bench.calibration(16)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sk.compress(model, method={method!r}, ratio=0.3, calibration=batches)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def memory_growth() -> dict[str, float]:
+    """Peak resident memory growth (MB) of ``compress`` on GPT-2 small per method, each in a
+    fresh process (``ru_maxrss`` after building the model and batches, then after compress)."""
+    import subprocess
+
+    growth = {}
+    for method in METHODS:
+        code = _MEMORY_PROBE.format(bench=str(Path(__file__).resolve().parent), method=method)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        growth[method] = float(result.stdout.strip().splitlines()[-1])
+    return growth
+
+
 def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int) -> list[list[str]]:
     """Each method at ratio 0.3, round by round (so load changes hit every method alike);
     the best round of each, and its ratio to plain svd's best."""
@@ -157,11 +182,18 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/img/compress_bpb.png")
     parser.add_argument("--gpt2-repeats", type=int, default=1,
                         help="rounds of the GPT-2-size timing (about 70 s each; 0 skips it)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak memory growth of each method on GPT-2 small (fresh process each)")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time of each method at ratio 0.3 (interleaved rounds); writes no JSON or plot")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
 
+    if args.memory_only:
+        print(f"machine: {machine()}\n")
+        print(markdown_table(["method", "peak RSS growth, MB"],
+                             [[m, f"{mb:.0f}"] for m, mb in memory_growth().items()]))
+        return
     base = sk.reference_model()
     calib = calibration(args.calib)
     if args.timing_only:
