@@ -3,6 +3,7 @@ exact parameter counts, full-rank exactness through Conv1D, save/load, generate(
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -204,3 +205,26 @@ def test_head_called_at_every_step_is_not_a_stop() -> None:
     full = collect_statistics(model, layers, batches, gram=True)["cell"]
     watched = collect_statistics(model, layers, batches, gram=True, head=_output_head(model))["cell"]
     assert watched.tokens == full.tokens == 3 * 3 * 6 and torch.equal(watched.gram, full.gram)
+
+
+def test_encoder_decoder_calibrates_from_dict_batches_and_refuses_bare_ids() -> None:
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100, decoder_start_token_id=0,
+        pad_token_id=0)).eval()
+    ids = calibration()
+    with pytest.raises(SpectrakitError, match="encoder-decoder T5ForConditionalGeneration: pass calibration batches as dicts"):
+        sk.compress(model, method="svd-llm", ratio=0.3, calibration=ids)
+    for method in ("asvd", "fwsvd", "svd-llm"):
+        compressed = sk.compress(copy.deepcopy(model), method=method, ratio=0.3,
+                                 calibration=[{"input_ids": x, "labels": x} for x in ids])
+        assert compressed.parameters_after < compressed.parameters_before
+
+
+def test_an_error_inside_the_model_is_one_line_naming_the_batch() -> None:
+    model = gpt2()
+    bad = [torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 64))]  # longer than n_positions = 32
+    for method in ("svd-llm", "fwsvd"):
+        with pytest.raises(SpectrakitError, match=r"^calibration batch 1: ") as caught:
+            sk.compress(model, method=method, ratio=0.3, calibration=bad)
+        assert "\n" not in str(caught.value)

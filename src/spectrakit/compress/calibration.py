@@ -227,14 +227,20 @@ class _HeadReached(BaseException):
 
 
 @contextlib.contextmanager
-def _autograd_errors_named(index: int) -> Iterator[None]:
-    """autograd's refusals (e.g. a model writing in place into a tensor FWSVD differentiates)
-    as one line naming the batch."""
+def _model_errors_named(index: int, fisher: bool) -> Iterator[None]:
+    """An error raised inside the model, its loss or autograd (e.g. a model writing in place
+    into a tensor FWSVD differentiates) as one line naming the batch."""
     try:
         yield
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpectrakitError(f"calibration batch {index}: fwsvd cannot differentiate this model: {first}") from None
+    except SpectrakitError:
+        raise
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if fisher and isinstance(error, RuntimeError):
+            raise SpectrakitError(f"calibration batch {index}: fwsvd cannot differentiate this model: "
+                                  f"{first or type(error).__name__}") from None
+        raise SpectrakitError(f"calibration batch {index}: the model raised {type(error).__name__}"
+                              f"{': ' + first if first else ''}") from None
 
 
 def _batch_tensors(batch: Batch) -> list[Any]:
@@ -256,7 +262,12 @@ def run_model(model: nn.Module, batch: Batch) -> Any:
     if isinstance(batch, (list, tuple)):
         return model(*batch)
     if isinstance(batch, torch.Tensor):
-        if not batch.is_floating_point() and hasattr(model, "config"):
+        config = getattr(model, "config", None)
+        if not batch.is_floating_point() and config is not None:
+            if getattr(config, "is_encoder_decoder", False):
+                raise SpectrakitError(f"token ids alone cannot drive the encoder-decoder {type(model).__name__}: "
+                                      "pass calibration batches as dicts of its arguments, e.g. "
+                                      "{'input_ids': ids, 'labels': ids}")
             return model(input_ids=batch)
         return model(batch)
     raise SpectrakitError(f"calibration batches must be tensors, tuples or dicts, got {type(batch).__name__}")
@@ -322,7 +333,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             collector.batch_index = index
             _check_finite(batch, index)
             if fisher:
-                with torch.enable_grad(), _autograd_errors_named(index):
+                with torch.enable_grad(), _model_errors_named(index, fisher=True):
                     loss = loss_fn(model, batch)
                     if not bool(torch.isfinite(loss)):
                         raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
@@ -333,7 +344,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                     if differentiate:  # none: no targeted layer ran (reported below)
                         torch.autograd.grad(loss, differentiate, allow_unused=True)
             else:
-                with torch.no_grad(), contextlib.suppress(_HeadReached):
+                with torch.no_grad(), contextlib.suppress(_HeadReached), _model_errors_named(index, fisher=False):
                     run_model(model, batch)
             if index == 0:
                 collector.learn_head_stop()
