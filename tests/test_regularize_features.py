@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 from spectrakit.errors import SpectrakitError
-from spectrakit.regularize import VICReg, VNE, JacobianPenalty
+from spectrakit.regularize import INTL, VICReg, VNE, JacobianPenalty
 
 D = torch.float64
 
@@ -25,7 +25,8 @@ def features(n=12, d=5, seed=0):
     return (torch.randn(n, d, dtype=D) * torch.linspace(0.3, 2, d, dtype=D)).requires_grad_()
 
 
-@pytest.mark.parametrize("loss", [VNE(), VNE(maximize=False), VICReg(), VICReg(gamma=3.0, variance_weight=1.0)])
+@pytest.mark.parametrize("loss", [VNE(), VNE(maximize=False), VICReg(), VICReg(gamma=3.0, variance_weight=1.0), INTL(),
+                                  INTL(iterations=1)])
 def test_feature_loss_gradients(loss):
     assert gradcheck(loss, (features(),), eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -100,3 +101,51 @@ def test_bad_feature_input():
     x = torch.randn(3, 2, requires_grad=True)
     with pytest.raises(SpectrakitError, match="depend"):
         JacobianPenalty()(x, torch.nn.Linear(2, 2)(torch.randn(3, 2)))
+
+
+def _iteration_polynomial(lam, steps):
+    value = torch.ones_like(lam)
+    for _ in range(steps):
+        value = 0.5 * (3 * value - value ** 3 * lam)
+    return value
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_intl_whitening_modulates_each_eigenvalue_by_the_iteration_polynomial(steps):
+    # ground truth from the eigendecomposition of Σ: s -> (s - ε) f_T(s / tr Σ)² / tr Σ
+    Z = features(n=200, d=6).detach()
+    eps = 1e-3
+    centred = Z - Z.mean(0)
+    sigma = centred.T @ centred / Z.shape[0] + eps * torch.eye(6, dtype=D)
+    s = torch.linalg.eigvalsh(sigma)
+    trace = s.sum()
+    expected = (s - eps) * _iteration_polynomial(s / trace, steps) ** 2 / trace
+    W = INTL(iterations=steps, eps=eps).whiten(Z)
+    got = torch.linalg.eigvalsh(W.T @ W / Z.shape[0])
+    assert torch.allclose(got.sort().values, expected.sort().values, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(W.mean(0), torch.zeros(6, dtype=D), atol=1e-12)
+
+
+def test_intl_converges_to_full_whitening_and_its_trace_loss_follows():
+    # the uncoupled Newton iteration stays stable for many steps only on a well-conditioned Σ
+    torch.manual_seed(0)
+    Z = torch.randn(400, 6, dtype=D) * torch.linspace(0.8, 1.2, 6, dtype=D)
+    intl = INTL(iterations=40, eps=0.0)
+    W = intl.whiten(Z)
+    assert torch.allclose(W.T @ W / Z.shape[0], torch.eye(6, dtype=D), atol=1e-8)
+    n = Z.shape[0]  # Var uses 1/(N−1): a whitened feature has variance N/(N−1)
+    assert math.isclose(float(intl(Z)), 6 * (n / (n - 1) - 1) ** 2, rel_tol=1e-6)
+    few = INTL(iterations=1, eps=0.0)  # without ε, whitening does not see the scale of Z
+    manual = (few.whiten(Z).var(dim=0) - 1).square().sum()
+    assert torch.equal(few(Z), manual) and float(few(Z, 2 * Z)) == pytest.approx(2 * float(manual), rel=1e-12)
+
+
+def test_intl_bad_input_is_one_clear_error():
+    with pytest.raises(SpectrakitError, match="iterations"):
+        INTL(iterations=0)
+    with pytest.raises(SpectrakitError, match=r"embeddings\[1\]: contains NaN"):
+        INTL()(torch.randn(8, 3), torch.full((8, 3), float("nan")))
+    with pytest.raises(SpectrakitError, match="no variance"):
+        INTL(eps=0.0)(torch.ones(8, 3))
+    with pytest.raises(SpectrakitError, match="at least one"):
+        INTL()()

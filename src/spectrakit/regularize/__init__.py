@@ -16,7 +16,7 @@ weights                        :class:`SpectralPenalty`, :class:`L2Penalty`, :cl
                                :class:`OrthogonalConvPenalty`, :class:`NuclearNormPenalty`,
                                :class:`HypersphericalEnergy`, :class:`CauchySchwarzOrthogonality`,
                                :class:`LipschitzPenalty`
-features (take activations)    :class:`VNE`, :class:`VICReg`, :class:`JacobianPenalty`
+features (take activations)    :class:`VNE`, :class:`VICReg`, :class:`INTL`, :class:`JacobianPenalty`
 parametrizations               :func:`spectral_normalize`, :func:`weight_normalize`,
                                :func:`learnable_multipliers`, :func:`remove_parametrizations`
 =============================  ==================================================================
@@ -24,6 +24,7 @@ parametrizations               :func:`spectral_normalize`, :func:`weight_normali
 
 from .cauchy_schwarz import CauchySchwarzOrthogonality
 from .hyperspherical import HypersphericalEnergy
+from .intl import INTL
 from .jacobian import JacobianPenalty
 from .lipschitz import LipschitzPenalty
 from .nuclear import NuclearNormPenalty
@@ -37,7 +38,7 @@ from .vne import VNE
 from ._base import Penalty
 
 __all__ = [
-    "CauchySchwarzOrthogonality", "HypersphericalEnergy", "JacobianPenalty", "L2Penalty", "L2ToInit",
+    "CauchySchwarzOrthogonality", "HypersphericalEnergy", "INTL", "JacobianPenalty", "L2Penalty", "L2ToInit",
     "LipschitzPenalty", "NuclearNormPenalty", "OrthogonalConvPenalty", "Penalty", "SoftOrthogonality",
     "SpectralPenalty", "VICReg", "VNE", "WassersteinToInit", "learnable_multipliers",
     "remove_parametrizations", "spectral_normalize", "weight_normalize",
