@@ -377,3 +377,15 @@ def test_gram_equals_the_full_product(shape: tuple[int, ...], dtype: torch.dtype
     reference = X.clone().requires_grad_(True)
     (expected_grad,) = torch.autograd.grad((reference.mH @ reference).abs().square().sum(), reference)
     assert torch.allclose(grad, expected_grad, rtol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gram_functions_promote_half_precision(dtype):
+    from spectrakit.linalg.gram import gram_eigh, gram_svd, gram_svdvals
+
+    W = torch.randn(40, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
+    truth = torch.linalg.svdvals(W.double())
+    assert torch.allclose(gram_svdvals(W).double(), truth, rtol=1e-4, atol=1e-4)
+    U, S, Vh = gram_svd(W, 24)
+    assert S.dtype == torch.float32 and torch.allclose((U * S) @ Vh, W.float(), atol=1e-4)
+    assert torch.allclose(gram_eigh(W)[0].double(), truth, rtol=1e-4, atol=1e-4)

@@ -68,12 +68,14 @@ def _smaller_gram(W: torch.Tensor, name: str = "W") -> tuple[torch.Tensor, bool]
 
 
 def gram_svdvals(W: torch.Tensor, name: str = "W") -> torch.Tensor:
-    """All ``min(m, n)`` singular values of ``W`` in descending order, via ``eigvalsh``.
+    """All ``min(m, n)`` singular values of ``W`` in descending order, via ``eigvalsh``
+    (half precision computed in float32).
 
     >>> W = torch.randn(300, 40, dtype=torch.float64)
     >>> torch.allclose(gram_svdvals(W), torch.linalg.svdvals(W))
     True
     """
+    W = W.to(compute_dtype(W.dtype))
     G, _ = _smaller_gram(W, name)
     eigenvalues = torch.linalg.eigvalsh(G)
     return eigenvalues.flip(-1).clamp_min(0).sqrt().to(W.real.dtype)
