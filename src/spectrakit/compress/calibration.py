@@ -60,14 +60,14 @@ class _Input:
     read it (q/k/v, gate/up). The tensor is only weakly referenced, so the model can free
     it as usual; a dead reference or a new version (written in place) is a different input."""
 
-    tensor: weakref.ref
     version: int
     products: dict[str, torch.Tensor]
     slot: tuple[str, int]  # (the layer that read it first, how many new inputs it had read before)
     remaining: int | None  # later reads to come, as in the first batch (None: not known)
+    tensor: weakref.ref | None = None  # set once the entry is cached
 
     def holds(self, x: torch.Tensor) -> bool:
-        return self.tensor() is x and x._version == self.version
+        return self.tensor is not None and self.tensor() is x and x._version == self.version
 
 
 @dataclass
@@ -149,8 +149,7 @@ class _Collector:
             slot = (name, index)
             if self.batch_index == 0:
                 self.followers[slot] = 0
-            entry = _Input(weakref.ref(x), x._version, products, slot,
-                           None if self.batch_index == 0 else self.followers.get(slot))
+            entry = _Input(x._version, products, slot, None if self.batch_index == 0 else self.followers.get(slot))
             if entry.remaining != 0:
                 key = id(x)
                 self.cache[key] = entry
