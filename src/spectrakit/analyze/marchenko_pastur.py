@@ -35,8 +35,6 @@ import torch
 
 from ..errors import SpectrakitError
 
-MP_FITS = ("iterative", "weightwatcher")  # see mp_fit_function
-
 
 @dataclass(frozen=True)
 class MarchenkoPasturFit:
@@ -163,9 +161,11 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
                               bulk_max=float(bulk_max / scale), sigma_mp=sigma)
 
 
+MP_FITS = {"iterative": fit_marchenko_pastur, "weightwatcher": fit_marchenko_pastur_weightwatcher}
+
+
 def mp_fit_function(name: str):
     """The bulk fit ``analyze(mp_fit=name)`` uses; a clear error for an unknown name."""
-    fits = {"iterative": fit_marchenko_pastur, "weightwatcher": fit_marchenko_pastur_weightwatcher}
-    if name not in fits:
+    if name not in MP_FITS:
         raise SpectrakitError(f"mp_fit={name!r} is not one of {', '.join(MP_FITS)}")
-    return fits[name]
+    return MP_FITS[name]

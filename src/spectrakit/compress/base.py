@@ -104,6 +104,7 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         raise NotImplementedError
 

@@ -47,7 +47,6 @@ class LayerStatistics:
     gram: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
-    batches: int = 0
 
     def mean_abs(self) -> torch.Tensor:
         assert self.abs_sum is not None
@@ -180,9 +179,15 @@ class _Collector:
             self.shared.difference_update(id(value) for value in entry.products.values())
 
     def end_batch(self) -> None:
+        """Forget the batch that just ran (after the first, decide the head stop)."""
+        if self.batch_index == 0:
+            self.learn_head_stop()
+        self.seen.clear()
         self.cache.clear()
         self.shared.clear()
         self.new_inputs.clear()
+        self.outputs.clear()
+        self.release_roots()
 
     def hook(self, name: str) -> Callable[..., None]:
         def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -213,7 +218,6 @@ class _Collector:
                     # squared in float64: a float32 square underflows below gradients of 1e-19
                     rows = torch.linalg.vector_norm(weight_grad, dim=1, dtype=torch.float64).square_()
                     stats.fisher = rows if stats.fisher is None else stats.fisher.add_(rows)
-                    stats.batches += 1
 
                 output.register_hook(grad_hook)
 
@@ -242,12 +246,9 @@ def _model_errors_named(index: int, fisher: bool) -> Iterator[None]:
                               f"{': ' + first if first else ''}") from None
 
 
-def _batch_tensors(batch: Batch) -> list[Any]:
-    return list(batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch])
-
-
 def _check_finite(batch: Batch, index: int) -> None:
-    for value in _batch_tensors(batch):
+    tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for value in tensors:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
             raise SpectrakitError(f"calibration batch {index} contains NaN or Inf values")
 
@@ -345,12 +346,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             else:
                 with torch.no_grad(), contextlib.suppress(_HeadReached), _model_errors_named(index, fisher=False):
                     run_model(model, batch)
-            if index == 0:
-                collector.learn_head_stop()
-            collector.seen.clear()
             collector.end_batch()
-            collector.outputs.clear()
-            collector.release_roots()
     finally:
         collector.release_roots()
         for handle in handles:
