@@ -73,6 +73,34 @@ def test_svd_llm_on_a_float32_layer() -> None:
     assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-5)
 
 
+def test_svd_llm_wide_layer_needs_no_whitening_factor() -> None:
+    """A float32 layer with fewer outputs (24) than inputs (64), calibrated on 40 tokens:
+    ``XᵀX`` is singular, so no Cholesky factor exists, yet the output route is exact, with
+    no damping: the error on the calibration inputs is the dropped spectrum of ``W Xᵀ``."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 64, generator=g) * torch.logspace(0, -2, 64)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24))
+    W = model[0].weight.detach().double()
+    stats = collect_statistics(model, {"0": model[0]}, [X], gram=True, output_gram=["0"])
+    assert stats["0"].gram is None and stats["0"].output_gram.shape == (24, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressionWarning)
+        report = sk.compress(model, method="svd-llm", rank=6, calibration=[X[:25], X[25:]])
+    sigma = torch.linalg.svdvals(W @ X.double().T)  # float64 ground truth
+    dropped = float(sigma[6:].square().sum())
+    compressed = (model[0].up @ model[0].down).detach().double()
+    assert float((X.double() @ (W - compressed).T).square().sum()) == pytest.approx(dropped, rel=1e-5)
+    assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-4)
+
+
+def test_svd_llm_wide_layer_with_fewer_tokens_than_outputs_is_damped() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24))
+    x = torch.randn(10, 64)
+    with pytest.warns(CompressionWarning, match="only 10 calibration tokens for 24 outputs"):
+        sk.compress(model, method="svd-llm", rank=16, calibration=[x])
+    assert torch.isfinite(model(x)).all()
+
+
 def test_whitening_beats_plain_svd_on_correlated_inputs() -> None:
     X = correlated_inputs(800, 48, seed=1, decay=0.85)
     errors = {}
@@ -265,6 +293,14 @@ def test_nan_inside_the_model_names_the_layer() -> None:
         model[2].bias[0] = float("nan")  # an untargeted layer that breaks the activations
     with pytest.raises(SpectrakitError, match="layer 4"):
         sk.compress(model, method="svd-llm", ratio=0.3, calibration=[torch.randn(64, 24)], targets=["4"])
+
+
+def test_overflowing_layer_output_is_an_error() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(1000.0)  # finite, but 32 inputs of 10 sum past float16's 65504
+    with pytest.raises(SpectrakitError, match="output of layer 0 overflows"):
+        sk.compress(model, method="svd-llm", rank=4, calibration=[torch.full((64, 32), 10.0, dtype=torch.float16)])
 
 
 def test_too_few_tokens_damps_with_a_warning() -> None:

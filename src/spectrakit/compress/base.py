@@ -48,7 +48,11 @@ class Spectrum:
     own ``weight`` (no copy of ``W̃`` is kept): with ``W̃ᵀ U_k = V_k Σ_k`` and
     ``W̃ V_k = U_k Σ_k``, the transform cancels on that side,
 
-    .. math::  down = Σ_k^{-1/2} (L U_k)^T W, \\qquad up = W (R V_k) Σ_k^{-1/2}
+    .. math::  U_k Σ_k V_k^T = U_k (L U_k)^T W R = W (R V_k) V_k^T
+
+    and each kept component is then scaled so that its column of ``up`` and row of ``down``
+    have equal norms. That needs no ``σᵢ``, so a component whose ``σᵢ`` rounded to zero is
+    kept exactly as well.
     """
 
     S: torch.Tensor
@@ -67,32 +71,40 @@ class Spectrum:
     def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` of the rank-``rank`` truncation, mapped back through the transform."""
         left, right = self.transform.left, self.transform.right
-        known = self.U if self.U is not None else self.Vh
-        assert known is not None
-        work = torch.float64 if self.precise else known.dtype
-        root = self.S[:rank].sqrt()
-        if self.U is not None:
+        if self.U is not None and self.Vh is not None:  # a full SVD: √Σ goes to each side
+            root = self.S[:rank].sqrt()
             up = self.U[:, :rank] * root[None, :].to(self.U.dtype)
-            if left is not None:
-                up = up / left[:, None].to(up.dtype)
-        else:
-            V = self.Vh[:rank].mT.to(work)
+            down = root[:, None].to(self.Vh.dtype) * self.Vh[:rank]
+        elif self.U is not None:  # U_k · (L U_k)ᵀ W, and L⁻¹ below
+            work = torch.float64 if self.precise else self.U.dtype
+            up = self.U[:, :rank].to(work)
+            down = (up if left is None else left[:, None].to(work) * up).mT @ self.weight.to(work)
+        else:  # W (R V_k) · V_kᵀ, and R⁻¹ below
+            assert self.Vh is not None and self.weight is not None
+            work = torch.float64 if self.precise else self.Vh.dtype
+            down = self.Vh[:rank].to(work)
+            V = down.mT
             if right is not None:
                 V = right[:, None].to(work) * V if right.ndim == 1 else right.to(work) @ V
-            up = linalg.other_vectors(self.weight.to(work), V, root, tall=True)
-        if self.Vh is not None:
-            down = root[:, None].to(self.Vh.dtype) * self.Vh[:rank]
-            if right is not None:
-                if right.ndim == 1:
-                    down = down / right[None, :].to(down.dtype)
-                else:  # down · R⁻¹ by a triangular solve (x R = down), in float64
-                    down = torch.linalg.solve_triangular(right, down.double(), upper=False, left=False)
-        else:
-            U = self.U[:, :rank].to(work)
-            if left is not None:
-                U = left[:, None].to(work) * U
-            down = linalg.other_vectors(self.weight.to(work), U, root, tall=False).mT
+            up = self.weight.to(work) @ V
+        if self.U is not None and left is not None:
+            up = up / left[:, None].to(up.dtype)
+        if self.Vh is not None and right is not None:
+            if right.ndim == 1:
+                down = down / right[None, :].to(down.dtype)
+            else:  # down · R⁻¹ by a triangular solve (x R = down), in float64
+                down = torch.linalg.solve_triangular(right, down.double(), upper=False, left=False)
+        if self.U is None or self.Vh is None:
+            up, down = balance(up, down)
         return up.to(dtype), down.to(dtype)
+
+
+def balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each component (column of ``up``, row of ``down``) to equal norms on both
+    sides; ``up @ down`` is unchanged."""
+    up_norms, down_norms = up.norm(dim=0), down.norm(dim=1).to(up.dtype)
+    scale = torch.where((up_norms > 0) & (down_norms > 0), (down_norms / up_norms).sqrt(), torch.ones_like(up_norms))
+    return up * scale[None, :], down / scale[:, None].to(down.dtype)
 
 
 class Method:
@@ -111,6 +123,11 @@ class Method:
     def warnings(self) -> list[str]:
         """Messages for the caller once every layer is transformed (e.g. damping applied)."""
         return []
+
+    def uses_output_gram(self, W: torch.Tensor, svd_method: str = "auto") -> bool:
+        """Whether :meth:`spectrum` takes this layer's output second moment
+        (``LayerStatistics.output_gram``) instead of the statistics in ``needs``."""
+        return False
 
     def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
                  svd_method: str = "auto") -> Spectrum:

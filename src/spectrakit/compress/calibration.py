@@ -4,6 +4,9 @@ One pass over the calibration batches fills, for each targeted layer with inputs
 ``x ∈ ℝ^{in}`` (every token is one row of ``X``, ``N`` rows in all):
 
 * ``gram``   — the input second moment ``XᵀX = Σ x xᵀ`` (``in × in``, float64): SVD-LLM;
+* ``output_gram`` — for the layers asked for it instead of ``gram``: the second moment of
+  the output less the bias, ``(XWᵀ)ᵀ(XWᵀ) = W XᵀX Wᵀ`` (``out × out``, float64), smaller
+  and cheaper to form than ``XᵀX`` when the layer has fewer outputs than inputs: SVD-LLM;
 * ``abs_sum`` — ``Σ |x|`` per input channel (float64), so ``abs_sum / N`` is the mean
   activation magnitude: ASVD;
 * ``fisher`` — ``Σ_batches Σ_j (∂L_b/∂W_ij)²`` (one entry per output row ``i``,
@@ -45,6 +48,7 @@ class LayerStatistics:
 
     tokens: int = 0
     gram: torch.Tensor | None = None
+    output_gram: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
 
@@ -75,6 +79,7 @@ class _Collector:
     gram: bool
     scale: bool
     fisher: bool
+    output_gram: frozenset[str] = frozenset()
     stats: dict[str, LayerStatistics] = field(default_factory=dict)
     # Products are formed once per input tensor and added to every layer that reads it. Peak
     # memory stays near the accumulators themselves: in the first batch the first reader's
@@ -173,6 +178,19 @@ class _Collector:
             if entry.remaining <= 0:
                 self.drop(id(x), entry)
 
+    def add_output_gram(self, name: str, module: nn.Module, output: torch.Tensor, stats: LayerStatistics) -> None:
+        """Add the Gram matrix of ``module``'s output less its bias to ``stats``."""
+        y = output.detach().reshape(-1, output.shape[-1])
+        y = y if y.dtype == torch.float64 else y.float()
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            y = y - bias.detach().to(y.dtype)
+        product = linalg.gram(y)
+        if not bool(torch.isfinite(product.diagonal().sum())):
+            raise SpectrakitError(f"calibration batch {self.batch_index}: the output of layer {name} "
+                                  "overflows (contains NaN or Inf values)")
+        stats.output_gram = product.double() if stats.output_gram is None else stats.output_gram.add_(product)
+
     def drop(self, key: int, entry: _Input) -> None:
         if self.cache.get(key) is entry:
             del self.cache[key]
@@ -197,7 +215,10 @@ class _Collector:
             self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
             stats.tokens += flat.shape[0]
-            if self.gram or self.scale:
+            if name in self.output_gram:
+                self.check_input(name, flat)
+                self.add_output_gram(name, module, output, stats)
+            elif self.gram or self.scale:
                 self.add_products(name, x, flat, stats)  # checks the input once per tensor
             else:
                 self.check_input(name, flat)
@@ -292,9 +313,12 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
                        gram: bool = False, scale: bool = False, fisher: bool = False,
-                       loss_fn: LossFn | None = None, head: nn.Module | None = None,
-                       progress: bool = False) -> dict[str, LayerStatistics]:
+                       output_gram: Iterable[str] = (), loss_fn: LossFn | None = None,
+                       head: nn.Module | None = None, progress: bool = False) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
+
+    ``output_gram``: names of layers to gather ``output_gram`` for instead of ``gram`` (a
+    method that needs neither their input's ``XᵀX`` nor its channel sums).
 
     ``head``: the model's output head, if it is not among ``layers``. Without ``fisher``
     (which needs the loss) every forward after the first then stops at the head's input as
@@ -313,7 +337,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
         calibration = [calibration]
     total = len(calibration) if isinstance(calibration, Sized) else None
     calibration = progress_bar(calibration, total=total, desc="calibration", enabled=progress, unit="batch")
-    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher)
+    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=frozenset(output_gram))
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
     if fisher:
         handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]

@@ -8,7 +8,7 @@
 """
 
 from .conv import conv_frequency_matrices, conv_singular_values
-from .gram import gram, gram_eigh, other_vectors
+from .gram import gram, gram_eigh, gram_spectrum, other_vectors
 from .incremental import IncrementalSVD, svd_update
 from .norms import PowerIteration, gram_iteration_bound, spectral_norm
 from .polar import orthogonalize
@@ -23,6 +23,7 @@ __all__ = [
     "conv_singular_values",
     "gram",
     "gram_eigh",
+    "gram_spectrum",
     "gram_iteration_bound",
     "orthogonalize",
     "other_vectors",

@@ -90,10 +90,23 @@ def gram_eigh(W: torch.Tensor, k: int | None = None, name: str = "W") -> tuple[t
     """
     W = W.to(compute_dtype(W.dtype))
     G, tall = _smaller_gram(W, name)
+    S, vectors = gram_spectrum(G, k)
+    return S.to(W.real.dtype), vectors.to(W.dtype), tall
+
+
+def gram_spectrum(G: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, vectors)`` from a Gram matrix ``G = AᴴA`` (or ``AAᴴ``) of some ``A``, which need
+    not be at hand: ``A``'s ``k`` largest singular values ``σᵢ = √λᵢ(G)`` (descending; the
+    small negative eigenvalues rounding leaves become 0) and the eigenvectors of ``G``,
+    ``A``'s right (left) singular vectors, in ``G``'s precision.
+
+    >>> A = torch.randn(30, 8, dtype=torch.float64)
+    >>> S, V = gram_spectrum(A.T @ A, k=3)
+    >>> torch.allclose(S, torch.linalg.svdvals(A)[:3])
+    True
+    """
     eigenvalues, vectors = torch.linalg.eigh(G)
-    eigenvalues = eigenvalues.flip(-1)[..., :k]
-    vectors = vectors.flip(-1)[..., :k].to(W.dtype)
-    return eigenvalues.clamp_min(0).sqrt().to(W.real.dtype), vectors, tall
+    return eigenvalues.flip(-1)[..., :k].clamp_min(0).sqrt(), vectors.flip(-1)[..., :k]
 
 
 def other_vectors(W: torch.Tensor, vectors: torch.Tensor, S: torch.Tensor, tall: bool) -> torch.Tensor:
