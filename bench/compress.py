@@ -1,7 +1,8 @@
 """Low-rank compression of the reference model: every method × allocation × ratio.
 
 Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--windows 64]
-                               [--repeats 3] [--gpt2-repeats 1] [--json docs/benchmarks/compress.json]
+                               [--repeats 3] [--gpt2-repeats 1] [--llama1b-repeats 1]
+                               [--json docs/benchmarks/compress.json]
                                [--plot docs/img/compress_bpb.png] [--timing-only] [--memory-only]
 
 On the bundled reference model (byte-level Llama pretrained on Python code), in one
@@ -17,7 +18,8 @@ process:
 2. **Time**: wall time of ``compress`` (calibration pass + SVDs + allocation + layer
    swap) for every method at ratio 0.3, best of ``--repeats``, as a multiple of plain
    ``svd``; ``svd-llm``'s time as the calibration set grows; and the same timings on two
-   larger random models (a 768-wide Llama, GPT-2 small's architecture).
+   larger random models (a 768-wide Llama, GPT-2 small's architecture, one layer of
+   Llama-3.2-1B's shape).
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ def wide_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
                                         num_attention_heads=12, num_key_value_heads=12, vocab_size=256,
+                                        max_position_embeddings=512)).eval()
+
+
+def llama_1b_layer() -> torch.nn.Module:
+    """One decoder layer of Llama-3.2-1B's shape (hidden 2048, MLP 8192, 32 heads, 8 key-value
+    heads), random weights, a 256-token vocabulary: the per-layer cost of a 1B-parameter LLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=1,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=256,
                                         max_position_embeddings=512)).eval()
 
 
@@ -182,6 +195,8 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/img/compress_bpb.png")
     parser.add_argument("--gpt2-repeats", type=int, default=1,
                         help="rounds of the GPT-2-size timing (about 70 s each; 0 skips it)")
+    parser.add_argument("--llama1b-repeats", type=int, default=1,
+                        help="rounds of the timing on one Llama-3.2-1B-shaped layer (about 45 s each; 0 skips it)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak memory growth of each method on GPT-2 small (fresh process each)")
     parser.add_argument("--timing-only", action="store_true",
@@ -242,6 +257,7 @@ def main() -> None:
 
     wide = model_timing(wide_llama(), args.repeats)
     gpt2 = model_timing(gpt2_small(), args.gpt2_repeats) if args.gpt2_repeats else {}
+    llama_1b = model_timing(llama_1b_layer(), args.llama1b_repeats) if args.llama1b_repeats else {}
 
     print("\n### Held-out bits per byte (lower is better)\n")
     for corpus in ("code", "docs"):
@@ -272,6 +288,12 @@ def main() -> None:
         print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
                              [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
                               for m, t in gpt2.items()]))
+    if llama_1b:
+        print(f"\n### One Llama-3.2-1B-shaped layer (random weights; 4096 calibration tokens; "
+              f"best of {args.llama1b_repeats})\n")
+        print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
+                             [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
+                              for m, t in llama_1b.items()]))
 
     plot(results, dense, Path(args.plot))
     from spectrakit._atomic import atomic_write
@@ -280,7 +302,7 @@ def main() -> None:
         json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
                    "calibration_sequences": args.calib, "eval_windows": args.windows, "results": results,
                    "timing": timing, "timing_vs_calibration": scaling, "timing_wide_model": wide,
-                   "timing_gpt2": gpt2}, handle, indent=1)
+                   "timing_gpt2": gpt2, "timing_llama_1b_layer": llama_1b}, handle, indent=1)
     print(f"\nwrote {args.json} and {args.plot}")
 
 

@@ -139,6 +139,34 @@ def test_layers_are_replaced_only_where_they_save_parameters() -> None:
     assert report.parameters_after == before - (24 * 64 + 64 * 32) + 14 * (24 + 64) + 14 * (64 + 32)
 
 
+def test_layers_tied_to_each_other_are_left_alone_and_a_reused_layer_is_one_target(tmp_path) -> None:
+    torch.manual_seed(0)
+    tied = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 8))
+    tied[2].weight = tied[0].weight
+    report = sk.compress(tied, method="svd", rank=4)
+    assert list(report.layers) == ["4"] and [type(m).__name__ for m in tied[::2]] == ["Linear", "Linear",
+                                                                                       "LowRankLinear"]
+    assert report.parameters_after == sum(p.numel() for p in tied.parameters())
+    with pytest.raises(SpectrakitError, match="tied"):
+        sk.compress(tied, method="svd", rank=4, targets=["2"])
+
+    def reused() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(32, 32)
+        return torch.nn.Sequential(layer, torch.nn.ReLU(), layer, torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+    model, x = reused(), torch.randn(64, 32)
+    before = sum(p.numel() for p in model.parameters())
+    report = sk.compress(model, method="svd-llm", rank=4, calibration=[x], targets=["2"])  # its second name
+    assert list(report.layers) == ["0"] and model[0] is model[2] and isinstance(model[0], LowRankLinear)
+    assert report.layers["0"].truncation_loss > 0 and report.calibration_tokens == 128  # both calls seen
+    assert report.parameters_after == sum(p.numel() for p in model.parameters()) == before - 32 * 32 + 4 * 64
+    sk.save_compressed(model, tmp_path / "reused", report)
+    loaded = sk.load_compressed(tmp_path / "reused", model=reused())
+    assert loaded[0] is loaded[2] and torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
 def test_parameter_counts_and_budget(ratio: float, allocation: str) -> None:

@@ -96,6 +96,23 @@ def test_save_load_round_trip_and_generate(arch: str, tmp_path) -> None:
     assert sum(p.numel() for p in loaded.parameters()) == report.parameters_after
 
 
+def test_a_layer_kept_in_float32_keeps_its_dtype_through_save_and_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        num_layers=2, num_decoder_layers=2, d_model=32, d_ff=64, d_kv=16, num_heads=2, vocab_size=100,
+        decoder_start_token_id=0)).eval().to(torch.bfloat16)
+    for name, module in model.named_modules():  # what from_pretrained does for T5's _keep_in_fp32_modules
+        if name.endswith("DenseReluDense.wo"):
+            module.float()
+    report = sk.compress(model, method="svd", ratio=0.3, targets=["DenseReluDense"])
+    sk.save_compressed(model, tmp_path / "mixed", report)
+    loaded = sk.load_compressed(tmp_path / "mixed")
+    assert {n: p.dtype for n, p in loaded.named_parameters()} == {n: p.dtype for n, p in model.named_parameters()}
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.up.dtype == torch.float32
+    x = torch.randint(0, 100, (2, 12))
+    assert torch.equal(loaded(input_ids=x, decoder_input_ids=x).logits, model(input_ids=x, decoder_input_ids=x).logits)
+
+
 def test_load_errors(tmp_path) -> None:
     with pytest.raises(SpectrakitError, match="compress.json"):
         sk.load_compressed(tmp_path)

@@ -121,23 +121,30 @@ def _output_weight_ids(model: nn.Module) -> set[int]:
 def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``Conv1D`` layers that ``targets`` selects, by module name.
 
-    ``"all-linear"``: every one but the output head and layers tied to an embedding.
-    Otherwise name patterns (substring, or shell pattern with ``*?[``). A pattern that
-    matches no linear layer, or only something that is not a linear weight matrix
-    (a norm, an embedding, a conv kernel, an already compressed layer), is an error.
+    ``"all-linear"``: every one but the output head and layers whose weight is tied to an
+    embedding or to another layer. Otherwise name patterns (substring, or shell pattern
+    with ``*?[``). A pattern that matches no linear layer, or only something that is not a
+    linear weight matrix (a norm, an embedding, a conv kernel, an already compressed layer)
+    or a tied weight, is an error. One module registered under several names (a layer
+    reused) is one target, under its first name; any of its names selects it.
     """
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     linear: dict[str, nn.Module] = {}
-    tied: dict[str, tuple[str, ...]] = {}
+    tied: dict[str, tuple[str, ...]] = {}  # a layer -> its weight's names in *other* modules
+    names: dict[str, list[str]] = {}  # a layer -> every name of that module
     alias_of: dict[str, str] = {}  # a module reached under a tied weight's second name -> first name
     for record in spectrakit_weights.iter_matrices(model):
-        alias_of.update((alias.rpartition(".")[0], record.name) for alias in record.aliases)
+        module_name = record.name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        reused = [a.rpartition(".")[0] for a in record.aliases if model.get_submodule(a.rpartition(".")[0]) is module]
+        alias_of.update((alias.rpartition(".")[0], record.name) for alias in record.aliases
+                        if alias.rpartition(".")[0] not in reused)
         if record.kind != "linear":
             continue
-        module_name = record.name.rpartition(".")[0]
-        linear[module_name] = model.get_submodule(module_name)
-        tied[module_name] = record.aliases
+        linear[module_name] = module
+        names[module_name] = [module_name, *reused]
+        tied[module_name] = tuple(a for a in record.aliases if a.rpartition(".")[0] not in reused)
     skip = _output_weight_ids(model)
 
     def miss(pattern: str) -> NoReturn:
@@ -157,8 +164,10 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
                                   "would untie them")
 
     return select_targets(linear, targets, verb="compress", on_miss=miss, check_hit=untied,
-                          matches=lambda name, pattern: matches_any([name, name + ".weight"], [pattern]),
-                          all_linear=lambda layers: {n: m for n, m in layers.items() if id(m.weight) not in skip})
+                          matches=lambda name, pattern: matches_any(
+                              [form for other in names[name] for form in (other, other + ".weight")], [pattern]),
+                          all_linear=lambda layers: {n: m for n, m in layers.items()
+                                                     if id(m.weight) not in skip and not tied[n]})
 
 
 def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
@@ -169,10 +178,20 @@ def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
     return record.matrix().detach()
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def module_sites(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each submodule, by ``id`` (a reused layer has several)."""
+    sites: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        sites.setdefault(id(module), []).append(name)
+    return sites
+
+
+def _replace(model: nn.Module, names: list[str], new: nn.Module) -> None:
+    """Put ``new`` under every name of a layer (a reused layer stays one module)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def get_method(method: str, options: dict[str, Any]) -> Method:
@@ -251,6 +270,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
                      only_if_smaller=only_if_smaller)
 
+    sites = module_sites(model)
     report_layers: dict[str, LayerReport] = {}
     for name, layer in layers.items():
         shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
@@ -259,7 +279,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             up, down = spectrum.factors(k, dtype=layer.weight.dtype)
             bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
             new = LowRankLinear.from_factors(up, down, bias, method=method, dtype=layer.weight.dtype)
-            _replace(model, name, new.to(layer.weight.device))
+            _replace(model, sites[id(layer)], new.to(layer.weight.device))
         losses = shape.losses
         dropped = float(losses[k:].sum()) if replace else 0.0
         report_layers[name] = LayerReport(

@@ -25,7 +25,7 @@ from torch import nn
 
 from .._atomic import atomic_save_path, atomic_write
 from ..errors import SpectrakitError
-from .api import CompressionReport, _replace
+from .api import CompressionReport, _replace, module_sites
 from .lowrank import LowRankLinear
 
 FORMAT = "spectrakit-compressed"
@@ -89,6 +89,23 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def saved_dtypes(file: Path) -> dict[str, torch.dtype]:
+    """The floating-point dtype of each tensor in a safetensors file, from its header alone."""
+    try:
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size)) if 0 < size < 1 << 30 else None
+    except (OSError, ValueError) as error:
+        raise SpectrakitError(f"{file}: cannot read the safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise SpectrakitError(f"{file}: not a safetensors file")
+    return {key: _SAFETENSORS_DTYPES[entry["dtype"]] for key, entry in header.items()
+            if isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES}
+
+
 def _build_hf(folder: Path, class_name: str) -> nn.Module:
     try:
         import transformers
@@ -123,9 +140,11 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         if meta["architecture"] == "module":
             raise SpectrakitError(f"{folder}: a plain torch model; pass model= (the dense architecture) to rebuild it")
         model = _build_hf(folder, meta["architecture"])
-    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
-    if isinstance(dtype, torch.dtype):
-        model = model.to(dtype)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
+    dtypes = saved_dtypes(weights)
+    sites = module_sites(model)
     for name, spec in meta["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -134,13 +153,15 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         weight = getattr(old, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         # no random init: every factor is loaded below (strict)
-        _replace(model, name, nn.utils.skip_init(LowRankLinear, spec["in_features"], spec["out_features"],
-                                                 spec["rank"], bias=spec["bias"], method=spec.get("method", ""),
-                                                 device=device,
-                                                 dtype=dtype if isinstance(dtype, torch.dtype) else None))
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
+        _replace(model, sites[id(old)], nn.utils.skip_init(
+            LowRankLinear, spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
+            method=spec.get("method", ""), device=device, dtype=dtypes.get(f"{name}.up")))
+    # each tensor takes its saved dtype (a model may keep some layers in float32), in place,
+    # so that tied parameters stay one tensor
+    with torch.no_grad():
+        for key, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+            if key in dtypes and tensor.dtype != dtypes[key]:
+                tensor.data = tensor.data.to(dtypes[key])
     try:
         load_model(model, str(weights), strict=True)
     except Exception as error:  # safetensors and load_state_dict raise their own types
