@@ -283,6 +283,23 @@ def test_fisher_edge_cases_are_right_or_refused() -> None:
         collect_statistics(model, layers, [x], fisher=True, loss_fn=lambda m, b: m(b).detach().square().mean())
 
 
+def test_fisher_of_a_layer_called_twice_squares_the_batch_gradient() -> None:
+    """A shared block (ALBERT-style): the batch's weight gradient is the sum over its calls,
+    and that sum is squared, not each call's part."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(8, 8).double()
+    model = torch.nn.Sequential(shared, torch.nn.Tanh(), shared, torch.nn.Tanh(), torch.nn.Linear(8, 4).double())
+    batches = [torch.randn(6, 8, dtype=torch.float64) for _ in range(2)]
+    expected = torch.zeros(8, dtype=torch.float64)
+    for x in batches:
+        model.zero_grad()
+        square_loss(model, x).backward()
+        expected += shared.weight.grad.square().sum(dim=1)
+    model.zero_grad(set_to_none=True)
+    stats = collect_statistics(model, {"0": shared}, batches, fisher=True, loss_fn=square_loss)
+    assert torch.allclose(stats["0"].fisher, expected, rtol=1e-10, atol=0)
+
+
 def test_svd_llm_float64_weight_keeps_the_exact_svd() -> None:
     g = torch.Generator().manual_seed(0)
     X = torch.randn(512, 64, generator=g, dtype=torch.float64)

@@ -10,7 +10,8 @@ One pass over the calibration batches fills, for each targeted layer with inputs
 * ``abs_sum`` — ``Σ |x|`` per input channel (float64), so ``abs_sum / N`` is the mean
   activation magnitude: ASVD;
 * ``fisher`` — ``Σ_batches Σ_j (∂L_b/∂W_ij)²`` (one entry per output row ``i``,
-  float64), the empirical Fisher diagonal from one backward pass per batch, summed
+  float64), the empirical Fisher diagonal from one backward pass per batch (a layer
+  called several times in a batch adds its calls' gradients before squaring), summed
   along each row: FWSVD. Only the row sums are kept, so a layer costs ``out`` numbers
   here, not ``out × in`` (8 GB in float64 for a 1B-parameter model).
 
@@ -99,6 +100,10 @@ class _Collector:
     # hooked outputs produced before any root exists (their input requires grad through a
     # tensor outside the model's parameters): differentiated directly, next to the roots
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # a layer called more than once in a batch (a shared block): its calls' weight gradients
+    # are summed into the batch's gradient before it is squared
+    calls: dict[str, int] = field(default_factory=dict)
+    weight_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     # the output-head stop (see watch_head): layers hooked in the current batch; what the
     # first batch showed (head calls, a targeted layer running after the head); whether to stop
     seen: set[str] = field(default_factory=set)
@@ -196,8 +201,19 @@ class _Collector:
             del self.cache[key]
             self.shared.difference_update(id(value) for value in entry.products.values())
 
+    def add_fisher(self, name: str, weight_grad: torch.Tensor) -> None:
+        """Add the squared rows of one batch's weight gradient to the layer's Fisher."""
+        stats = self.stats[name]
+        # squared in float64: a float32 square underflows below gradients of 1e-19
+        rows = torch.linalg.vector_norm(weight_grad, dim=1, dtype=torch.float64).square_()
+        stats.fisher = rows if stats.fisher is None else stats.fisher.add_(rows)
+
     def end_batch(self) -> None:
         """Forget the batch that just ran (after the first, decide the head stop)."""
+        for name, weight_grad in self.weight_grads.items():
+            self.add_fisher(name, weight_grad)
+        self.weight_grads.clear()
+        self.calls.clear()
         if self.batch_index == 0:
             self.learn_head_stop()
         self.seen.clear()
@@ -223,6 +239,7 @@ class _Collector:
             else:
                 self.check_input(name, flat)
             if self.fisher and output.requires_grad:
+                self.calls[name] = self.calls.get(name, 0) + 1
                 compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
                 saved = flat.to(compute)
                 version = saved._version
@@ -236,9 +253,12 @@ class _Collector:
                         raise SpectrakitError(f"fwsvd: the input of layer {name} was modified in place after the "
                                               "layer used it, so its Fisher cannot be formed from it")
                     weight_grad = grad.reshape(-1, grad.shape[-1]).to(compute).T @ saved  # out × in
-                    # squared in float64: a float32 square underflows below gradients of 1e-19
-                    rows = torch.linalg.vector_norm(weight_grad, dim=1, dtype=torch.float64).square_()
-                    stats.fisher = rows if stats.fisher is None else stats.fisher.add_(rows)
+                    if self.calls[name] == 1:
+                        self.add_fisher(name, weight_grad)
+                    elif name in self.weight_grads:
+                        self.weight_grads[name].add_(weight_grad)
+                    else:
+                        self.weight_grads[name] = weight_grad
 
                 output.register_hook(grad_hook)
 
