@@ -245,3 +245,49 @@ def test_an_error_inside_the_model_is_one_line_naming_the_batch() -> None:
         with pytest.raises(SpectrakitError, match=r"^calibration batch 1: ") as caught:
             sk.compress(model, method=method, ratio=0.3, calibration=bad)
         assert "\n" not in str(caught.value)
+
+
+def test_padding_is_left_out_of_the_statistics() -> None:
+    """Right-padded dict batches give the statistics of their real tokens alone."""
+    from spectrakit.compress.api import find_layers
+    from spectrakit.compress.calibration import collect_statistics
+
+    model = llama()
+    layers = find_layers(model)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 100, (3, 16), generator=g)
+    lengths = [16, 9, 5]
+    mask = (torch.arange(16)[None, :] < torch.tensor(lengths)[:, None]).long()
+    padded = [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}]
+    real = [ids[i:i + 1, :n] for i, n in enumerate(lengths)]
+    square = ["model.layers.0.self_attn.o_proj"]  # one layer through its output second moment
+    a = collect_statistics(model, layers, padded, gram=True, scale=True, output_gram=square)
+    b = collect_statistics(model, layers, real, gram=True, scale=True, output_gram=square)
+    for name in layers:
+        assert a[name].tokens == b[name].tokens == sum(lengths)
+        for key in ("gram", "output_gram", "abs_sum"):
+            x, y = getattr(a[name], key), getattr(b[name], key)
+            assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, rtol=1e-4, atol=1e-6)), key
+
+
+def test_fwsvd_default_loss_skips_padding_and_refuses_a_masked_lm() -> None:
+    from spectrakit.compress.calibration import default_loss
+
+    model = llama()
+    ids = torch.randint(1, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask[:, 1:].reshape(-1) == 1
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100)[keep], ids[:, 1:].reshape(-1)[keep])
+    got = default_loss(model, {"input_ids": ids, "attention_mask": mask})
+    assert torch.allclose(got, expected, rtol=1e-6)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.randint(0, 100, (8, 12))), batch_size=4)  # batches are [ids]
+    assert sk.compress(llama(), method="fwsvd", ratio=0.3, calibration=loader).parameters_after > 0
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)).eval()
+    with pytest.raises(SpectrakitError, match="BertForMaskedLM does not predict the next token"):
+        sk.compress(bert, method="fwsvd", ratio=0.3, calibration=calibration())

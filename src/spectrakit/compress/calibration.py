@@ -15,6 +15,12 @@ One pass over the calibration batches fills, for each targeted layer with inputs
   along each row: FWSVD. Only the row sums are kept, so a layer costs ``out`` numbers
   here, not ``out × in`` (8 GB in float64 for a 1B-parameter model).
 
+Padding is left out: where a dict batch has an ``attention_mask`` with zeros, only the
+real tokens' rows of a layer input laid out ``[batch, tokens, features]`` enter ``gram``,
+``output_gram``, ``abs_sum`` and the token count (not in an encoder-decoder, whose decoder
+runs on other tokens); FWSVD's default loss does not predict padding, so padding has no
+gradient there.
+
 The weight gradient of a batch is formed from the hooked input ``X`` and output
 gradient ``G`` as ``GᵀX`` (``out × in`` whatever the layer stores), so the same code
 serves ``nn.Linear`` and transformers' ``Conv1D``, and ``.grad`` of the model is left
@@ -97,6 +103,9 @@ class _Collector:
     # reaches every hooked output downstream, whose gradient hooks form GᵀX, while autograd
     # forms no weight gradient at all and keeps only the roots' gradients
     roots: list[torch.Tensor] = field(default_factory=list)
+    # the current batch's real tokens (its attention_mask, when some are padding): the
+    # statistics of a layer whose input is laid out [batch, tokens, features] skip the rest
+    mask: torch.Tensor | None = None
     # hooked outputs produced before any root exists (their input requires grad through a
     # tensor outside the model's parameters): differentiated directly, next to the roots
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -183,9 +192,18 @@ class _Collector:
             if entry.remaining <= 0:
                 self.drop(id(x), entry)
 
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which rows of ``x`` flattened to ``[tokens, features]`` are real tokens (None: all)."""
+        if self.mask is None or tuple(x.shape[:-1]) != tuple(self.mask.shape):
+            return None
+        return self.mask.reshape(-1).to(x.device)
+
     def add_output_gram(self, name: str, module: nn.Module, output: torch.Tensor, stats: LayerStatistics) -> None:
         """Add the Gram matrix of ``module``'s output less its bias to ``stats``."""
         y = output.detach().reshape(-1, output.shape[-1])
+        real = self.real_tokens(output)
+        if real is not None:
+            y = y[real]
         y = y if y.dtype == torch.float64 else y.float()
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -214,6 +232,7 @@ class _Collector:
             self.add_fisher(name, weight_grad)
         self.weight_grads.clear()
         self.calls.clear()
+        self.mask = None
         if self.batch_index == 0:
             self.learn_head_stop()
         self.seen.clear()
@@ -227,6 +246,9 @@ class _Collector:
         def forward_hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             x = inputs[0]
             flat = x.detach().reshape(-1, x.shape[-1])
+            real = self.real_tokens(x)
+            if real is not None and not self.fisher:  # fwsvd: padding has no gradient (see default_loss)
+                flat = flat[real]
             self.seen.add(name)
             self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
@@ -294,6 +316,17 @@ def _check_finite(batch: Batch, index: int) -> None:
             raise SpectrakitError(f"calibration batch {index} contains NaN or Inf values")
 
 
+def _padding_mask(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """A dict batch's ``attention_mask`` as booleans, when some of its tokens are padding
+    (an encoder-decoder's decoder runs on other tokens, so there it is not used)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or bool(mask.all()):
+        return None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return mask != 0
+
+
 def run_model(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on one calibration batch: a dict is passed as keywords, a tuple or
     list as positional arguments, an integer tensor as ``input_ids`` to a Hugging Face
@@ -324,11 +357,32 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         return loss
     logits = getattr(output, "logits", output)
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(ids, (list, tuple)) and len(ids) == 1:  # e.g. a DataLoader over TensorDataset(ids)
+        ids = ids[0]
     if (isinstance(logits, torch.Tensor) and isinstance(ids, torch.Tensor) and not ids.is_floating_point()
             and logits.ndim == 3 and logits.shape[:2] == ids.shape and ids.shape[1] > 1):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        if not _predicts_next_token(model):
+            raise SpectrakitError(f"method 'fwsvd': {type(model).__name__} does not predict the next token; "
+                                  "pass batches with labels, or loss_fn=lambda model, batch: ...")
+        targets = ids[:, 1:]
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            targets = targets.masked_fill(mask[:, 1:] == 0, -100)  # padding is not a target
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100)
     raise SpectrakitError("method 'fwsvd' needs a loss: pass loss_fn=lambda model, batch: ... "
                           "(calibration batches are not token ids of a language model)")
+
+
+def _predicts_next_token(model: nn.Module) -> bool:
+    """False for a Hugging Face model that cannot generate (a masked LM such as BERT)."""
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(model, "config", None) is None or not callable(can_generate):
+        return True
+    try:
+        return bool(can_generate())
+    except Exception:  # an older or unusual model class
+        return True
 
 
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
@@ -376,6 +430,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
         for index, batch in enumerate(calibration):
             collector.batch_index = index
             _check_finite(batch, index)
+            collector.mask = _padding_mask(model, batch)
             if fisher:
                 with torch.enable_grad(), _model_errors_named(index, fisher=True):
                     loss = loss_fn(model, batch)
