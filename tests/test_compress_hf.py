@@ -166,6 +166,22 @@ class _HeadThenLayer(torch.nn.Module):
         return self.late(self.head(self.early(x)))
 
 
+def test_cli_plain_svd_needs_no_tokenizer_and_an_encoder_decoder_calibrates(tmp_path, capsys) -> None:
+    llama(vocab=100).save_pretrained(tmp_path / "no-tokenizer")  # not byte-level, no tokenizer files
+    assert main(["compress", str(tmp_path / "no-tokenizer"), "--method", "svd", "--out", str(tmp_path / "a"),
+                 "--quiet"]) == 0
+    assert main(["compress", str(tmp_path / "no-tokenizer"), "--method", "asvd", "--out", str(tmp_path / "b"),
+                 "--quiet"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=256, decoder_start_token_id=0)
+    ).save_pretrained(tmp_path / "t5")
+    assert main(["compress", str(tmp_path / "t5"), "--method", "svd-llm", "--calib", "4", "--seq-len", "16",
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert type(sk.load_compressed(tmp_path / "c")).__name__ == "T5ForConditionalGeneration"
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_statistics_pass_stops_at_the_output_head(arch: str) -> None:
     from spectrakit.compress.api import _output_head, find_layers

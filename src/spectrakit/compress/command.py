@@ -45,8 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _load_source(source: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer or None) for SOURCE; None means the reference model (bytes)."""
+def _load_source(source: str | None, needs_text: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer or None) for SOURCE; None means the reference model (bytes).
+    ``needs_text``: the method calibrates, so the text must be encodable."""
     from ..errors import SpectrakitError
 
     if source is None:
@@ -72,7 +73,7 @@ def _load_source(source: str | None) -> tuple[Any, Any]:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception:  # no tokenizer files: only a byte-level model can be calibrated
-        if getattr(model.config, "vocab_size", None) != 256:
+        if needs_text and getattr(model.config, "vocab_size", None) != 256:
             raise SpectrakitError(f"{folder}: no tokenizer to encode calibration text and the vocabulary is "
                                   "not byte-level; add tokenizer files or use --method svd") from None
     return model.eval(), tokenizer
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     budget = {"ratio": args.ratio, "rank": args.rank, "energy": args.energy}
     if all(value is None for value in budget.values()):
         budget["ratio"] = 0.3
-    model, tokenizer = _load_source(args.source)
+    model, tokenizer = _load_source(args.source, needs_text=args.method != "svd")
     calibration = None
     if args.method != "svd":
         if args.calib_text:
@@ -133,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
         calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # the text is both the encoder's input and the decoder's target
+            calibration = [{"input_ids": ids, "labels": ids} for ids in calibration]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
