@@ -388,6 +388,19 @@ def test_other_budget_and_option_errors() -> None:
         sk.compress(mlp(), method="svd", ratio=0.3, allocation="greedy")
     with pytest.raises(SpectrakitError, match="loss"):
         sk.compress(mlp(), method="fwsvd", ratio=0.3, calibration=[torch.randn(8, 24)])
+    with pytest.raises(SpectrakitError, match="iterable of batches"):
+        sk.compress(mlp(), method="svd-llm", ratio=0.3, calibration=5)
+    with pytest.raises(SpectrakitError, match="svd_method='bogus' is not one of"):
+        sk.compress(mlp(), method="svd", ratio=0.3, svd_method="bogus")
+
+
+def test_numpy_scalars_are_budgets_and_an_unreachable_ratio_warns() -> None:
+    np = pytest.importorskip("numpy")
+    assert sk.compress(mlp(), method="svd", ratio=np.float32(0.3)).budget == {"ratio": pytest.approx(0.3)}
+    assert set(sk.compress(mlp(), method="svd", rank=np.int64(4)).ranks.values()) == {4}
+    with pytest.warns(CompressionWarning, match="ratio=0.99 is out of reach"):
+        report = sk.compress(mlp(), method="svd", ratio=0.99)
+    assert set(report.ranks.values()) == {1} and report.ratio < 0.99
 
 
 def test_target_that_is_not_a_matrix() -> None:

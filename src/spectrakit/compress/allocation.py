@@ -22,6 +22,7 @@ up to the last component (a knapsack of equal-cost items).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,10 @@ class LayerShape:
         return low_rank_parameters(self.in_features, self.out_features, rank)
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_budget(ratio: float | None, rank: int | None, energy: float | None, allocation: str) -> None:
     """Validate the budget options before any work is done."""
     given = [name for name, value in (("ratio", ratio), ("rank", rank), ("energy", energy)) if value is not None]
@@ -61,11 +66,12 @@ def check_budget(ratio: float | None, rank: int | None, energy: float | None, al
                               f"(got {', '.join(given) or 'none'})")
     if allocation not in ALLOCATIONS:
         raise SpectrakitError(f"allocation={allocation!r} is not one of {', '.join(ALLOCATIONS)}")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1 and math.isfinite(ratio)):
+    # numbers.Real / Integral: numpy scalars are welcome too
+    if ratio is not None and not (_is_real(ratio) and 0 < ratio < 1 and math.isfinite(ratio)):
         raise SpectrakitError(f"ratio={ratio!r} must be in (0, 1): the fraction of the targeted weights to remove")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise SpectrakitError(f"rank={rank!r} must be an integer >= 1")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+    if energy is not None and not (_is_real(energy) and 0 < energy <= 1):
         raise SpectrakitError(f"energy={energy!r} must be in (0, 1]: the fraction of Σσ² to keep")
 
 

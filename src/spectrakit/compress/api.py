@@ -22,6 +22,7 @@ from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
 from .._targets import check_weight, select_targets
+from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget
 from .asvd import ActivationAwareSVD
@@ -240,6 +241,10 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     """
     start = time.perf_counter()
     check_budget(ratio, rank, energy, allocation)
+    ratio, energy = (None if v is None else float(v) for v in (ratio, energy))
+    rank = None if rank is None else int(rank)
+    if svd_method not in SVD_METHODS:
+        raise SpectrakitError(f"svd_method={svd_method!r} is not one of {', '.join(SVD_METHODS)}")
     solver = get_method(method, options)
     layers = find_layers(model, targets)
     matrices = {name: _canonical_weight(name, layer) for name, layer in layers.items()}
@@ -291,6 +296,10 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
 
     target_before = sum(layer.parameters_before for layer in report_layers.values())
     target_after = sum(layer.parameters_after for layer in report_layers.values())
+    removed = 1 - target_after / max(target_before, 1)
+    if ratio is not None and removed < ratio - 0.005:
+        warnings.warn(f"ratio={ratio} is out of reach: every layer keeps at least rank 1, so only {removed:.1%} "
+                      "of the targeted weights were removed", CompressionWarning, stacklevel=2)
     budget = {"ratio": ratio, "rank": rank, "energy": energy, **options}
     return CompressionReport(
         method=method, allocation=allocation, budget={k: v for k, v in budget.items() if v is not None},

@@ -409,6 +409,9 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
         raise SpectrakitError("calibration=None: this method needs calibration batches")
     if isinstance(calibration, (torch.Tensor, Mapping)):
         calibration = [calibration]
+    if not isinstance(calibration, Iterable):
+        raise SpectrakitError(f"calibration must be an iterable of batches (a list, a DataLoader, …), "
+                              f"got {type(calibration).__name__}")
     total = len(calibration) if isinstance(calibration, Sized) else None
     calibration = progress_bar(calibration, total=total, desc="calibration", enabled=progress, unit="batch")
     collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=frozenset(output_gram))
