@@ -151,11 +151,18 @@ def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats
     # plain svd with float32 LAPACK SVD instead, the baseline before 2026-12-02 (3rd session)
     variants = {method: {"method": method} for method in METHODS}
     variants["svd, svd_method='exact'"] = {"method": "svd", "svd_method": "exact"}
-    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
+    # and the floor under every calibrated method: the model's plain forward over the batches
+    forward = "forward over the calibration batches only"
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in [*variants, forward]}
     for _ in range(repeats):
         for label, kwargs in variants.items():
             _, report, seconds, _ = timed_compress(base, ratio=0.3, calibration=calib, **kwargs)
             runs[label].append((seconds, report.calibration_seconds))
+        with torch.no_grad():
+            start = time.perf_counter()
+            for batch in calib:
+                base(batch)
+            runs[forward].append((time.perf_counter() - start, 0.0))
     svd = min(runs["svd"])[0]
     return [[label, f"{min(times)[0]:.3f}", f"{min(times)[1]:.3f}", f"{min(times)[0] / svd:.2f}"]
             for label, times in runs.items()]
