@@ -111,6 +111,10 @@ def test_a_layer_kept_in_float32_keeps_its_dtype_through_save_and_load(tmp_path)
     assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.up.dtype == torch.float32
     x = torch.randint(0, 100, (2, 12))
     assert torch.equal(loaded(input_ids=x, decoder_input_ids=x).logits, model(input_ids=x, decoder_input_ids=x).logits)
+    half = llama().to(torch.bfloat16)  # its rotary frequencies, a buffer outside the state dict, too
+    report = sk.compress(half, method="svd", ratio=0.3)
+    sk.save_compressed(half, tmp_path / "half", report)
+    assert torch.equal(sk.load_compressed(tmp_path / "half")(x).logits, half(x).logits)
 
 
 def test_load_errors(tmp_path) -> None:
@@ -276,9 +280,9 @@ def test_padding_is_left_out_of_the_statistics() -> None:
     mask = (torch.arange(16)[None, :] < torch.tensor(lengths)[:, None]).long()
     padded = [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}]
     real = [ids[i:i + 1, :n] for i, n in enumerate(lengths)]
-    square = ["model.layers.0.self_attn.o_proj"]  # one layer through its output second moment
-    a = collect_statistics(model, layers, padded, gram=True, scale=True, output_gram=square)
-    b = collect_statistics(model, layers, real, gram=True, scale=True, output_gram=square)
+    wide = {"model.layers.0.self_attn.k_proj": layers["model.layers.0.self_attn.k_proj"].weight}  # 16 × 32
+    a = collect_statistics(model, layers, padded, gram=True, scale=True, output_gram=wide)
+    b = collect_statistics(model, layers, real, gram=True, scale=True, output_gram=wide)
     for name in layers:
         assert a[name].tokens == b[name].tokens == sum(lengths)
         for key in ("gram", "output_gram", "abs_sum"):
@@ -298,6 +302,17 @@ def test_fwsvd_default_loss_skips_padding_and_refuses_a_masked_lm() -> None:
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100)[keep], ids[:, 1:].reshape(-1)[keep])
     got = default_loss(model, {"input_ids": ids, "attention_mask": mask})
     assert torch.allclose(got, expected, rtol=1e-6)
+    left = torch.ones_like(ids)
+    left[0, :3] = 0  # left padding: no target is predicted from a padded position either
+    logits = model(input_ids=ids, attention_mask=left).logits
+    keep = ((left[:, 1:] == 1) & (left[:, :-1] == 1)).reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100)[keep], ids[:, 1:].reshape(-1)[keep])
+    assert torch.allclose(default_loss(model, {"input_ids": ids, "attention_mask": left}), expected, rtol=1e-6)
+    from spectrakit.compress.api import find_layers
+    from spectrakit.compress.calibration import collect_statistics
+
+    stats = collect_statistics(model, find_layers(model), [{"input_ids": ids, "attention_mask": left}], fisher=True)
+    assert {s.tokens for s in stats.values()} == {int(left.sum())}
     from torch.utils.data import DataLoader, TensorDataset
 
     loader = DataLoader(TensorDataset(torch.randint(0, 100, (8, 12))), batch_size=4)  # batches are [ids]

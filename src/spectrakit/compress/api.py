@@ -256,7 +256,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     if solver.needs:
         if calibration is None:
             raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
-        output_gram = [name for name, W in matrices.items() if solver.uses_output_gram(W, svd_method)]
+        output_gram = {name: W for name, W in matrices.items() if solver.uses_output_gram(W, svd_method)}
         statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
                                         scale="scale" in solver.needs, fisher="fisher" in solver.needs,
                                         output_gram=output_gram,

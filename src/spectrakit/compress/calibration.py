@@ -5,8 +5,10 @@ One pass over the calibration batches fills, for each targeted layer with inputs
 
 * ``gram``   — the input second moment ``XᵀX = Σ x xᵀ`` (``in × in``, float64): SVD-LLM;
 * ``output_gram`` — for the layers asked for it instead of ``gram``: the second moment of
-  the output less the bias, ``(XWᵀ)ᵀ(XWᵀ) = W XᵀX Wᵀ`` (``out × out``, float64), smaller
-  and cheaper to form than ``XᵀX`` when the layer has fewer outputs than inputs: SVD-LLM;
+  the layer's product with its inputs, ``(XWᵀ)ᵀ(XWᵀ) = W XᵀX Wᵀ`` (``out × out``), formed
+  in float64 from the inputs (the model's own output is rounded to its precision, which
+  would hide the weight's small directions), smaller than ``XᵀX`` when the layer has fewer
+  outputs than inputs: SVD-LLM;
 * ``abs_sum`` — ``Σ |x|`` per input channel (float64), so ``abs_sum / N`` is the mean
   activation magnitude: ASVD;
 * ``fisher`` — ``Σ_batches Σ_j (∂L_b/∂W_ij)²`` (one entry per output row ``i``,
@@ -86,7 +88,7 @@ class _Collector:
     gram: bool
     scale: bool
     fisher: bool
-    output_gram: frozenset[str] = frozenset()
+    output_gram: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer -> its out × in weight
     stats: dict[str, LayerStatistics] = field(default_factory=dict)
     # Products are formed once per input tensor and added to every layer that reads it. Peak
     # memory stays near the accumulators themselves: in the first batch the first reader's
@@ -198,21 +200,10 @@ class _Collector:
             return None
         return self.mask.reshape(-1).to(x.device)
 
-    def add_output_gram(self, name: str, module: nn.Module, output: torch.Tensor, stats: LayerStatistics) -> None:
-        """Add the Gram matrix of ``module``'s output less its bias to ``stats``."""
-        y = output.detach().reshape(-1, output.shape[-1])
-        real = self.real_tokens(output)
-        if real is not None:
-            y = y[real]
-        y = y if y.dtype == torch.float64 else y.float()
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            y = y - bias.detach().to(y.dtype)
-        product = linalg.gram(y)
-        if not bool(torch.isfinite(product.diagonal().sum())):
-            raise SpectrakitError(f"calibration batch {self.batch_index}: the output of layer {name} "
-                                  "overflows (contains NaN or Inf values)")
-        stats.output_gram = product.double() if stats.output_gram is None else stats.output_gram.add_(product)
+    def add_output_gram(self, name: str, flat: torch.Tensor, stats: LayerStatistics) -> None:
+        """Add ``(X Wᵀ)ᵀ(X Wᵀ)`` for the rows of ``flat`` to ``stats``, in float64."""
+        product = linalg.gram(flat.double() @ self.output_gram[name].double().mT)
+        stats.output_gram = product if stats.output_gram is None else stats.output_gram.add_(product)
 
     def drop(self, key: int, entry: _Input) -> None:
         if self.cache.get(key) is entry:
@@ -252,10 +243,10 @@ class _Collector:
             self.seen.add(name)
             self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
-            stats.tokens += flat.shape[0]
+            stats.tokens += flat.shape[0] if real is None else int(real.sum())
             if name in self.output_gram:
                 self.check_input(name, flat)
-                self.add_output_gram(name, module, output, stats)
+                self.add_output_gram(name, flat, stats)
             elif self.gram or self.scale:
                 self.add_products(name, x, flat, stats)  # checks the input once per tensor
             else:
@@ -367,7 +358,8 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         targets = ids[:, 1:]
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-            targets = targets.masked_fill(mask[:, 1:] == 0, -100)  # padding is not a target
+            # padding is neither a target nor a context a target is predicted from (left padding)
+            targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=-100)
     raise SpectrakitError("method 'fwsvd' needs a loss: pass loss_fn=lambda model, batch: ... "
@@ -387,12 +379,13 @@ def _predicts_next_token(model: nn.Module) -> bool:
 
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
                        gram: bool = False, scale: bool = False, fisher: bool = False,
-                       output_gram: Iterable[str] = (), loss_fn: LossFn | None = None,
+                       output_gram: Mapping[str, torch.Tensor] | None = None, loss_fn: LossFn | None = None,
                        head: nn.Module | None = None, progress: bool = False) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
 
-    ``output_gram``: names of layers to gather ``output_gram`` for instead of ``gram`` (a
-    method that needs neither their input's ``XᵀX`` nor its channel sums).
+    ``output_gram``: the layers to gather ``output_gram`` for instead of ``gram``, each
+    with its ``out × in`` weight (for a method that needs neither their input's ``XᵀX``
+    nor its channel sums).
 
     ``head``: the model's output head, if it is not among ``layers``. Without ``fisher``
     (which needs the loss) every forward after the first then stops at the head's input as
@@ -414,7 +407,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                               f"got {type(calibration).__name__}")
     total = len(calibration) if isinstance(calibration, Sized) else None
     calibration = progress_bar(calibration, total=total, desc="calibration", enabled=progress, unit="batch")
-    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=frozenset(output_gram))
+    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=output_gram or {})
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
     if fisher:
         handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]

@@ -59,8 +59,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, report: Compressi
         raise SpectrakitError(f"{folder} exists and is not a folder")
     layers = _layers(model)
     hf_class = _hf_class(model)
+    # buffers the state dict leaves out (e.g. rotary frequencies) keep their dtype through this
+    buffers = {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers() if b.is_floating_point()}
     meta = {"format": FORMAT, "version": VERSION, "architecture": hf_class or "module", "layers": layers,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "buffer_dtypes": buffers,
             "report": report.to_dict() if report is not None else None}
     if hf_class is not None:
         with atomic_write(folder / HF_CONFIG) as handle:
@@ -144,6 +146,9 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     if not weights.is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
     dtypes = saved_dtypes(weights)
+    for name, dtype in (meta.get("buffer_dtypes") or {}).items():
+        if name not in dtypes and isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            dtypes[name] = getattr(torch, str(dtype))
     sites = module_sites(model)
     for name, spec in meta["layers"].items():
         try:

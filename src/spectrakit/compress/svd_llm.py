@@ -12,25 +12,27 @@ exactly the dropped whitened spectrum (*truncation-aware*):
 
 .. math::  \\lVert W X - W' X \\rVert_F^2 = \\sum_{i > k} \\sigma_i^2
 
-A layer with no more outputs than inputs needs neither ``S`` nor ``XXᵀ``: as
+A layer with fewer outputs than inputs needs neither ``S`` nor ``XXᵀ``: as
 ``U_k Σ_k V_kᵀ = U_k U_kᵀ W S``, its compressed weight is ``W' = U_k U_kᵀ W``, and ``U``,
-``Σ²`` are the eigenvectors and eigenvalues of ``WS(WS)ᵀ = (WX)(WX)ᵀ``, the second moment of
-the layer's outputs less the bias (``out × out``). The calibration pass gathers that
-instead (``N·out²`` work and ``out²`` memory rather than ``N·in²`` and ``in²``: 16× less for
-an MLP down-projection 4× wider at its input). It gives the same ``W'`` whenever ``S``
-exists, and also where it does not (singular ``XXᵀ``), since nothing is inverted:
+``Σ²`` are the eigenvectors and eigenvalues of ``WS(WS)ᵀ = (WX)(WX)ᵀ`` (``out × out``). The
+calibration pass gathers that matrix instead, forming ``XWᵀ`` and its Gram matrix in
+float64 from each batch's inputs (``out²`` memory rather than ``in²``, 16× less for an MLP
+down-projection 4× wider at its input; no Cholesky factor of size ``in``). It gives the
+same ``W'`` whenever ``S`` exists, and also where ``XXᵀ`` is singular but ``(WX)(WX)ᵀ``
+is not, since nothing is inverted:
 
-.. math::  (WX)(WX)^T = U \Sigma^2 U^T, \quad W' = U_k U_k^T W
+.. math::  (WX)(WX)^T = U \\Sigma^2 U^T, \\quad W' = U_k U_k^T W
 
-This route is taken with ``svd_method="auto"`` for a single- or half-precision weight
-(each batch's product is formed in float32 and summed in float64, and the eigensolve is
-float64); a float64 weight keeps the exact float64 SVD of ``W S``.
+This route is taken with ``svd_method="auto"`` for a single- or half-precision weight; a
+float64 weight keeps the exact float64 SVD of ``W S``, and a square or tall layer the
+whitening (its ``XXᵀ`` is no larger than ``(WX)(WX)ᵀ``, and may be shared by q, k and v).
 
-Damping. With fewer calibration tokens than outputs, the output route adds
-``λ W Wᵀ = W (λI) Wᵀ``, ``λ = damping · tr((WX)(WX)ᵀ) / ‖W‖²_F`` (``damping`` × the mean
-diagonal of ``XXᵀ`` for isotropic inputs), so the components no token reached are ranked
-by the weight itself. A layer with more outputs than inputs needs ``S``: when ``XXᵀ`` is
-singular or ill-conditioned (fewer tokens than input features, dead channels,
+Damping. The output route adds ``λ W Wᵀ = W (λI) Wᵀ``, ``λ = damping · tr((WX)(WX)ᵀ) /
+‖W‖²_F`` (``damping`` × the mean diagonal of ``XXᵀ`` for isotropic inputs), when there are
+fewer calibration tokens than outputs or ``(WX)(WX)ᵀ`` is singular or has
+``cond > max_condition``: the directions no token reached are then ranked by the weight
+itself rather than arbitrarily. The whitening route needs ``S``: when ``XXᵀ`` is singular
+or ill-conditioned (fewer tokens than input features, dead channels,
 ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`` is added (repeatedly
 ×10 until the Cholesky factor exists and is well conditioned). Either way a
 :class:`CompressionWarning` names the layer: the identity then holds only
@@ -59,6 +61,11 @@ from .. import linalg
 from ..errors import SpectrakitError
 from .base import Method, Spectrum, Transform
 from .calibration import LayerStatistics
+
+
+def _condition(S: torch.Tensor) -> float:
+    """``(σ₁/σₙ)²`` (inf for a zero σₙ)."""
+    return float((S[0] / S[-1]) ** 2) if float(S[-1]) > 0 else float("inf")
 
 
 def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", damping: float = 1e-2,
@@ -118,7 +125,7 @@ class TruncationAwareSVD(Method):
 
     def uses_output_gram(self, W: torch.Tensor, svd_method: str = "auto") -> bool:
         out_features, in_features = W.shape
-        return svd_method == "auto" and W.dtype != torch.float64 and out_features <= in_features
+        return svd_method == "auto" and W.dtype != torch.float64 and out_features < in_features
 
     def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
                  svd_method: str = "auto") -> Spectrum:
@@ -130,16 +137,22 @@ class TruncationAwareSVD(Method):
         weight = W.to(gram.dtype)
         energy, weight_energy = float(gram.diagonal().sum()), float(weight.square().sum())
         if not energy > 0 and weight_energy > 0:
-            raise SpectrakitError(f"svd-llm: layer {name} outputs only its bias on the calibration data "
-                                  "(are its inputs all zero?)")
-        self.ridges[name] = 0.0
-        if stats.tokens < out_features and weight_energy > 0:
-            ridge = self.damping * energy / weight_energy
-            gram = gram + ridge * linalg.gram(weight.mT)
-            self.ridges[name] = ridge
-            self.damped[name] = (f"only {stats.tokens} calibration tokens for {out_features} outputs "
-                                 f"(λ = {self.damping:.0e} × the mean input energy along W)")
+            raise SpectrakitError(f"svd-llm: the inputs of layer {name} are all zero on the calibration data "
+                                  "(or orthogonal to its weight)")
         S, U = linalg.gram_spectrum(gram)
+        self.ridges[name] = 0.0
+        condition = _condition(S)
+        if stats.tokens < out_features:
+            reason = f"only {stats.tokens} calibration tokens for {out_features} outputs"
+        elif condition > self.max_condition:
+            reason = f"its output second moment is singular or ill-conditioned (cond ≈ {condition:.1e})"
+        else:
+            reason = ""
+        if reason and weight_energy > 0:
+            ridge = self.damping * energy / weight_energy
+            S, U = linalg.gram_spectrum(gram + ridge * linalg.gram(weight.mT))
+            self.ridges[name] = ridge
+            self.damped[name] = f"{reason} (λ = {self.damping:.0e} × the mean input energy along W)"
         return Spectrum(S, Transform(), U=U.float(), weight=W)
 
     def warnings(self) -> list[str]:
@@ -147,5 +160,6 @@ class TruncationAwareSVD(Method):
             return []
         examples = "; ".join(f"{name}: {why}" for name, why in list(self.damped.items())[:3])
         more = f"; and {len(self.damped) - 3} more" if len(self.damped) > 3 else ""
-        return [f"svd-llm damped X·Xᵀ of {len(self.damped)} of {len(self.ridges)} layers ({examples}{more}); "
+        return [f"svd-llm damped the calibration second moment of {len(self.damped)} of {len(self.ridges)} layers "
+                f"({examples}{more}); "
                 "the truncation loss is approximate there; more (and more varied) calibration tokens is the real fix"]
