@@ -29,9 +29,11 @@ whitening (its ``XXᵀ`` is no larger than ``(WX)(WX)ᵀ``, and may be shared by
 
 Damping. The output route adds ``λ W Wᵀ = W (λI) Wᵀ``, ``λ = damping · tr((WX)(WX)ᵀ) /
 ‖W‖²_F`` (``damping`` × the mean diagonal of ``XXᵀ`` for isotropic inputs), when there are
-fewer calibration tokens than outputs or ``(WX)(WX)ᵀ`` is singular or has
-``cond > max_condition``: the directions no token reached are then ranked by the weight
-itself rather than arbitrarily. The whitening route needs ``S``: when ``XXᵀ`` is singular
+fewer calibration tokens than outputs or ``(WX)(WX)ᵀ`` is singular to float64 precision
+(smallest eigenvalue ≤ ``out · ε₆₄`` × the largest): the directions no token reached are
+then ranked by the weight itself rather than arbitrarily. Nothing is inverted on this
+route, so a wide but nonzero spread of σ needs no ridge and ``max_condition`` does not
+apply. The whitening route needs ``S``: when ``XXᵀ`` is singular
 or ill-conditioned (fewer tokens than input features, dead channels,
 ``cond > max_condition``), a ridge ``λ = damping · mean(diag XXᵀ)`` is added (repeatedly
 ×10 until the Cholesky factor exists and is well conditioned). Either way a
@@ -61,11 +63,6 @@ from .. import linalg
 from ..errors import SpectrakitError
 from .base import Method, Spectrum, Transform
 from .calibration import LayerStatistics
-
-
-def _condition(S: torch.Tensor) -> float:
-    """``(σ₁/σₙ)²`` (inf for a zero σₙ)."""
-    return float((S[0] / S[-1]) ** 2) if float(S[-1]) > 0 else float("inf")
 
 
 def whitening_factor(gram: torch.Tensor, tokens: int, name: str = "layer", damping: float = 1e-2,
@@ -141,11 +138,13 @@ class TruncationAwareSVD(Method):
                                   "(or orthogonal to its weight)")
         S, U = linalg.gram_spectrum(gram)
         self.ridges[name] = 0.0
-        condition = _condition(S)
+        # nothing is inverted here, so only a rank the data left short (not a wide spread of
+        # σ, which float64 resolves) calls for the ridge
+        singular = float(S[-1]) ** 2 <= float(S[0]) ** 2 * out_features * torch.finfo(torch.float64).eps
         if stats.tokens < out_features:
             reason = f"only {stats.tokens} calibration tokens for {out_features} outputs"
-        elif condition > self.max_condition:
-            reason = f"its output second moment is singular or ill-conditioned (cond ≈ {condition:.1e})"
+        elif singular:
+            reason = "its output second moment is singular: the calibration inputs reach too few directions"
         else:
             reason = ""
         if reason and weight_energy > 0:
