@@ -138,6 +138,21 @@ def test_svd_llm_output_route_damps_data_that_reaches_too_few_directions() -> No
     assert float((compressed - truth).norm() / W.norm()) < 1e-5
 
 
+def test_svd_llm_wide_layer_of_low_rank_is_not_damped() -> None:
+    """W itself of rank 16 (of 32 outputs) makes (WX)(WX)ᵀ singular, but not for want of
+    data: no ridge, and the float64 whitening ground truth."""
+    g = torch.Generator().manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(32, 16, generator=g) @ torch.randn(16, 64, generator=g))
+    W, X = model[0].weight.detach().double(), torch.randn(4000, 64, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressionWarning)
+        report = sk.compress(model, method="svd-llm", rank=8, calibration=[X])
+    dropped = float(torch.linalg.svdvals(W @ torch.linalg.cholesky(X.double().T @ X.double()))[8:].square().sum())
+    assert report.layers["0"].truncation_loss == pytest.approx(dropped, rel=1e-6)
+
+
 def test_svd_llm_wide_layer_with_fewer_tokens_than_outputs_is_damped() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 24))
     x = torch.randn(10, 64)

@@ -202,7 +202,7 @@ class _Collector:
 
     def add_output_gram(self, name: str, flat: torch.Tensor, stats: LayerStatistics) -> None:
         """Add ``(X Wᵀ)ᵀ(X Wᵀ)`` for the rows of ``flat`` to ``stats``, in float64."""
-        product = linalg.gram(flat.double() @ self.output_gram[name].double().mT)
+        product = linalg.gram(flat.double() @ self.output_gram[name].to(flat.device, torch.float64).mT)
         stats.output_gram = product if stats.output_gram is None else stats.output_gram.add_(product)
 
     def drop(self, key: int, entry: _Input) -> None:

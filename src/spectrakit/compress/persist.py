@@ -146,7 +146,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     if not weights.is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
     dtypes = saved_dtypes(weights)
-    for name, dtype in (meta.get("buffer_dtypes") or {}).items():
+    recorded = meta.get("buffer_dtypes")
+    for name, dtype in (recorded if isinstance(recorded, dict) else {}).items():
         if name not in dtypes and isinstance(getattr(torch, str(dtype), None), torch.dtype):
             dtypes[name] = getattr(torch, str(dtype))
     sites = module_sites(model)
