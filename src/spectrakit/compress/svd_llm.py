@@ -150,16 +150,19 @@ class TruncationAwareSVD(Method):
         self.ridges[name] = 0.0
         # nothing is inverted here, so only a rank the data left short calls for the ridge: not
         # a wide spread of σ (float64 resolves it), nor a rank W itself lacks (λWWᵀ has no
-        # more of it to give)
+        # more of it to give); WWᵀ is formed only when the data's rank falls short
+        data_rank = _rank(S.square())
+        short = stats.tokens < out_features or data_rank < out_features
+        weight_gram = linalg.gram(weight.mT) if short else None
         if stats.tokens < out_features:
             reason = f"only {stats.tokens} calibration tokens for {out_features} outputs"
-        elif _rank(S.square()) < out_features and _rank(torch.linalg.eigvalsh(linalg.gram(weight.mT))) > _rank(S.square()):
+        elif short and _rank(torch.linalg.eigvalsh(weight_gram)) > data_rank:
             reason = "its output second moment is singular: the calibration inputs reach too few directions"
         else:
             reason = ""
         if reason and weight_energy > 0:
             ridge = self.damping * energy / weight_energy
-            S, U = linalg.gram_spectrum(gram + ridge * linalg.gram(weight.mT))
+            S, U = linalg.gram_spectrum(gram + ridge * weight_gram)
             self.ridges[name] = ridge
             self.damped[name] = f"{reason} (λ = {self.damping:.0e} × the mean input energy along W)"
         return Spectrum(S, Transform(), U=U.float(), weight=W)
