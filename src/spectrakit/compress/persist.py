@@ -25,6 +25,7 @@ from torch import nn
 
 from .._atomic import atomic_save_path, atomic_write
 from ..errors import SpectrakitError
+from ..weights.files import safetensors_dtypes
 from .api import CompressionReport, _replace, module_sites
 from .lowrank import LowRankLinear
 
@@ -91,23 +92,6 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def saved_dtypes(file: Path) -> dict[str, torch.dtype]:
-    """The floating-point dtype of each tensor in a safetensors file, from its header alone."""
-    try:
-        with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size)) if 0 < size < 1 << 30 else None
-    except (OSError, ValueError) as error:
-        raise SpectrakitError(f"{file}: cannot read the safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise SpectrakitError(f"{file}: not a safetensors file")
-    return {key: _SAFETENSORS_DTYPES[entry["dtype"]] for key, entry in header.items()
-            if isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES}
-
-
 def _build_hf(folder: Path, class_name: str) -> nn.Module:
     try:
         import transformers
@@ -145,7 +129,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
-    dtypes = saved_dtypes(weights)
+    dtypes = {name: dtype for name, dtype in safetensors_dtypes(weights).items() if dtype.is_floating_point}
     recorded = meta.get("buffer_dtypes")
     for name, dtype in (recorded if isinstance(recorded, dict) else {}).items():
         if name not in dtypes and isinstance(getattr(torch, str(dtype), None), torch.dtype):

@@ -57,7 +57,7 @@ from safetensors import safe_open
 from spectrakit.errors import SpectrakitError
 from spectrakit.weights.record import MatrixRecord, matches_any, natural_key, one_line
 
-__all__ = ["path_records", "state_dict_records"]
+__all__ = ["path_records", "safetensors_dtypes", "state_dict_records"]
 
 #: ``model_type`` values whose linear layers are transformers ``Conv1D``.
 CONV1D_MODEL_TYPES = frozenset(
@@ -290,6 +290,11 @@ def _safetensors_entries(path: Path, only: set[str] | None = None) -> list[_Entr
             _Entry(name, shape, dtype, source, _safetensors_reader(source, name))
         )
     return entries
+
+
+def safetensors_dtypes(path: str | os.PathLike) -> dict[str, torch.dtype]:
+    """The dtype of each tensor in a safetensors file, from its header alone."""
+    return {entry.name: entry.dtype for entry in _safetensors_entries(Path(path))}
 
 
 def _safetensors_reader(source: str, name: str) -> Callable[[], torch.Tensor]:
