@@ -175,3 +175,27 @@ def test_exact_init_merge_roundtrip_and_count(case: str, kind: str, tmp_path) ->
 def _shape(layer: torch.nn.Module) -> tuple[int, int]:
     w = layer.weight
     return (w.shape[1], w.shape[0]) if type(layer).__name__ == "Conv1D" else tuple(w.shape)
+
+
+def test_a_reused_layer_gets_one_adapter_at_every_call_site(tmp_path) -> None:
+    def build() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(16, 16)
+        return torch.nn.Sequential(layer, torch.nn.ReLU(), layer)
+
+    model, x = build(), torch.randn(3, 16)
+    sk.adapt(model, "lora", rank=2)
+    assert isinstance(model[0], AdaptedLinear) and model[0] is model[2]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    layer = model[0]
+    expected = layer(torch.relu(layer(x)))
+    assert torch.allclose(model(x), expected)
+    sk.save_adapter(model, tmp_path / "a.safetensors")
+    loaded = sk.load_adapter(build(), tmp_path / "a.safetensors")
+    assert loaded[0] is loaded[2] and torch.allclose(loaded(x), expected, atol=1e-6)
+    sk.merge(model)
+    assert type(model[0]) is torch.nn.Linear and model[0] is model[2]
+    assert torch.allclose(model(x), expected, atol=1e-6)

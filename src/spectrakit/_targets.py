@@ -1,12 +1,16 @@
-"""Choosing the layers a verb acts on: ``"all-linear"`` or a list of name patterns.
+"""Choosing the layers a verb acts on (``"all-linear"`` or a list of name patterns), and
+putting their replacements in place.
 
 ``adapt`` and ``compress`` both take ``targets=``; this is their one resolver, so the
-rules and the error messages are the same everywhere.
+rules and the error messages are the same everywhere, and both swap a layer under every
+name it is registered by.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
+
+from torch import nn
 
 from .errors import SpectrakitError
 from .linalg._prepare import all_finite
@@ -58,3 +62,20 @@ def check_weight(name: str, layer: Any) -> None:
         raise SpectrakitError(f"{name}.weight: dtype {weight.dtype} is not floating point; dequantize it first")
     if not all_finite(weight):
         raise SpectrakitError(f"{name}.weight contains NaN or Inf values")
+
+
+def module_sites(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each submodule, by ``id`` (a reused layer has several)."""
+    sites: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        sites.setdefault(id(module), []).append(name)
+    return sites
+
+
+def replace_module(model: nn.Module, names: Sequence[str], new: nn.Module) -> None:
+    """Put ``new`` under each of ``names`` (all the names of one layer, from
+    :func:`module_sites`, so that a reused layer stays one module)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)

@@ -26,18 +26,12 @@ from torch import nn
 
 from .._atomic import atomic_save_path
 from ..errors import SpectrakitError
-from .._targets import check_weight
+from .._targets import check_weight, module_sites, replace_module
 from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
 
 FORMAT = "spectrakit-adapter"
 FORMAT_VERSION = 1
 _METADATA_KEY = "spectrakit_adapter"
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str] = "all-linear",
@@ -77,8 +71,9 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
                               {n: p.requires_grad for n, p in model.named_parameters()})
     for p in model.parameters():
         p.requires_grad_(False)
+    sites = module_sites(model)
     for name, kwargs in plan.items():
-        _replace(model, name, cls(layers[name], name=name, **kwargs))
+        replace_module(model, sites[id(layers[name])], cls(layers[name], name=name, **kwargs))
     return model
 
 
@@ -92,8 +87,9 @@ def merge(model: nn.Module) -> nn.Module:
     layers = adapted_layers(model)
     if not layers:
         raise SpectrakitError("merge: the model has no spectrakit adapters")
+    sites = module_sites(model)
     for name, layer in layers.items():
-        _replace(model, name, layer.restore())
+        replace_module(model, sites[id(layer)], layer.restore())
     saved = model.__dict__.pop("_spectrakit_requires_grad", None)
     if saved is not None:
         for n, p in model.named_parameters():

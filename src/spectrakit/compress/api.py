@@ -21,7 +21,7 @@ from torch import nn
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
 from ..errors import SpectrakitError
-from .._targets import check_weight, select_targets
+from .._targets import check_weight, module_sites, replace_module, select_targets
 from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget
@@ -179,22 +179,6 @@ def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
     return record.matrix().detach()
 
 
-def module_sites(model: nn.Module) -> dict[int, list[str]]:
-    """Every name of each submodule, by ``id`` (a reused layer has several)."""
-    sites: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        sites.setdefault(id(module), []).append(name)
-    return sites
-
-
-def _replace(model: nn.Module, names: list[str], new: nn.Module) -> None:
-    """Put ``new`` under every name of a layer (a reused layer stays one module)."""
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-
-
 def get_method(method: str, options: dict[str, Any]) -> Method:
     if method not in METHODS:
         raise SpectrakitError(f"method={method!r} is not one of {', '.join(METHODS)}")
@@ -284,7 +268,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
             up, down = spectrum.factors(k, dtype=layer.weight.dtype)
             bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
             new = LowRankLinear.from_factors(up, down, bias, method=method, dtype=layer.weight.dtype)
-            _replace(model, sites[id(layer)], new.to(layer.weight.device))
+            replace_module(model, sites[id(layer)], new.to(layer.weight.device))
         losses = shape.losses
         dropped = float(losses[k:].sum()) if replace else 0.0
         report_layers[name] = LayerReport(

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_save_path, atomic_write
+from .._targets import module_sites, replace_module
 from ..errors import SpectrakitError
 from ..weights.files import safetensors_dtypes
-from .api import CompressionReport, _replace, module_sites
+from .api import CompressionReport
 from .lowrank import LowRankLinear
 
 FORMAT = "spectrakit-compressed"
@@ -143,7 +144,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         weight = getattr(old, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         # no random init: every factor is loaded below (strict)
-        _replace(model, sites[id(old)], nn.utils.skip_init(
+        replace_module(model, sites[id(old)], nn.utils.skip_init(
             LowRankLinear, spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
             method=spec.get("method", ""), device=device, dtype=dtypes.get(f"{name}.up")))
     # each tensor takes its saved dtype (a model may keep some layers in float32), in place,
