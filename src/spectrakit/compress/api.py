@@ -138,14 +138,15 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
     for record in spectrakit_weights.iter_matrices(model):
         module_name = record.name.rpartition(".")[0]
         module = model.get_submodule(module_name)
-        reused = [a.rpartition(".")[0] for a in record.aliases if model.get_submodule(a.rpartition(".")[0]) is module]
-        alias_of.update((alias.rpartition(".")[0], record.name) for alias in record.aliases
-                        if alias.rpartition(".")[0] not in reused)
+        owners = {alias: alias.rpartition(".")[0] for alias in record.aliases}
+        reused = [owner for owner in owners.values() if model.get_submodule(owner) is module]
+        others = tuple(alias for alias, owner in owners.items() if owner not in reused)
+        alias_of.update((owners[alias], record.name) for alias in others)
         if record.kind != "linear":
             continue
         linear[module_name] = module
         names[module_name] = [module_name, *reused]
-        tied[module_name] = tuple(a for a in record.aliases if a.rpartition(".")[0] not in reused)
+        tied[module_name] = others
     skip = _output_weight_ids(model)
 
     def miss(pattern: str) -> NoReturn:

@@ -244,13 +244,12 @@ class _Collector:
             self.layer_after_head = self.layer_after_head or self.head_calls > 0
             stats = self.stats.setdefault(name, LayerStatistics())
             stats.tokens += flat.shape[0] if real is None else int(real.sum())
-            if name in self.output_gram:
-                self.check_input(name, flat)
-                self.add_output_gram(name, flat, stats)
-            elif self.gram or self.scale:
+            if name not in self.output_gram and (self.gram or self.scale):
                 self.add_products(name, x, flat, stats)  # checks the input once per tensor
             else:
                 self.check_input(name, flat)
+                if name in self.output_gram:
+                    self.add_output_gram(name, flat, stats)
             if self.fisher and output.requires_grad:
                 self.calls[name] = self.calls.get(name, 0) + 1
                 compute = torch.float64 if flat.dtype == torch.float64 else torch.float32
