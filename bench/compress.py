@@ -40,22 +40,12 @@ from _common import machine, markdown_table, save_figure  # noqa: E402
 
 import spectrakit as sk  # noqa: E402
 from spectrakit import data  # noqa: E402
+from spectrakit.adapt.train import bits_per_byte  # noqa: E402
 from spectrakit.compress import CompressionWarning  # noqa: E402
 
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm")
 ALLOCATIONS = ("uniform", "global")
 SEQ_LEN = 256
-
-
-@torch.no_grad()
-def bits_per_byte(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    for chunk in windows.split(16):
-        logits = model(chunk[:, :-1]).logits
-        total += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum"))
-        count += chunk[:, 1:].numel()
-    return total / count / math.log(2)
 
 
 def calibration(sequences: int) -> list[torch.Tensor]:
