@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, machine, markdown_table, save_figure  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import best_of, machine, markdown_table, save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save_figure  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import machine, markdown_table, save_figure  # noqa: E402
 from spectrakit import data  # noqa: E402
 from spectrakit.adapt.train import bits_per_byte  # noqa: E402
 from spectrakit.compress import CompressionWarning  # noqa: E402

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save_figure  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import machine, markdown_table, save_figure  # noqa: E402
 from spectrakit._atomic import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

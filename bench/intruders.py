@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import machine, markdown_table  # noqa: E402
 from spectrakit import data  # noqa: E402
 from spectrakit.adapt.train import DEFAULT_LR, bits_per_byte, finetune  # noqa: E402
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, machine, markdown_table  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import best_of, machine, markdown_table  # noqa: E402
 from spectrakit import data  # noqa: E402
 from spectrakit.adapt.train import lm_loss  # noqa: E402
 

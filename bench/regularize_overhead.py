@@ -24,17 +24,16 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import spectrakit as sk  # noqa: E402
 from _common import machine, markdown_table  # noqa: E402
 from continual import mlp  # noqa: E402
-
-import spectrakit as sk  # noqa: E402
 from spectrakit._atomic import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, machine, markdown_table  # noqa: E402
-
 import spectrakit as sk  # noqa: E402
+from _common import best_of, machine, markdown_table  # noqa: E402
 
 
 def gpt2_small():

@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 1")
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
 
-    from tqdm import tqdm
-    from transformers import LlamaForCausalLM
     import transformers
     from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

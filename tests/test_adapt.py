@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 
 import pytest
 import torch
 
 import spectrakit as sk
 from spectrakit.adapt import AdaptedLinear, find_targets, read_adapter
-from spectrakit.errors import SpectrakitError
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,7 +18,7 @@ RANK = 4
 TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "gpt2":

@@ -3,7 +3,6 @@ full-rank exactness, calibration statistics against autograd, allocation, bad in
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

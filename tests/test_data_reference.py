@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from spectrakit import data, reference
 from spectrakit.errors import SpectrakitError
 
-
 # ---------------------------------------------------------------- data splits
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spectrakit as sk
-from spectrakit.analyze.farms import farms_eigenvalues, farms_fit
+from spectrakit.analyze.farms import farms_eigenvalues
 from spectrakit.analyze.marchenko_pastur import fit_marchenko_pastur
 from spectrakit.analyze.powerlaw import fit_power_law
 

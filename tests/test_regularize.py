@@ -8,9 +8,18 @@ from torch.autograd import gradcheck
 
 import spectrakit as sk
 from spectrakit.errors import SpectrakitError
-from spectrakit.regularize import (CauchySchwarzOrthogonality, HypersphericalEnergy, L2Penalty, L2ToInit,
-                                   LipschitzPenalty, NuclearNormPenalty, OrthogonalConvPenalty, SoftOrthogonality,
-                                   SpectralPenalty, WassersteinToInit)
+from spectrakit.regularize import (
+    CauchySchwarzOrthogonality,
+    HypersphericalEnergy,
+    L2Penalty,
+    L2ToInit,
+    LipschitzPenalty,
+    NuclearNormPenalty,
+    OrthogonalConvPenalty,
+    SoftOrthogonality,
+    SpectralPenalty,
+    WassersteinToInit,
+)
 
 D = torch.float64
 

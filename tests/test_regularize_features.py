@@ -7,7 +7,7 @@ import torch
 from torch.autograd import gradcheck
 
 from spectrakit.errors import SpectrakitError
-from spectrakit.regularize import INTL, VICReg, VNE, JacobianPenalty
+from spectrakit.regularize import INTL, VNE, JacobianPenalty, VICReg
 
 D = torch.float64
 

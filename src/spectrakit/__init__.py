@@ -14,10 +14,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import linalg, weights
-from . import regularize
-from .analyze import SpectralMonitor, SpectrumTable, analyze, analyze_features, compare, lipschitz  # binds the name `analyze` to the function, not the folder
-from .adapt import adapt, adapter_penalty, load_adapter, merge, save_adapter, trainable_parameters  # the functions, not the folder
+from . import linalg, regularize, weights
+from .adapt import (  # the functions, not the folder
+    adapt,
+    adapter_penalty,
+    load_adapter,
+    merge,
+    save_adapter,
+    trainable_parameters,
+)
+from .analyze import (  # binds the name `analyze` to the function, not the folder
+    SpectralMonitor,
+    SpectrumTable,
+    analyze,
+    analyze_features,
+    compare,
+    lipschitz,
+)
 from .compress import compress, load_compressed, save_compressed  # the function `compress`, not the folder
 from .errors import SpectrakitError
 from .weights import iter_matrices

@@ -8,7 +8,8 @@ name it is registered by.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from torch import nn
 

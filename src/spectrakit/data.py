@@ -30,8 +30,8 @@ import functools
 import hashlib
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_files(split: str) -> tuple[Path, ...]:
     root = stdlib_root()
     if not root.is_dir():

@@ -18,8 +18,16 @@ Importing this package needs only torch; ``export_peft`` imports peft-free code,
 
 from __future__ import annotations
 
-from .api import adapt, adapter_config, adapter_penalty, load_adapter, merge, read_adapter, save_adapter, \
-    trainable_parameters
+from .api import (
+           adapt,
+           adapter_config,
+           adapter_penalty,
+           load_adapter,
+           merge,
+           read_adapter,
+           save_adapter,
+           trainable_parameters,
+)
 from .base import AdaptedLinear, find_targets, methods
 from .peft_export import export_peft
 

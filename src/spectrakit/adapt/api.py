@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_save_path
-from ..errors import SpectrakitError
 from .._targets import check_weight, module_sites, replace_module
+from ..errors import SpectrakitError
 from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
 
 FORMAT = "spectrakit-adapter"

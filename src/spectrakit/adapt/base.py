@@ -33,7 +33,7 @@ from .._targets import select_targets
 from ..errors import SpectrakitError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_REGISTRY: dict[str, type["AdaptedLinear"]] = {}
+_REGISTRY: dict[str, type[AdaptedLinear]] = {}
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -88,7 +88,7 @@ def singular_factors(W: torch.Tensor, rank: int, which: str = "top", svd_method:
     return U.to(dtype).contiguous(), S.to(dtype).contiguous(), Vh.to(dtype).contiguous()
 
 
-def register(cls: type["AdaptedLinear"]) -> type["AdaptedLinear"]:
+def register(cls: type[AdaptedLinear]) -> type[AdaptedLinear]:
     """Class decorator: make ``cls`` available as ``spectrakit.adapt(model, cls.method)``."""
     _REGISTRY[cls.method] = cls
     return cls
@@ -101,7 +101,7 @@ def methods() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get_method(name: str) -> type["AdaptedLinear"]:
+def get_method(name: str) -> type[AdaptedLinear]:
     from . import _methods  # noqa: F401
 
     if not isinstance(name, str) or name not in _REGISTRY:

@@ -24,7 +24,8 @@ arguments), ``rho`` (default 2), ``alpha`` (default ``rank``). The SVD is uncent
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -3,8 +3,8 @@
 from .compare import compare, compare_matrices, intruder_dimensions, principal_angles
 from .features import analyze_features, feature_spectrum
 from .lipschitz import layer_norms, lipschitz, product_bound
-from .monitor import SpectralMonitor
 from .metrics import condition_number, effective_rank, frobenius_norm, spectral_entropy, stable_rank
+from .monitor import SpectralMonitor
 from .run import analyze, analyze_record
 from .table import SpectrumTable
 

@@ -21,7 +21,8 @@ Per matrix pair ``W₀`` (base) and ``W₁`` (tuned), with ``W = U Σ Vᵀ``:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -25,7 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,7 +11,8 @@ memory. Under ``torch.distributed`` every rank analyzes its share and
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

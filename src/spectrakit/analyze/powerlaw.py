@@ -60,7 +60,7 @@ class PowerLawFit:
     sigma: float  # standard error (α − 1)/√n
 
     @classmethod
-    def failed(cls) -> "PowerLawFit":
+    def failed(cls) -> PowerLawFit:
         nan = math.nan
         return cls(nan, nan, nan, nan, 0, nan)
 

@@ -30,9 +30,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

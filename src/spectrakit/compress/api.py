@@ -20,8 +20,8 @@ from torch import nn
 
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
-from ..errors import SpectrakitError
 from .._targets import check_weight, module_sites, replace_module, select_targets
+from ..errors import SpectrakitError
 from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
 from .allocation import LayerShape, allocate, check_budget

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import SpectrakitError
 from .. import linalg
 from .._progress import progress as progress_bar
+from ..errors import SpectrakitError
 from ..linalg._prepare import all_finite
 
 Batch = Any

@@ -63,7 +63,7 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     method: str = "", dtype: torch.dtype | None = None) -> "LowRankLinear":
+                     method: str = "", dtype: torch.dtype | None = None) -> LowRankLinear:
         """A layer holding ``up`` (out × k), ``down`` (k × in) and ``bias``, cast to ``dtype``."""
         out_features, rank = up.shape
         dtype = dtype or up.dtype

@@ -12,7 +12,7 @@ zero-padded kernel gives every ``K̂(ω)`` at once.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

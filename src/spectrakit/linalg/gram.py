@@ -17,7 +17,6 @@ import torch
 from ..errors import NonFiniteError
 from ._prepare import all_finite, compute_dtype, transpose
 
-
 # Below this many columns one product is as fast as the blocks; above it, blocks of at
 # least this width keep each product efficient.
 _BLOCK_WIDTH = 192

@@ -91,7 +91,7 @@ class IncrementalSVD:
         self.Vh: torch.Tensor | None = None
         self.rows_seen = 0
 
-    def update(self, rows: torch.Tensor) -> "IncrementalSVD":
+    def update(self, rows: torch.Tensor) -> IncrementalSVD:
         """Fold a block of rows ``(b, n)`` (or ``(..., b, n)``) into the factorization."""
         dtype = None if self.Vh is None else self.Vh.dtype
         B = as_matrix(rows, dtype, name="rows")

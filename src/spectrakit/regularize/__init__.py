@@ -22,6 +22,7 @@ parametrizations               :func:`spectral_normalize`, :func:`weight_normali
 =============================  ==================================================================
 """
 
+from ._base import Penalty
 from .cauchy_schwarz import CauchySchwarzOrthogonality
 from .hyperspherical import HypersphericalEnergy
 from .intl import INTL
@@ -35,7 +36,6 @@ from .spectral import SpectralPenalty
 from .to_init import L2Penalty, L2ToInit, WassersteinToInit
 from .vicreg import VICReg
 from .vne import VNE
-from ._base import Penalty
 
 __all__ = [
     "CauchySchwarzOrthogonality", "HypersphericalEnergy", "INTL", "JacobianPenalty", "L2Penalty", "L2ToInit",

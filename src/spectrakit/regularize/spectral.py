@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
