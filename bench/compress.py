@@ -266,7 +266,7 @@ def main() -> None:
                          f"{best[0]} {best[1]}"])
         print(f"**{corpus}** (dense {dense[corpus]:.4f}; u = uniform, g = global)\n")
         print(markdown_table(header, rows) + "\n")
-    print("### compress() wall time at ratio 0.3 (best of %d)\n" % args.repeats)
+    print(f"### compress() wall time at ratio 0.3 (best of {args.repeats})\n")
     print(markdown_table(["method", "seconds", "of which calibration", "× plain svd"],
                          [[m, f"{t['seconds']:.2f}", f"{t['calibration_seconds']:.2f}", f"{t['vs_svd']:.2f}"]
                           for m, t in timing.items()]) + "\n")

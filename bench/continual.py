@@ -150,7 +150,8 @@ def plot(runs: list[dict], rows: list[dict], path: Path, last: int) -> None:
         if method == "none":
             continue
         for kind, style in (("permuted", "-"), ("random-label", "--")):
-            points = sorted((r["strength"], r["last_train"]) for r in rows if r["kind"] == kind and r["method"] == method)
+            points = sorted((r["strength"], r["last_train"]) for r in rows
+                            if r["kind"] == kind and r["method"] == method)
             if points:
                 ax.plot(*zip(*points), style, color=color, marker="o", label=f"{method}, {kind}")
     for kind, style in (("permuted", "-"), ("random-label", "--")):
@@ -202,7 +203,8 @@ def main() -> None:
     print(markdown_table(["sequence", "method", "λ", "task 1 train", f"last {args.last} train",
                           f"last {args.last} test", "worst seed"],
                          [[r["kind"], r["method"], f"{r['strength']:g}", round(r["first_train"], 3),
-                           round(r["last_train"], 3), "–" if r["last_test"] != r["last_test"] else round(r["last_test"], 3),
+                           round(r["last_train"], 3),
+                           "–" if r["last_test"] != r["last_test"] else round(r["last_test"], 3),
                            round(r["min_seed_last_train"], 3)] for r in rows]))
     result = {"command": " ".join(["python", "bench/continual.py", *sys.argv[1:]]), "machine": machine(),
               "seconds": elapsed, "args": vars(args), "summary": rows, "runs": runs}

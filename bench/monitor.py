@@ -58,7 +58,8 @@ def main() -> None:
     rows = [["no monitor (plain torch loop)", plain, plain / args.steps, 0.0]]
     for every in (args.every, 1):
         for label, metrics in METRIC_SETS.items():
-            seconds = best_of(lambda: train_loop(args.steps, batches, metrics, every), args.repeats)[0]
+            seconds = best_of(lambda metrics=metrics, every=every: train_loop(args.steps, batches, metrics, every),
+                              args.repeats)[0]
             rows.append([label, every, seconds, seconds / args.steps, 100 * (seconds / plain - 1)])
     rows[0].insert(1, "–")
     print(f"{args.steps} steps, 30 weight matrices\n")

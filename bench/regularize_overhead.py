@@ -8,7 +8,8 @@ Run:  python bench/regularize_overhead.py                 (≈ 3 min on 2 cores,
 One process, one thread. The anchor is the plain step — forward, cross-entropy, backward,
 Adam — of the MLP of ``bench/continual.py`` (64 → 256 → 256 → 10) on digits batches. Each
 regularized step adds ``λ·penalty()`` (λ small so the weights stay put). Configurations are
-interleaved round by round (in an order that rotates every round) with the anchor re-timed in every round, and each ratio is the
+interleaved round by round (in an order that rotates every round) with the anchor re-timed in every round, and each
+ratio is the
 median over rounds of (regularized step) / (anchor step of the same round), which cancels the
 slow drift of a shared machine. ``SpectralPenalty`` runs with persistent power iteration (one
 step per call, the default), every 4th call, and with the exact SVD; parametrizations are
@@ -163,7 +164,8 @@ def measure(batch_size: int, rounds: int, steps: int, only: list[str] | None = N
                      "step_ms": 1e3 * statistics.median(times[name]),
                      "ratio": statistics.median(ratios[name]) if ratios[name] else 1.0,
                      # the spread over rounds: how far one round's ratio can be trusted
-                     "ratio_quartiles": statistics.quantiles(ratios[name], n=4)[::2] if len(ratios[name]) > 1 else [1.0, 1.0]})
+                     "ratio_quartiles": (statistics.quantiles(ratios[name], n=4)[::2]
+                                         if len(ratios[name]) > 1 else [1.0, 1.0])})
     return rows
 
 
@@ -182,14 +184,15 @@ def main() -> None:
     for batch_size in args.batches:
         rows += measure(batch_size, args.rounds, args.steps, args.only)
     print(f"Machine: {machine()}")
-    header = ["configuration"] + [f"batch {b}: ms/step" for b in args.batches] + [f"batch {b}: × plain (quartiles over rounds)" for b in args.batches]
+    header = (["configuration"] + [f"batch {b}: ms/step" for b in args.batches]
+              + [f"batch {b}: × plain (quartiles over rounds)" for b in args.batches])
     names = list(dict.fromkeys(r["name"] for r in rows))
     table = []
     for name in names:
         mine = {r["batch"]: r for r in rows if r["name"] == name}
         table.append([name] + [round(mine[b]["step_ms"], 3) for b in args.batches]
-                     + [f"{mine[b]['ratio']:.2f} ({mine[b]['ratio_quartiles'][0]:.2f}–{mine[b]['ratio_quartiles'][1]:.2f})"
-                        for b in args.batches])
+                     + [f"{mine[b]['ratio']:.2f} ({low:.2f}–{high:.2f})"
+                        for b in args.batches for low, high in [mine[b]["ratio_quartiles"]]])
     print(markdown_table(header, table))
     result = {"command": " ".join(["python", "bench/regularize_overhead.py", *sys.argv[1:]]),
               "machine": machine(), "args": vars(args), "rows": rows}

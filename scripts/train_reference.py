@@ -79,7 +79,8 @@ def bits_per_byte(model, windows: torch.Tensor, batch_size: int = 32) -> float:
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size]
         logits = model(input_ids=x[:, :-1]).logits
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                 reduction="sum").item()
         count += x[:, 1:].numel()
     model.train(was_training)
     return total / count / LN2

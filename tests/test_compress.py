@@ -21,7 +21,8 @@ def correlated_inputs(n: int, dim: int, seed: int = 0, decay: float = 0.8) -> to
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     A = (Q * decay ** torch.arange(dim, dtype=torch.float64)) @ Q.T
-    return torch.randn(n, dim, generator=g, dtype=torch.float64) @ A + 0.05 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return torch.randn(n, dim, generator=g, dtype=torch.float64) @ A + 0.05 * noise
 
 
 def single_layer(in_features: int = 48, out_features: int = 40, seed: int = 0) -> torch.nn.Sequential:

@@ -250,7 +250,8 @@ def test_encoder_decoder_calibrates_from_dict_batches_and_refuses_bare_ids() -> 
         d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100, decoder_start_token_id=0,
         pad_token_id=0)).eval()
     ids = calibration()
-    with pytest.raises(SpectrakitError, match="encoder-decoder T5ForConditionalGeneration: pass calibration batches as dicts"):
+    with pytest.raises(SpectrakitError,
+                       match="encoder-decoder T5ForConditionalGeneration: pass calibration batches as dicts"):
         sk.compress(model, method="svd-llm", ratio=0.3, calibration=ids)
     for method in ("asvd", "fwsvd", "svd-llm"):
         compressed = sk.compress(copy.deepcopy(model), method=method, ratio=0.3,

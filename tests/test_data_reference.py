@@ -188,7 +188,8 @@ def test_reference_model_beats_unigram_and_matches_record():
     bpb = _bits_per_byte(model, windows)
     assert bpb < info["unigram_bpb_code"]
     if platform.python_version() != info["python_version"]:
-        pytest.skip(f"stdlib of Python {platform.python_version()} differs from {info['python_version']} used in training")
+        pytest.skip(f"stdlib of Python {platform.python_version()} differs from {info['python_version']} "
+                    "used in training")
     assert abs(bpb - info["val_bpb_code"]) < 0.05, (bpb, info["val_bpb_code"])
 
 

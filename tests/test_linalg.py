@@ -233,7 +233,8 @@ def test_svd_update_columns_and_rows_exact():
 
 def test_svd_update_truncated_tracks_low_rank_matrix():
     g = torch.Generator().manual_seed(0)
-    left, right = torch.randn(200, 5, generator=g, dtype=torch.float64), torch.randn(5, 80, generator=g, dtype=torch.float64)
+    left = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    right = torch.randn(5, 80, generator=g, dtype=torch.float64)
     X = left @ right
     U, S, Vh = torch.linalg.svd(X[:20], full_matrices=False)
     U, S, Vh = U[:, :5], S[:5], Vh[:5]

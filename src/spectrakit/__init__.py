@@ -41,10 +41,10 @@ __version__ = "0.1.0"
 _SUBMODULES = ("data", "reference", "cli")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
-__all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features", "compare", "lipschitz", "iter_matrices", "linalg",
-           "weights", "adapt", "adapter_penalty", "load_adapter", "merge", "save_adapter",
-           "trainable_parameters", "compress", "load_compressed", "save_compressed", *_SUBMODULES, *_EXPORTS]
-__all__ += ["regularize"]
+__all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features",
+           "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapter_penalty", "load_adapter",
+           "merge", "save_adapter", "trainable_parameters", "compress", "load_compressed", "save_compressed",
+           "regularize", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

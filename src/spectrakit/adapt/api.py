@@ -88,7 +88,7 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers:
         raise SpectrakitError("merge: the model has no spectrakit adapters")
     sites = module_sites(model)
-    for name, layer in layers.items():
+    for layer in layers.values():
         replace_module(model, sites[id(layer)], layer.restore())
     saved = model.__dict__.pop("_spectrakit_requires_grad", None)
     if saved is not None:

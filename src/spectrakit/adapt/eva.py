@@ -64,7 +64,7 @@ class EVALinear(LoRALinear):
         spectra = activation_spectra(model, layers, calibration, max_rank=math.ceil(rho * rank))
         ranks = allocate_ranks(spectra, budget=rank * len(layers))
         plan = {}
-        for name, (S, Vh, _) in spectra.items():
+        for name, (_, Vh, _) in spectra.items():
             r = ranks[name]
             plan[name] = {"rank": r, "alpha": alpha * r / rank, "init": {"A": Vh[:r].clone()}}
         return plan

@@ -99,7 +99,8 @@ def base_row(record: MatrixRecord) -> dict[str, Any]:
 
 
 def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
-                   kernel: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+                   kernel: torch.Tensor | None = None,
+                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
     """Metrics, spectrum and FARMS eigenvalues of one loaded matrix (``status/reason`` when skipped).
 
     ``kernel``: the raw conv kernel, when the spectrum should be that of the conv operator
@@ -157,7 +158,8 @@ def _label(source: Any) -> str:
 def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, method: str = "auto",
             dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
-            farms_xmin: str | float = "median", mp_fit: str = "iterative", conv_input_shape: Sequence[int] | None = None,
+            farms_xmin: str | float = "median", mp_fit: str = "iterative",
+            conv_input_shape: Sequence[int] | None = None,
             progress: bool = True, keep_spectra: bool = True,
             workers: int = 1, threads: int | None = None, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.

@@ -60,7 +60,8 @@ def _load_source(source: str | None, needs_text: bool = True) -> tuple[Any, Any]
     try:
         import transformers
     except ImportError:
-        raise SpectrakitError("compressing a Hugging Face folder needs transformers: pip install 'spectrakit[hf]'") from None
+        raise SpectrakitError(
+            "compressing a Hugging Face folder needs transformers: pip install 'spectrakit[hf]'") from None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         architecture = (config.architectures or [""])[0]

@@ -160,7 +160,8 @@ def select_matrices(source: Any, include: Patterns, exclude: Patterns, kinds: It
     if include_p is None:
         # A parametrization's own tensors (multipliers, ``original``s) are not layer weights:
         # the parametrized weight itself is reported under the layer's plain name.
-        chosen = [c for c in candidates if (wanted is None or c[2] in wanted) and ".parametrizations." not in f".{c[0]}"]
+        chosen = [c for c in candidates
+                  if (wanted is None or c[2] in wanted) and ".parametrizations." not in f".{c[0]}"]
         if not chosen:
             raise SpectrakitError(f"{owner}: the source has no {'/'.join(wanted or ('matrix',))} weight to regularize")
     else:

@@ -112,7 +112,8 @@ class SpectralNormalization(nn.Module):
         self.state.step(X, self.n_iter)  # the steps alone: σ is read in forward
 
     def extra_repr(self) -> str:
-        return f"target={self.scale}, method={self.method!r}, exact_conv={self.exact_conv}, input_shape={self.input_shape}"
+        return (f"target={self.scale}, method={self.method!r}, exact_conv={self.exact_conv}, "
+                f"input_shape={self.input_shape}")
 
 
 def _pre_hook(parametrization: SpectralNormalization, name: str):

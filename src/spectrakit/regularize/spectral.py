@@ -277,7 +277,8 @@ class _SpectralTerms(torch.autograd.Function):
             zero = _zero(biases[0]) if biases else None
             bias_grads = [torch.add(zero, b, alpha=g * c) for b, c in zip(biases, ctx.bias_coef)]
         else:  # no host round trip on an accelerator
-            weight_grads = [torch.outer(x, y).mul_(grad * (c * s)) for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
+            weight_grads = [torch.outer(x, y).mul_(grad * (c * s))
+                            for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
             bias_grads = [b * (grad * c).to(b.dtype) for b, c in zip(biases, ctx.bias_coef)]
         return (None, None, None, *weight_grads, *bias_grads)
 
