@@ -15,7 +15,7 @@ Traceback (most recent call last):
 argparse.ArgumentTypeError: expected a number > 0, got '-1'
 >>> fraction = float_in(0.0, 1.0, low_open=True, high_open=True)
 >>> fraction("0.3"), fraction.invalid
-(0.3, '1')
+(0.3, '0')
 >>> int_at_least(2)("1")
 Traceback (most recent call last):
 ...

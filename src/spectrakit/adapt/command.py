@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import int_at_least, nonneg_float, nonneg_int, positive_float, positive_int
+
 DEFAULT_OUT = "spectrakit-finetune"
 
 
@@ -35,17 +37,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Fine-tune the bundled reference model on the English docs corpus and report "
                     "held-out bits per byte.")
     parser.add_argument("--method", required=True, help="adapter method (lora, pissa, svfit, …)")
-    parser.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: per method)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default: 128)")
-    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows (default: 64)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="adapter rank (default: 8)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: 200)")
+    parser.add_argument("--lr", type=positive_float, help="learning rate (default: per method)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=128, help="bytes per sequence (default: 128)")
+    parser.add_argument("--eval-windows", type=positive_int, default=64, help="held-out windows (default: 64)")
     parser.add_argument("--targets", action="append", help="layer-name pattern (repeatable; default: all-linear)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="method option, e.g. --option pattern=banded (repeatable)")
-    parser.add_argument("--penalty", type=float, default=0.0, help="weight of adapter_penalty (SORSA, HRA)")
-    parser.add_argument("--seed", type=int, default=0, help="data and initialization seed (default: 0)")
+    parser.add_argument("--penalty", type=nonneg_float, default=0.0, help="weight of adapter_penalty (SORSA, HRA)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="data and initialization seed (default: 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(run=run)

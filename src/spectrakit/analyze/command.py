@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .._argtypes import positive_float, positive_int, unit_fraction
+
 DEFAULT_OUT = "spectrakit-report"
 
 
@@ -29,8 +31,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="use the exact conv operator spectrum on this input size (e.g. 32x32)")
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
-    parser.add_argument("--workers", type=int, default=1, help="local processes sharing the matrices")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=1, help="local processes sharing the matrices")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="matrices analyzed at a time in this process (default: 1 for files, which "
                              "stream one tensor at a time; e.g. 2 on small models where memory is no concern)")
     parser.set_defaults(run=run)
@@ -41,9 +43,9 @@ def _xmin(text: str) -> str | float:
     if text in ("ks", "median"):
         return text
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--xmin {text!r}: expected ks, median or a number") from None
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--xmin {text!r}: expected ks, median or a number > 0") from None
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -63,8 +65,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("base", help="the base checkpoint (file or folder)")
     parser.add_argument("tuned", help="the fine-tuned checkpoint (file or folder)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("-k", type=int, default=10, help="top singular vectors tested per matrix (default 10)")
-    parser.add_argument("--epsilon", type=float, default=0.5, help="intruder similarity threshold (default 0.5)")
+    parser.add_argument("-k", type=positive_int, default=10, help="top singular vectors tested per matrix (default 10)")
+    parser.add_argument("--epsilon", type=unit_fraction, default=0.5,
+                        help="intruder similarity threshold (default 0.5)")
     parser.add_argument("--include", action="append", help="only matrices matching this name pattern")
     parser.add_argument("--exclude", action="append", help="skip matrices matching this name pattern")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")

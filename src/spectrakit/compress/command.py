@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import int_at_least, nonneg_int, open_fraction, positive_int, unit_fraction
+
 DEFAULT_OUT = "spectrakit-compressed"
 
 
@@ -29,17 +31,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("source", nargs="?", help="Hugging Face model folder (default: the bundled reference model)")
     parser.add_argument("--method", default="svd-llm", help="svd, asvd, fwsvd or svd-llm (default: svd-llm)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, help="fraction of the targeted weights to remove (default: 0.3)")
-    budget.add_argument("--rank", type=int, help="one rank for every layer")
-    budget.add_argument("--energy", type=float, help="keep this fraction of each layer's Σσ²")
+    budget.add_argument("--ratio", type=open_fraction, help="fraction of the targeted weights to remove (default: 0.3)")
+    budget.add_argument("--rank", type=positive_int, help="one rank for every layer")
+    budget.add_argument("--energy", type=unit_fraction, help="keep this fraction of each layer's Σσ²")
     parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
                         help="rank allocation (default: uniform)")
-    parser.add_argument("--calib", type=int, default=32, metavar="N", help="calibration sequences (default: 32)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    parser.add_argument("--calib", type=positive_int, default=32, metavar="N",
+                        help="calibration sequences (default: 32)")
+    parser.add_argument("--seq-len", type=int_at_least(2), default=256,
+                        help="tokens per calibration sequence (default: 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument("--calib-text", help="UTF-8 text file to calibrate on (default: the code corpus)")
     parser.add_argument("--targets", action="append", help="layer-name pattern (repeatable; default: all-linear)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="calibration sampling seed (default: 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(run=run)
