@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,8 +54,14 @@ class TrainLog:
 def finetune(model: nn.Module, batches: Iterable[torch.Tensor], lr: float, *, penalty_weight: float = 0.0,
              eval_every: int | None = None, evaluate: Callable[[nn.Module], float] | None = None,
              progress: Callable[[Iterable], Iterable] = lambda items: items,
-             weight_decay: float = 0.0) -> TrainLog:
-    """Adam(W) on the trainable parameters; optional adapter penalty and periodic evaluation."""
+             weight_decay: float = 0.0,
+             loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> TrainLog:
+    """Adam(W) on the trainable parameters; optional adapter penalty and periodic evaluation.
+
+    ``loss_fn(model, batch)``: the loss to minimize (default :func:`lm_loss`, next-byte
+    cross-entropy of ``[b, seq+1]`` byte ids); ``spectrakit.compress`` passes its own.
+    """
+    loss_fn = loss_fn or lm_loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     log = TrainLog()
@@ -63,7 +70,7 @@ def finetune(model: nn.Module, batches: Iterable[torch.Tensor], lr: float, *, pe
     for batch in progress(batches):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(model, batch)
+        loss = loss_fn(model, batch)
         total = loss + penalty_weight * adapter_penalty(model) if penalty_weight else loss
         total.backward()
         optimizer.step()
