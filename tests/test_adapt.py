@@ -67,6 +67,7 @@ CASES = {
     "spectral-rotational": ("spectral", {"variant": "rotational"}),
     "hra": ("hra", {}),
     "fourierft": ("fourierft", {"n_frequencies": 50}),
+    "asymmetric": ("asymmetric", {"slot": 1}),
 }
 MODELS = ("gpt2", "llama", "bert")
 
@@ -97,6 +98,7 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "spectral-rotational": r * (r - 1),
         "hra": r * in_f,
         "fourierft": min(50, in_f * out_f),
+        "asymmetric": r * out_f,
     }[case]
 
 

@@ -20,6 +20,7 @@ from .adapt import (  # the functions, not the folder
     adapter_penalty,
     load_adapter,
     merge,
+    merge_adapters,
     save_adapter,
     trainable_parameters,
 )
@@ -43,8 +44,8 @@ _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features",
            "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapter_penalty", "load_adapter",
-           "merge", "save_adapter", "trainable_parameters", "compress", "load_compressed", "save_compressed",
-           "regularize", *_SUBMODULES, *_EXPORTS]
+           "merge", "merge_adapters", "save_adapter", "trainable_parameters", "compress", "load_compressed",
+           "save_compressed", "regularize", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

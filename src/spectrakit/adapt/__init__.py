@@ -10,7 +10,9 @@
 
 Methods (one file each, the formula in its docstring): ``lora`` (and rsLoRA),
 ``pissa``, ``milora``, ``soma``, ``svfit``, ``svft``, ``sorsa``, ``salt``, ``eva``,
-``spectral``, ``hra``, ``fourierft``. Every method is exact at initialization.
+``spectral``, ``hra``, ``fourierft``, ``asymmetric``. Every method is exact at initialization.
+:func:`merge_adapters` combines several saved adapters (linear, task arithmetic, TIES,
+DARE, SVD); :func:`federated_round` is FedSVD's server step.
 
 Importing this package needs only torch; ``export_peft`` imports peft-free code, and
 ``safetensors`` is loaded when saving or loading.
@@ -29,7 +31,10 @@ from .api import (
            trainable_parameters,
 )
 from .base import AdaptedLinear, find_targets, methods
+from .federated import federated_client, federated_round
+from .merging import combine_updates, merge_adapters
 from .peft_export import export_peft
 
-__all__ = ["AdaptedLinear", "adapt", "adapter_config", "adapter_penalty", "export_peft", "find_targets",
-           "load_adapter", "merge", "methods", "read_adapter", "save_adapter", "trainable_parameters"]
+__all__ = ["AdaptedLinear", "adapt", "adapter_config", "adapter_penalty", "combine_updates", "export_peft",
+           "federated_client", "federated_round", "find_targets", "load_adapter", "merge", "merge_adapters",
+           "methods", "read_adapter", "save_adapter", "trainable_parameters"]

@@ -1,3 +1,3 @@
 """Importing this module registers every adapter method."""
 
-from . import eva, fourierft, hra, lora, milora, pissa, salt, soma, sorsa, spectral, svfit, svft  # noqa: F401
+from . import asymmetric, eva, fourierft, hra, lora, milora, pissa, salt, soma, sorsa, spectral, svfit, svft  # noqa: F401
