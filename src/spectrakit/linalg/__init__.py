@@ -10,14 +10,18 @@
 from .conv import conv_frequency_matrices, conv_singular_values
 from .gram import gram, gram_eigh, gram_spectrum, other_vectors
 from .incremental import IncrementalSVD, svd_update
+from .incremental_sparse import SparseIncrementalSVD
 from .norms import PowerIteration, gram_iteration_bound, spectral_norm
 from .polar import orthogonalize
+from .projections import project_ky_fan_ball, project_nuclear_ball, project_psd, project_rank, project_spectral_ball
+from .sqrtm import inv_sqrtm, sqrtm
 from .svd import METHODS, choose_method, svd, svdvals
 
 __all__ = [
     "METHODS",
     "IncrementalSVD",
     "PowerIteration",
+    "SparseIncrementalSVD",
     "choose_method",
     "conv_frequency_matrices",
     "conv_singular_values",
@@ -25,9 +29,16 @@ __all__ = [
     "gram_eigh",
     "gram_spectrum",
     "gram_iteration_bound",
+    "inv_sqrtm",
     "orthogonalize",
     "other_vectors",
+    "project_ky_fan_ball",
+    "project_nuclear_ball",
+    "project_psd",
+    "project_rank",
+    "project_spectral_ball",
     "spectral_norm",
+    "sqrtm",
     "svd",
     "svd_update",
     "svdvals",
