@@ -68,6 +68,10 @@ CASES = {
     "hra": ("hra", {}),
     "fourierft": ("fourierft", {"n_frequencies": 50}),
     "asymmetric": ("asymmetric", {"slot": 1}),
+    "lorma": ("lorma", {}),
+    "qgoft": ("qgoft", {"rank": 1}),
+    "qgoft-strict": ("qgoft", {"rank": 1, "quasi": False}),
+    "ba-lora": ("ba-lora", {"svd_k": 2}),
 }
 MODELS = ("gpt2", "llama", "bert")
 
@@ -75,9 +79,10 @@ MODELS = ("gpt2", "llama", "bert")
 def adapt_case(model: torch.nn.Module, case: str) -> torch.nn.Module:
     method, options = CASES[case]
     options = dict(options)
+    rank = options.pop("rank", RANK)
     if method == "eva":
         options["calibration"] = calibration()
-    return sk.adapt(model, method, rank=RANK, **options)
+    return sk.adapt(model, method, rank=rank, **options)
 
 
 def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
@@ -99,6 +104,10 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "hra": r * in_f,
         "fourierft": min(50, in_f * out_f),
         "asymmetric": r * out_f,
+        "lorma": 2 * r * out_f,
+        "qgoft": 2 * (in_f - 1),
+        "qgoft-strict": in_f - 1,
+        "ba-lora": r * (in_f + out_f),
     }[case]
 
 

@@ -1,3 +1,20 @@
 """Importing this module registers every adapter method."""
 
-from . import asymmetric, eva, fourierft, hra, lora, milora, pissa, salt, soma, sorsa, spectral, svfit, svft  # noqa: F401
+from . import (  # noqa: F401
+    asymmetric,
+    balora,
+    eva,
+    fourierft,
+    hra,
+    lora,
+    lorma,
+    milora,
+    pissa,
+    qgoft,
+    salt,
+    soma,
+    sorsa,
+    spectral,
+    svfit,
+    svft,
+)

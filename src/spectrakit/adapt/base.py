@@ -143,7 +143,7 @@ class AdaptedLinear(nn.Module):
         self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.adapter_dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+        self.adapter_dtype: torch.dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
 
     # ----- what a method may override -------------------------------------------------
     @classmethod

@@ -17,7 +17,7 @@ Trainable parameters per layer: ``r · (in + out)``. ``alpha`` defaults to ``r``
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from .base import AdaptedLinear, register
 @register
 class LoRALinear(AdaptedLinear):
     method = "lora"
-    options = ("alpha", "rslora")
+    options: ClassVar[tuple[str, ...]] = ("alpha", "rslora")
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,
                  rslora: bool = False, init: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,110 @@
+"""qGOFT: orthogonal fine-tuning by O(d) Givens rotations (Ma et al., 2024).
+
+The input basis of W is rotated by ``r`` sweeps of Givens rotations, each sweep a
+brick wall of two parallel layers (pairs ``(0,1), (2,3), …`` then ``(1,2), (3,4), …``):
+``d − 1`` rotations per sweep, ``d = in``, applied in O(d) work per token:
+
+    W' = W G,   G = ∏_{sweeps} L_odd L_even,   L = ⊕ [[c, −s], [s, c]] on its pairs,
+    y  = (x Gᵀ) Wᵀ + b.
+
+``quasi=True`` (default, the paper's quasi-Givens form) trains ``c`` and ``s`` freely,
+starting at ``(1, 0)``, so each block may also rescale its plane; the soft orthogonality
+regularizer ``Σ (c² + s² − 1)²`` is returned by :func:`spectrakit.adapter_penalty`.
+``quasi=False`` trains one angle per rotation (``c = cos θ``, ``s = sin θ``, ``θ = 0``),
+and ``G`` is exactly orthogonal. Either way ``G = I`` at initialization.
+Trainable parameters per layer: ``2 · r · (in − 1)`` (quasi) or ``r · (in − 1)``.
+The chain of ``2r`` dependent layers is applied one after another, so a step costs
+more than LoRA's two matmuls when ``r`` is large (see ``BENCHMARKS.md``).
+
+>>> import torch, spectrakit as sk
+>>> model = sk.adapt(torch.nn.Sequential(torch.nn.Linear(64, 32)), "qgoft", rank=2, quasi=False)
+>>> sk.trainable_parameters(model)
+126
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdaptedLinear, register
+
+
+def _rotate_pairs(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor, offset: int) -> torch.Tensor:
+    """Apply the 2×2 blocks ``[[c, −s], [s, c]]`` to coordinates ``(offset + 2k, offset + 2k + 1)``."""
+    pairs = c.shape[0]
+    end = offset + 2 * pairs
+    first, second = h[..., offset:end:2], h[..., offset + 1:end:2]
+    mixed = torch.stack((c * first - s * second, s * first + c * second), dim=-1).flatten(-2)
+    return torch.cat((h[..., :offset], mixed, h[..., end:]), dim=-1)
+
+
+@register
+class QGOFTLinear(AdaptedLinear):
+    method = "qgoft"
+    options = ("quasi",)
+
+    def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", quasi: bool = True,
+                 init: dict[str, Any] | None = None) -> None:
+        super().__init__(base_layer, rank, name=name)
+        self.quasi = bool(quasi)
+        d = self.in_features
+        self.even_pairs, self.odd_pairs = d // 2, (d - 1) // 2
+        rotations = rank * (d - 1)
+        if self.quasi:
+            self.cosines = self.new_parameter(torch.ones(rotations))
+            self.sines = self.new_parameter(torch.zeros(rotations))
+        else:
+            self.angles = self.new_parameter(torch.zeros(rotations))
+
+    @property
+    def lora_device(self) -> torch.device:
+        return self.cosines.device if self.quasi else self.angles.device
+
+    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.quasi:
+            return self.cosines, self.sines
+        return torch.cos(self.angles), torch.sin(self.angles)
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``(c, s, offset)`` of each parallel layer, in the order ``G = L₁ L₂ ⋯`` multiplies them."""
+        c, s = self._blocks()
+        layers, start = [], 0
+        for _ in range(self.rank):
+            for pairs, offset in ((self.even_pairs, 0), (self.odd_pairs, 1)):
+                layers.append((c[start:start + pairs], s[start:start + pairs], offset))
+                start += pairs
+        return layers
+
+    def rotate(self, h: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``h Gᵀ`` (each row ``v`` becomes ``G v``), or ``h G`` with ``transpose=True``."""
+        layers = self._layers()
+        if transpose:  # v ↦ Gᵀ v = L_mᵀ ⋯ L₁ᵀ v: L₁ᵀ first, each block's sine negated
+            for c, s, offset in layers:
+                h = _rotate_pairs(h, c, -s, offset)
+        else:  # v ↦ G v = L₁ ⋯ L_m v: the last layer first
+            for c, s, offset in reversed(layers):
+                h = _rotate_pairs(h, c, s, offset)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(self.rotate(self.adapter_input(x)).to(x.dtype))
+
+    def merged_weight(self) -> torch.Tensor:
+        # row w of W becomes w G = (Gᵀ wᵀ)ᵀ
+        return self.rotate(self.base_weight().to(self.adapter_dtype), transpose=True)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.merged_weight() - self.base_weight().to(self.adapter_dtype)
+
+    def rotation(self) -> torch.Tensor:
+        """``G`` itself (``in × in``), for inspection and tests."""
+        eye = torch.eye(self.in_features, dtype=self.adapter_dtype, device=self.lora_device)
+        return self.rotate(eye, transpose=True)  # rows of I G are the rows of G
+
+    def penalty(self) -> torch.Tensor | None:
+        if not self.quasi:
+            return None
+        return ((self.cosines ** 2 + self.sines ** 2 - 1.0) ** 2).sum()

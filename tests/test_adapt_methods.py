@@ -1,0 +1,112 @@
+"""The second-half adapter methods, each against an explicit construction of its formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spectrakit as sk
+from spectrakit.adapt.asymmetric import orthogonal_rows
+from spectrakit.errors import SpectrakitError
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Move every trainable parameter off its initial value (the formulas are trivial at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def linear(out_f: int = 6, in_f: int = 9) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(in_f, out_f).double()
+
+
+def test_asymmetric_a_is_frozen_orthonormal_and_slots_are_orthogonal() -> None:
+    layer = linear()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "asymmetric", rank=3, slot=1, seed=4))
+    adapted = model[0]
+    A = adapted.lora_A
+    assert not A.requires_grad and torch.allclose(A @ A.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(A, orthogonal_rows(9, 3, 1, 4).to(A))
+    other = orthogonal_rows(9, 3, 0, 4)
+    assert torch.allclose(other @ A.T, torch.zeros(3, 3, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    expected = x @ (layer.weight + adapted.lora_B @ A).T + layer.bias
+    assert torch.allclose(model(x), expected)
+    with pytest.raises(SpectrakitError, match="slot=3: layer 0 has room for 3 orthogonal slots"):
+        sk.adapt(torch.nn.Sequential(linear()), "asymmetric", rank=3, slot=3)
+
+
+def test_lorma_is_the_multiplicative_update() -> None:
+    layer = linear()
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "lorma", rank=2, alpha=4))
+    adapted = model[0]
+    s = 4 / 2
+    explicit = (torch.eye(6, dtype=torch.float64) + s * adapted.lora_B @ adapted.lora_A) @ W
+    x = torch.randn(5, 9, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ explicit.T + b)
+    assert torch.allclose(adapted.merged_weight(), explicit)
+
+
+def _explicit_givens(layer: torch.nn.Module) -> torch.Tensor:
+    """G = Π over layers of block-diagonal 2×2 rotations, built entry by entry."""
+    d = layer.in_features
+    G = torch.eye(d, dtype=torch.float64)
+    for c, s, offset in layer._layers():
+        L = torch.eye(d, dtype=torch.float64)
+        for k in range(c.shape[0]):
+            i, j = offset + 2 * k, offset + 2 * k + 1
+            L[i, i], L[i, j], L[j, i], L[j, j] = c[k], -s[k], s[k], c[k]
+        G = G @ L
+    return G
+
+
+@pytest.mark.parametrize("quasi", [False, True])
+def test_qgoft_givens_product(quasi: bool) -> None:
+    layer = linear(6, 9)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "qgoft", rank=2, quasi=quasi), scale=0.5)
+    adapted = model[0]
+    G = _explicit_givens(adapted)
+    assert torch.allclose(adapted.rotation(), G, atol=1e-12)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ (W @ G).T + b)
+    assert torch.allclose(adapted.merged_weight(), W @ G)
+    eye = torch.eye(9, dtype=torch.float64)
+    if quasi:  # quasi-Givens: orthogonal exactly when the soft penalty vanishes
+        assert float(sk.adapter_penalty(model).detach()) > 1e-3 and not torch.allclose(G @ G.T, eye, atol=1e-3)
+        with torch.no_grad():
+            norm = (adapted.cosines ** 2 + adapted.sines ** 2).sqrt()
+            adapted.cosines.div_(norm)
+            adapted.sines.div_(norm)
+        assert float(sk.adapter_penalty(model).detach()) < 1e-20
+        G = adapted.rotation()
+    assert torch.allclose(G @ G.T, eye, atol=1e-12) and torch.allclose(G.T @ G, eye, atol=1e-12)
+
+
+def test_balora_penalty_matches_the_explicit_terms() -> None:
+    layer = linear(6, 9)
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "ba-lora", rank=2, consistency=0.5, diversity=2.0,
+                               svd=3.0, svd_k=2))
+    x = torch.randn(20, 9, dtype=torch.float64)
+    y = model(x)
+    y0 = layer(x).detach()
+    consistency = ((y - y0) ** 2).mean()
+    z = y - y.mean(0)
+    C = (z.T @ z) / torch.outer(z.norm(dim=0), z.norm(dim=0))
+    diversity = (C ** 2).sum() - (torch.diagonal(C) ** 2).sum()
+    S = torch.linalg.svdvals(y)
+    svd = -S[:2].sum() / S.sum()
+    expected = 0.5 * consistency + 2.0 * diversity / 6 + 3.0 * svd
+    got = sk.adapter_penalty(model)
+    assert torch.allclose(got.double(), expected, rtol=1e-6)
+    got.backward()  # differentiable down to the factors
+    assert model[0].lora_A.grad is not None and bool(model[0].lora_A.grad.abs().sum() > 0)
+    with torch.no_grad():  # an evaluation forward keeps nothing for the penalty
+        model(x)
+    assert float(sk.adapter_penalty(model).detach()) == 0.0
