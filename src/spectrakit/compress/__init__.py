@@ -9,10 +9,12 @@ True
 >>> sk.save_compressed(model, "small", report)   # doctest: +SKIP
 
 Methods, one file each with its formula: ``svd`` (plain truncation), ``asvd``
-(activation-scaled), ``fwsvd`` (Fisher row weights), ``svd-llm`` (truncation-aware
-whitening). Ranks: ``ratio=`` / ``rank=`` / ``energy=``, ``allocation="uniform"`` or
-``"global"`` (marginal loss per parameter). Each compressed layer becomes a
-:class:`LowRankLinear`; :func:`save_compressed` / :func:`load_compressed` persist it.
+(activation-scaled), ``fwsvd`` (Fisher row weights), ``gfwsvd`` (Kronecker-factored
+Fisher, both sides), ``svd-llm`` (truncation-aware whitening), ``svd-llm-v2`` (two-SVD
+truncation). Ranks: ``ratio=`` / ``rank=`` / ``energy=``, ``allocation="uniform"``,
+``"global"`` (marginal loss per parameter), ``"heterogeneous"`` (SVD-LLM V2) or
+``"sensitivity"`` (ASVD's search); ``lora_update=True`` fine-tunes the factors afterwards.
+Each compressed layer becomes a :class:`LowRankLinear`; :func:`save_compressed` / :func:`load_compressed` persist it.
 
 Importing this package needs only torch; transformers and safetensors load when used.
 """

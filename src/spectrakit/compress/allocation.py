@@ -17,12 +17,18 @@ the exact output error), until the budget is spent; a layer that reaches ``k_max
 becomes dense again, which refunds its overshoot. Because each layer's ``σ`` are sorted,
 the greedy choice is a prefix per layer, and it is optimal for the linearized problem
 up to the last component (a knapsack of equal-cost items).
+
+``allocation="heterogeneous"`` is SVD-LLM V2's rule (:func:`heterogeneous_ratios`): the
+layers of one type (same name up to layer indices, same shape) share that type's budget;
+each one's ratio falls with its theoretical truncation loss at the uniform rank.
+``allocation="sensitivity"`` is ASVD's search (:mod:`spectrakit.compress.sensitivity`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +36,7 @@ import torch
 from ..errors import SpectrakitError
 from .lowrank import break_even_rank, low_rank_parameters
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "heterogeneous", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,110 @@ def global_ranks(layers: dict[str, LayerShape], budget: int, only_if_smaller: bo
     return ranks
 
 
+def _zero_tail(losses: torch.Tensor) -> float:
+    """The tail ``Σ_{i≥k} σᵢ²`` below which a truncation loss counts as zero: rounding of a
+    float64 Gram eigensolve (as :func:`spectrakit.compress.svd_llm._rank`)."""
+    n = max(losses.numel(), 1)
+    return max(32.0, 8.0 * n ** 0.5) * torch.finfo(torch.float64).eps * float(losses.sum())
+
+
+def layer_type(name: str, layer: LayerShape) -> str:
+    """The type a layer shares with others (``model.layers.3.mlp.up_proj`` → ``model.layers.#.mlp.up_proj``
+    and its shape), for :func:`heterogeneous_ratios`."""
+    return f"{re.sub(r'[0-9]+', '#', name)}:{layer.out_features}x{layer.in_features}"
+
+
+def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[str, float]:
+    """Per-layer ratios after SVD-LLM V2: within each type (:func:`layer_type`), a layer's
+    ratio is proportional to ``1 / log(1 + Lᵢ / L̄)``, with ``Lᵢ = (Σ_{j>k} σⱼ²)^{1/2}`` its
+    theoretical truncation loss at the uniform rank ``k`` and ``L̄`` the type's mean loss
+    (the paper normalizes the inverse of the log loss; dividing by ``L̄`` first keeps the
+    logarithm positive for losses below 1), and clipped to what the layer can take: no
+    less than 0 (dense) and no more than rank 1 — or, for a layer whose loss is zero, the
+    rank where its loss stays zero. The clipped ratios are rescaled (a bisection on the
+    common factor) so that each type's ratios, weighted by the layers' sizes, average
+    ``ratio`` exactly; so do all the layers' (when every type can reach ``ratio``).
+
+    Args:
+        layers: each layer's shape and ``σᵢ²`` (descending), by name.
+        ratio: the global fraction of the weights to remove, in (0, 1).
+    """
+    groups: dict[str, list[str]] = {}
+    for name, layer in layers.items():
+        groups.setdefault(layer_type(name, layer), []).append(name)
+    ratios: dict[str, float] = {}
+    for names in groups.values():
+        loss, lowest, highest = {}, {}, {}
+        for name in names:
+            layer = layers[name]
+            span = layer.in_features + layer.out_features
+            k = max(1, min(math.floor((1 - ratio) * layer.dense / span), layer.full_rank))
+            tail = float(layer.losses[k:].sum())
+            zero = tail <= _zero_tail(layer.losses)
+            loss[name] = 0.0 if zero else math.sqrt(tail)
+            floor_rank = 1
+            if zero:  # the smallest rank that keeps the loss zero
+                tails = torch.flip(torch.cumsum(torch.flip(layer.losses, [0]), 0), [0])  # tails[i] = Σ_{j≥i}
+                floor_rank = max(1, int((tails > _zero_tail(layer.losses)).sum()))
+            lowest[name] = 0.0
+            highest[name] = max(0.0, 1 - span * floor_rank / layer.dense)
+        sizes = {name: layers[name].dense for name in names}
+        target = ratio * sum(sizes.values())
+        finite = [loss[n] for n in names if loss[n] > 0]
+        mean = sum(finite) / len(finite) if finite else 1.0
+        score = {n: (math.inf if loss[n] == 0 else 1 / math.log1p(loss[n] / mean)) for n in names}
+
+        def spread(scale: float, score: dict[str, float] = score, lowest: dict[str, float] = lowest,
+                   highest: dict[str, float] = highest) -> dict[str, float]:
+            return {n: min(highest[n], max(lowest[n], scale * score[n] if score[n] < math.inf else highest[n]))
+                    for n in score}
+
+        def removed(values: dict[str, float], sizes: dict[str, int] = sizes) -> float:
+            return sum(values[n] * sizes[n] for n in values)
+
+        if not finite:  # every loss is zero: each layer down to its own lossless rank, if the type allows
+            chosen = {n: min(highest[n], ratio) for n in names} if removed(highest) >= target else dict(highest)
+        elif removed(highest) <= target:
+            chosen = dict(highest)  # the type cannot reach the ratio; the caller warns
+        else:
+            low, high = 0.0, 1.0
+            while removed(spread(high)) < target:
+                high *= 2
+            for _ in range(200):
+                middle = (low + high) / 2
+                low, high = (middle, high) if removed(spread(middle)) < target else (low, middle)
+            chosen = spread(high)
+            # the bisection's last rounding, put on the layers strictly inside their bounds
+            free = [n for n in names if lowest[n] < chosen[n] < highest[n]]
+            if free:
+                excess = (removed(chosen) - target) / sum(sizes[n] for n in free)
+                for n in free:
+                    chosen[n] = min(highest[n], max(lowest[n], chosen[n] - excess))
+        ratios.update(chosen)
+    return ratios
+
+
+def heterogeneous_ranks(layers: dict[str, LayerShape], ratio: float) -> dict[str, int]:
+    """Integer ranks from :func:`heterogeneous_ratios`: ``⌊(1 − ρᵢ)·in·out/(in + out)⌋``."""
+    ranks = {}
+    for name, share in heterogeneous_ratios(layers, ratio).items():
+        layer = layers[name]
+        k = math.floor((1 - share) * layer.dense / (layer.in_features + layer.out_features) + 1e-9)
+        ranks[name] = max(1, min(k, layer.full_rank))
+    return ranks
+
+
+def budget_ratio(layers: dict[str, LayerShape], ratio: float | None, rank: int | None, energy: float | None,
+                 only_if_smaller: bool = True) -> float:
+    """The fraction of the weights a budget removes (``rank=``/``energy=``: what the uniform choice spends)."""
+    if ratio is not None:
+        return ratio
+    uniform = uniform_ranks(layers, ratio, rank, energy)
+    dense = sum(layer.dense for layer in layers.values())
+    spent = sum(layers[name].cost(k, only_if_smaller) for name, k in uniform.items())
+    return min(max(1 - spent / max(dense, 1), 0.0), 1 - 1e-12)
+
+
 def allocate(layers: dict[str, LayerShape], *, ratio: float | None = None, rank: int | None = None,
              energy: float | None = None, allocation: str = "uniform",
              only_if_smaller: bool = True) -> dict[str, int]:
@@ -137,9 +247,13 @@ def allocate(layers: dict[str, LayerShape], *, ratio: float | None = None, rank:
     choice would spend, redistributed.
     """
     check_budget(ratio, rank, energy, allocation)
+    if allocation == "sensitivity":
+        raise SpectrakitError("allocation='sensitivity' runs the model: it is chosen inside compress()")
     uniform = uniform_ranks(layers, ratio, rank, energy)
     if allocation == "uniform":
         return uniform
+    if allocation == "heterogeneous":
+        return heterogeneous_ranks(layers, budget_ratio(layers, ratio, rank, energy, only_if_smaller))
     if ratio is not None:
         budget = math.floor((1 - ratio) * sum(layer.dense for layer in layers.values()))
     else:

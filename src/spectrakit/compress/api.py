@@ -9,6 +9,7 @@ layer of the method's transformed weight; allocate ranks under the budget; swap 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -24,17 +25,22 @@ from .._targets import check_weight, module_sites, replace_module, select_target
 from ..errors import SpectrakitError
 from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
-from .allocation import LayerShape, allocate, check_budget
+from .allocation import LayerShape, allocate, budget_ratio, check_budget
 from .asvd import ActivationAwareSVD
 from .base import CompressionWarning, Method
-from .calibration import LossFn, collect_statistics
+from .calibration import LossFn, collect_statistics, default_loss
 from .fwsvd import FisherWeightedSVD
+from .gfwsvd import GeneralizedFisherWeightedSVD
+from .lora_update import sequential_update
 from .lowrank import LowRankLinear, low_rank_parameters
+from .sensitivity import CANDIDATES, sensitivity_ranks
 from .svd import PlainSVD
 from .svd_llm import TruncationAwareSVD
+from .svd_llm_v2 import LossOptimizedSVD
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in
-                                    (PlainSVD, ActivationAwareSVD, FisherWeightedSVD, TruncationAwareSVD)}
+                                    (PlainSVD, ActivationAwareSVD, FisherWeightedSVD, GeneralizedFisherWeightedSVD,
+                                     TruncationAwareSVD, LossOptimizedSVD)}
 
 
 @dataclass
@@ -70,6 +76,9 @@ class CompressionReport:
     calibration_tokens: int = 0
     seconds: float = 0.0
     calibration_seconds: float = 0.0
+    lora_loss_before: float | None = None  # calibration loss before / after lora_update=True
+    lora_loss_after: float | None = None
+    lora_seconds: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -135,7 +144,7 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
     tied: dict[str, tuple[str, ...]] = {}  # a layer -> its weight's names in *other* modules
     names: dict[str, list[str]] = {}  # a layer -> every name of that module
     alias_of: dict[str, str] = {}  # a module reached under a tied weight's second name -> first name
-    for record in spectrakit_weights.iter_matrices(model):
+    for record in spectrakit_weights.iter_matrices(model, gates=False):  # real parameter names
         module_name = record.name.rpartition(".")[0]
         module = model.get_submodule(module_name)
         owners = {alias: alias.rpartition(".")[0] for alias in record.aliases}
@@ -190,30 +199,40 @@ def get_method(method: str, options: dict[str, Any]) -> Method:
 
 
 def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None = None, rank: int | None = None,
-             energy: float | None = None, calibration: Iterable[Any] | None = None, allocation: str = "uniform",
+             energy: float | None = None, calibration: Iterable[Any] | None = None, allocation: str | None = None,
              targets: str | Iterable[str] = "all-linear", loss_fn: LossFn | None = None,
              only_if_smaller: bool = True, svd_method: str = "auto", progress: bool = False,
-             **options: Any) -> CompressionReport:
+             lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 1,
+             search_batches: int | None = None, **options: Any) -> CompressionReport:
     """Compress ``model``'s linear layers in place with a truncated-SVD ``method``.
 
     Args:
         model: any module with ``nn.Linear`` or transformers ``Conv1D`` layers.
-        method: ``"svd"``, ``"asvd"``, ``"fwsvd"`` or ``"svd-llm"``.
+        method: ``"svd"``, ``"asvd"``, ``"fwsvd"``, ``"gfwsvd"``, ``"svd-llm"`` or ``"svd-llm-v2"``.
         ratio: fraction of the targeted weights' parameters to remove, in (0, 1).
         rank: one rank for every layer (alternative to ``ratio``).
         energy: keep this fraction of each layer's ``Σσᵢ²`` (alternative to ``ratio``).
         calibration: iterable of batches (token-id tensors, input tensors, tuples or dicts
-            of model arguments); needed by ``asvd``, ``fwsvd`` and ``svd-llm``.
-        allocation: ``"uniform"`` or ``"global"`` (see :mod:`spectrakit.compress.allocation`).
+            of model arguments); needed by every method but ``svd``, by ``allocation="sensitivity"``
+            and by ``lora_update``.
+        allocation: ``"uniform"``, ``"global"``, ``"heterogeneous"`` (SVD-LLM V2) or ``"sensitivity"``
+            (ASVD's search; see :mod:`spectrakit.compress.allocation`); ``None``: the method's own
+            (``"heterogeneous"`` for svd-llm-v2, ``"uniform"`` otherwise).
         targets: ``"all-linear"`` (all but the output head) or layer-name patterns.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` for ``fwsvd`` when the model is not a
-            language model fed token ids.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for ``fwsvd``/``gfwsvd``, the sensitivity
+            search and ``lora_update``, when the model is not a language model fed token ids.
         only_if_smaller: keep a layer dense where its factors would not save parameters;
             ``False`` factorizes every target (used to check full-rank exactness).
         svd_method: ``"auto"`` (on the CPU a float64 Gram eigensolve, see
             :meth:`Method.spectrum`), or a method of :func:`spectrakit.linalg.svd`.
         progress: show progress bars over the calibration batches and the layers.
-        options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm).
+        lora_update: after truncation, fine-tune each compressed layer's ``up`` then ``down`` on
+            the calibration batches (:mod:`spectrakit.compress.lora_update`).
+        lora_lr, lora_epochs: Adam's learning rate and the passes over the batches per side.
+        search_batches: ``allocation="sensitivity"`` measures the loss on this many of the
+            calibration batches (default all).
+        options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm and
+            gfwsvd; ``factors`` for gfwsvd).
 
     Returns:
         a :class:`CompressionReport` (parameters before and after, rank of each layer).
@@ -225,12 +244,26 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     ({'0': 16, '2': 16}, True)
     """
     start = time.perf_counter()
+    solver = get_method(method, options)
+    allocation = solver.default_allocation if allocation is None else allocation
     check_budget(ratio, rank, energy, allocation)
     ratio, energy = (None if v is None else float(v) for v in (ratio, energy))
     rank = None if rank is None else int(rank)
     if svd_method not in SVD_METHODS:
         raise SpectrakitError(f"svd_method={svd_method!r} is not one of {', '.join(SVD_METHODS)}")
-    solver = get_method(method, options)
+    reuse = allocation == "sensitivity" or lora_update  # the batches are run through more than once
+    if reuse:
+        if calibration is None:
+            raise SpectrakitError(f"{'lora_update' if lora_update else 'allocation=sensitivity'} needs "
+                                  "calibration=batches (the loss is measured on them)")
+        if isinstance(calibration, (torch.Tensor, dict)):
+            calibration = [calibration]
+        if not isinstance(calibration, Iterable):
+            raise SpectrakitError(f"calibration must be an iterable of batches (a list, a DataLoader, …), "
+                                  f"got {type(calibration).__name__}")
+        calibration = list(calibration)
+        if not calibration:
+            raise SpectrakitError("calibration yielded no batches")
     layers = find_layers(model, targets)
     matrices = {name: _canonical_weight(name, layer) for name, layer in layers.items()}
     parameters_before = count_parameters(model)
@@ -244,7 +277,7 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
         output_gram = {name: W for name, W in matrices.items() if solver.uses_output_gram(W, svd_method)}
         statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
                                         scale="scale" in solver.needs, fisher="fisher" in solver.needs,
-                                        output_gram=output_gram,
+                                        output_gram=output_gram, kronecker="kronecker" in solver.needs,
                                         loss_fn=loss_fn, head=_output_head(model), progress=progress)
         tokens = max((s.tokens for s in statistics.values()), default=0)
     calibration_seconds = time.perf_counter() - calibration_start
@@ -257,10 +290,18 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     for message in solver.warnings():
         warnings.warn(message, CompressionWarning, stacklevel=2)
     shapes = {name: LayerShape(*matrices[name].shape, spectra[name].losses) for name in layers}
-    ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
-                     only_if_smaller=only_if_smaller)
-
     sites = module_sites(model)
+    if allocation == "sensitivity":
+        assert isinstance(calibration, list)
+        dense = sum(shape.dense for shape in shapes.values())
+        budget_weights = math.floor((1 - budget_ratio(shapes, ratio, rank, energy, only_if_smaller)) * dense)
+        searched = calibration[:search_batches] if search_batches else calibration
+        ranks = sensitivity_ranks(model, layers, sites, spectra, shapes, searched, loss_fn or default_loss,
+                                  budget_weights, CANDIDATES, only_if_smaller)
+    else:
+        ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
+                         only_if_smaller=only_if_smaller)
+
     report_layers: dict[str, LayerReport] = {}
     for name, layer in layers.items():
         shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
@@ -285,9 +326,21 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     if ratio is not None and removed < ratio - 0.005:
         warnings.warn(f"ratio={ratio} is out of reach: every layer keeps at least rank 1, so only {removed:.1%} "
                       "of the targeted weights were removed", CompressionWarning, stacklevel=2)
+    lora: dict[str, Any] = {}
+    if lora_update:
+        assert isinstance(calibration, list)
+        lora_start = time.perf_counter()
+        compressed = [m for m in dict.fromkeys(model.modules()) if isinstance(m, LowRankLinear)
+                      and any(m is model.get_submodule(name) for name, r in report_layers.items() if r.replaced)]
+        before, after = sequential_update(model, compressed, calibration, loss_fn or default_loss, lora_lr,
+                                          lora_epochs)
+        lora = {"lora_loss_before": before, "lora_loss_after": after,
+                "lora_seconds": time.perf_counter() - lora_start}
+        options = {**options, "lora_update": True, "lora_lr": lora_lr, "lora_epochs": lora_epochs}
     budget = {"ratio": ratio, "rank": rank, "energy": energy, **options}
     return CompressionReport(
         method=method, allocation=allocation, budget={k: v for k, v in budget.items() if v is not None},
         parameters_before=parameters_before, parameters_after=parameters_before - target_before + target_after,
         target_parameters_before=target_before, target_parameters_after=target_after, layers=report_layers,
-        calibration_tokens=tokens, seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds)
+        calibration_tokens=tokens, seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,
+        **lora)

@@ -1,8 +1,9 @@
 """What every compression method shares: a transform, one SVD, truncation, the factors.
 
-A method maps a weight ``W`` (``out × in``) to ``W̃ = L W R`` with ``L`` a diagonal
-(``left``, a vector, or ``None`` for the identity) and ``R`` either a diagonal (a
-vector) or a lower-triangular matrix, both invertible; the squared singular values of
+A method maps a weight ``W`` (``out × in``) to ``W̃ = L W R`` with ``L`` either a diagonal
+(``left``, a vector, or ``None`` for the identity) or ``Cᵀ`` for a lower-triangular ``C``
+(``left`` 2-D, as gfwsvd's row factor), and ``R`` either a diagonal (a vector) or a
+lower-triangular matrix, both invertible; the squared singular values of
 ``W̃`` are the method's loss per dropped component. Truncating ``W̃ = U Σ Vᵀ`` to rank
 ``k`` gives the two factors of a :class:`LowRankLinear`:
 
@@ -26,14 +27,16 @@ from .calibration import LayerStatistics
 
 @dataclass
 class Transform:
-    """``W̃ = diag(left) · W · R`` with ``R = diag(right)`` (1-D) or ``right`` (2-D, lower triangular)."""
+    """``W̃ = L · W · R`` with ``L = diag(left)`` (1-D) or ``leftᵀ`` (2-D, ``left`` lower
+    triangular), and ``R = diag(right)`` (1-D) or ``right`` (2-D, lower triangular)."""
 
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
 
     def apply(self, W: torch.Tensor) -> torch.Tensor:
+        """``L W R`` (``W`` is ``out × in``)."""
         if self.left is not None:
-            W = self.left[:, None] * W
+            W = self.left[:, None] * W if self.left.ndim == 1 else self.left.mT @ W
         if self.right is not None:
             W = W * self.right[None, :] if self.right.ndim == 1 else W @ self.right
         return W
@@ -75,10 +78,14 @@ class Spectrum:
             root = self.S[:rank].sqrt()
             up = self.U[:, :rank] * root[None, :].to(self.U.dtype)
             down = root[:, None].to(self.Vh.dtype) * self.Vh[:rank]
-        elif self.U is not None:  # U_k · (L U_k)ᵀ W, and L⁻¹ below
+        elif self.U is not None:  # U_k · (Lᵀ U_k)ᵀ W, and L⁻¹ below
             work = torch.float64 if self.precise else self.U.dtype
             up = self.U[:, :rank].to(work)
-            down = (up if left is None else left[:, None].to(work) * up).mT @ self.weight.to(work)
+            if left is None:
+                scaled = up
+            else:  # Lᵀ U_k: L = Cᵀ gives C U_k
+                scaled = left[:, None].to(work) * up if left.ndim == 1 else left.to(work) @ up
+            down = scaled.mT @ self.weight.to(work)
         else:  # W (R V_k) · V_kᵀ, and R⁻¹ below
             assert self.Vh is not None and self.weight is not None
             work = torch.float64 if self.precise else self.Vh.dtype
@@ -88,7 +95,10 @@ class Spectrum:
                 V = right[:, None].to(work) * V if right.ndim == 1 else right.to(work) @ V
             up = self.weight.to(work) @ V
         if self.U is not None and left is not None:
-            up = up / left[:, None].to(up.dtype)
+            if left.ndim == 1:
+                up = up / left[:, None].to(up.dtype)
+            else:  # L⁻¹ · up = C⁻ᵀ up by a triangular solve, in float64
+                up = torch.linalg.solve_triangular(left.mT.double(), up.double(), upper=True)
         if self.Vh is not None and right is not None:
             if right.ndim == 1:
                 down = down / right[None, :].to(down.dtype)
@@ -110,12 +120,13 @@ def balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class Method:
     """A compression method: the statistics it needs and the transform it applies.
 
-    Subclasses set ``name`` and ``needs`` (a subset of ``{"gram", "scale", "fisher"}``)
-    and implement :meth:`transform`.
+    Subclasses set ``name`` and ``needs`` (a subset of ``{"gram", "scale", "fisher",
+    "kronecker"}``) and implement :meth:`transform`.
     """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    default_allocation: ClassVar[str] = "uniform"  # what allocation=None means for this method
 
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         raise NotImplementedError

@@ -16,6 +16,9 @@ One pass over the calibration batches fills, for each targeted layer with inputs
   called several times in a batch adds its calls' gradients before squaring), summed
   along each row: FWSVD. Only the row sums are kept, so a layer costs ``out`` numbers
   here, not ``out × in`` (8 GB in float64 for a 1B-parameter model).
+* ``row_fisher``, ``column_fisher`` — ``Σ_b G_b G_bᵀ`` (``out × out``) and ``Σ_b G_bᵀ G_b``
+  (``in × in``), float64, from the same per-batch weight gradients ``G_b``: the two
+  Kronecker factors of GFWSVD (``fisher`` is the diagonal of ``row_fisher``).
 
 Padding is left out: where a dict batch has an ``attention_mask`` with zeros, only the
 real tokens' rows of a layer input laid out ``[batch, tokens, features]`` enter ``gram``,
@@ -60,6 +63,8 @@ class LayerStatistics:
     output_gram: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
+    row_fisher: torch.Tensor | None = None
+    column_fisher: torch.Tensor | None = None
 
     def mean_abs(self) -> torch.Tensor:
         assert self.abs_sum is not None
@@ -90,6 +95,7 @@ class _Collector:
     fisher: bool
     output_gram: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer -> its out × in weight
     stats: dict[str, LayerStatistics] = field(default_factory=dict)
+    kronecker: bool = False  # also the row and column factors of each batch's weight gradient (gfwsvd)
     # Products are formed once per input tensor and added to every layer that reads it. Peak
     # memory stays near the accumulators themselves: in the first batch the first reader's
     # float64 accumulator doubles as the cached product (later readers copy it; it is copied
@@ -216,6 +222,11 @@ class _Collector:
         # squared in float64: a float32 square underflows below gradients of 1e-19
         rows = torch.linalg.vector_norm(weight_grad, dim=1, dtype=torch.float64).square_()
         stats.fisher = rows if stats.fisher is None else stats.fisher.add_(rows)
+        if self.kronecker:
+            wide = weight_grad.double()
+            row, column = linalg.gram(wide.mT), linalg.gram(wide)  # G Gᵀ (out × out), Gᵀ G (in × in)
+            stats.row_fisher = row if stats.row_fisher is None else stats.row_fisher.add_(row)
+            stats.column_fisher = column if stats.column_fisher is None else stats.column_fisher.add_(column)
 
     def end_batch(self) -> None:
         """Forget the batch that just ran (after the first, decide the head stop)."""
@@ -379,7 +390,8 @@ def _predicts_next_token(model: nn.Module) -> bool:
 def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibration: Iterable[Batch], *,
                        gram: bool = False, scale: bool = False, fisher: bool = False,
                        output_gram: Mapping[str, torch.Tensor] | None = None, loss_fn: LossFn | None = None,
-                       head: nn.Module | None = None, progress: bool = False) -> dict[str, LayerStatistics]:
+                       head: nn.Module | None = None, progress: bool = False,
+                       kronecker: bool = False) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
 
     ``output_gram``: the layers to gather ``output_gram`` for instead of ``gram``, each
@@ -392,7 +404,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     batch the head ran exactly once and no layer in ``layers`` ran after it. (A model
     whose later batches call the head or the layers in another order than its first
     would lose statistics; none of the usual architectures does.) ``progress``: a progress
-    bar over the batches.
+    bar over the batches. ``kronecker`` (with ``fisher``): also ``row_fisher`` and
+    ``column_fisher``, the Kronecker factors of GFWSVD.
 
     Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
     in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
@@ -406,7 +419,9 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                               f"got {type(calibration).__name__}")
     total = len(calibration) if isinstance(calibration, Sized) else None
     calibration = progress_bar(calibration, total=total, desc="calibration", enabled=progress, unit="batch")
-    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=output_gram or {})
+    fisher = fisher or kronecker
+    collector = _Collector(layers, gram=gram, scale=scale, fisher=fisher, output_gram=output_gram or {},
+                           kronecker=kronecker)
     handles = [module.register_forward_hook(collector.hook(name)) for name, module in layers.items()]
     if fisher:
         handles += [module.register_forward_pre_hook(collector.mark_root) for module in layers.values()]

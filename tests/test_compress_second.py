@@ -1,0 +1,246 @@
+"""spectrakit.compress, second half: gfwsvd (Kronecker Fisher), svd-llm-v2 (two-SVD truncation,
+heterogeneous ratios), ASVD's sensitivity search, lora_update, against float64 ground truth."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import spectrakit as sk
+from spectrakit.compress import LowRankLinear
+from spectrakit.compress.allocation import LayerShape, heterogeneous_ratios
+from spectrakit.compress.calibration import collect_statistics
+from spectrakit.compress.gfwsvd import kronecker_whitening
+from spectrakit.errors import SpectrakitError
+
+
+def mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)).double()
+
+
+def batches(count: int = 8, rows: int = 32, dim: int = 12, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, dim, generator=g, dtype=torch.float64) for _ in range(count)]
+
+
+def target_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A fixed regression target, so the gradients are not all alike."""
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(x.shape[0], 10, generator=g, dtype=x.dtype)
+    return (model(x) - target).square().mean()
+
+
+def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    return (layer.up @ layer.down).detach() if isinstance(layer, LowRankLinear) else layer.weight.detach()
+
+
+# ---------------------------------------------------------------- gfwsvd
+
+def test_gfwsvd_row_diagonal_special_case_is_fwsvd() -> None:
+    calib = batches()
+    one, two = mlp(), mlp()
+    sk.compress(one, method="fwsvd", rank=3, calibration=calib, loss_fn=target_loss)
+    sk.compress(two, method="gfwsvd", rank=3, calibration=calib, loss_fn=target_loss, factors="row-diagonal")
+    for index in (0, 2):
+        assert torch.allclose(dense_weight(one[index]), dense_weight(two[index]), rtol=1e-9, atol=1e-12)
+
+
+def test_gfwsvd_loss_under_the_kronecker_fisher_is_the_dropped_spectrum() -> None:
+    calib = batches()
+    model = mlp()
+    W = model[2].weight.detach().clone()
+    twin = copy.deepcopy(model)
+    stats = collect_statistics(twin, {"2": twin[2]}, calib, kronecker=True, loss_fn=target_loss)
+    report = sk.compress(model, method="gfwsvd", rank=4, calibration=calib, loss_fn=target_loss, targets=["2"],
+                         svd_method="exact")
+    delta = W - dense_weight(model[2])
+    # ground truth from the raw factors: vec(ΔW)ᵀ (B ⊗ A) vec(ΔW) / s = tr(ΔWᵀ A ΔW B) / s
+    A, B = stats["2"].row_fisher, stats["2"].column_fisher
+    s = float(A.trace())
+    metric = float(torch.trace(delta.T @ A @ delta @ B)) / s
+    C_A, C_B, reason = kronecker_whitening(stats["2"])
+    assert reason == ""  # 8 batches of 32 rows: both factors are well conditioned, no ridge
+    sigma = torch.linalg.svdvals(C_A.T @ W @ C_B)
+    dropped = float(sigma[4:].square().sum())
+    assert metric == pytest.approx(dropped, rel=1e-8)
+    assert report.layers["2"].truncation_loss == pytest.approx(dropped, rel=1e-8)
+    # and it is the best rank-4 choice under that metric: plain SVD's truncation costs more
+    U, S, Vh = torch.linalg.svd(W)
+    plain = W - U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+    assert float(torch.trace(plain.T @ A @ plain @ B)) / s > dropped * 1.01
+
+
+def test_gfwsvd_factors_match_autograd_per_sample_gradients() -> None:
+    model = mlp()
+    x = batches(1, rows=20)[0]
+    samples = [x[i:i + 1] for i in range(x.shape[0])]  # one sample per calibration batch
+    target = torch.randn(1, 10, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def loss(m: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return (m(inputs) - target).square().mean()
+
+    stats = collect_statistics(model, {"0": model[0], "2": model[2]}, samples, kronecker=True, loss_fn=loss)
+    params = dict(model.named_parameters())
+
+    def sample_loss(p: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+        return loss(lambda inputs: torch.func.functional_call(model, p, (inputs,)), row[None])
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))(params, x)
+    for name in ("0", "2"):
+        G = grads[f"{name}.weight"]  # [samples, out, in]
+        assert torch.allclose(stats[name].row_fisher, torch.einsum("soi,spi->op", G, G), rtol=1e-10, atol=1e-14)
+        assert torch.allclose(stats[name].column_fisher, torch.einsum("soi,soj->ij", G, G), rtol=1e-10, atol=1e-14)
+        assert torch.allclose(stats[name].fisher, G.square().sum(dim=(0, 2)), rtol=1e-10, atol=1e-14)
+
+
+def test_gfwsvd_without_a_gradient_is_one_line() -> None:
+    model = mlp()
+    with pytest.raises(SpectrakitError, match=r"^gfwsvd: layer 2 received no gradient"):
+        sk.compress(model, method="gfwsvd", rank=2, calibration=batches(),
+                    loss_fn=lambda m, x: m[1](m[0](x)).square().mean() + 0 * m[2](m[1](m[0](x))).detach().sum())
+    with pytest.raises(SpectrakitError, match="factors="):
+        sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches(), loss_fn=target_loss, factors="full")
+
+
+# ---------------------------------------------------------------- svd-llm-v2
+
+def test_svd_llm_v2_output_error_is_the_dropped_spectrum_without_damping() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20)).double()
+    # fewer tokens than inputs: XXᵀ is singular, which svd-llm damps and v2 does not need to
+    X = torch.randn(16, 24, dtype=torch.float64)
+    dense = model(X).detach()
+    report = sk.compress(model, method="svd-llm-v2", rank=5, calibration=[X], allocation="uniform")
+    error = float((model(X).detach() - dense).square().sum())
+    sigma = torch.linalg.svdvals(dense - model[0].bias.detach())  # the singular values of W X
+    assert error == pytest.approx(float(sigma[5:].square().sum()), rel=1e-8)
+    assert report.layers["0"].truncation_loss == pytest.approx(error, rel=1e-8)
+
+
+def shapes_of_one_type(seed: int = 0) -> dict[str, LayerShape]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for index, decay in enumerate((0.5, 0.8, 0.9, 0.95)):
+        scale = 1 + torch.rand(1, generator=g, dtype=torch.float64)
+        losses = (decay ** torch.arange(24, dtype=torch.float64)) * scale
+        shapes[f"layers.{index}.q"] = LayerShape(24, 32, losses.square())
+    for index in range(3):
+        losses = torch.rand(16, generator=g, dtype=torch.float64).sort(descending=True).values
+        shapes[f"layers.{index}.down"] = LayerShape(16, 40, losses)
+    return shapes
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_heterogeneous_ratios_add_up_to_the_global_budget_exactly(ratio: float) -> None:
+    shapes = shapes_of_one_type()
+    ratios = heterogeneous_ratios(shapes, ratio)
+    removed = sum(ratios[name] * shape.dense for name, shape in shapes.items())
+    assert removed == pytest.approx(ratio * sum(shape.dense for shape in shapes.values()), rel=1e-12)
+    # heterogeneous: the fastest-decaying q (lowest truncation loss) is compressed most
+    q = [ratios[f"layers.{i}.q"] for i in range(4)]
+    assert q == sorted(q, reverse=True) and q[0] > q[-1]
+
+
+def test_svd_llm_v2_layer_with_zero_truncation_loss_keeps_zero_loss() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 32)).double()
+    with torch.no_grad():  # layer 2 has rank 2: no truncation loss above rank 2
+        model[2].weight.copy_(torch.randn(32, 2, dtype=torch.float64) @ torch.randn(2, 32, dtype=torch.float64))
+    X = torch.randn(400, 32, dtype=torch.float64)
+    report = sk.compress(model, method="svd-llm-v2", ratio=0.5, calibration=[X])
+    assert report.allocation == "heterogeneous"
+    planted = report.layers["2"]
+    assert planted.rank == 2 and planted.relative_loss < 1e-12  # zero up to float64 rounding
+    assert report.layers["0"].rank > 8  # the uniform rank is 8: layer 2's share went to the others
+    assert report.target_parameters_after <= 0.5 * report.target_parameters_before
+    assert report.target_parameters_after >= 0.5 * report.target_parameters_before - 3 * 64
+
+
+# ---------------------------------------------------------------- asvd's sensitivity search
+
+class TwoBranches(torch.nn.Module):
+    """``y = 10·a(x) + 0.1·b(x)``: a and b alike, but the loss is 10⁴× more sensitive to a."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10 * self.a(x) + 0.1 * self.b(x)
+
+
+def test_sensitivity_search_gives_the_planted_sensitive_layer_the_higher_rank() -> None:
+    model = TwoBranches()
+    reference = copy.deepcopy(model)
+    calib = [torch.randn(128, 32) for _ in range(2)]
+
+    def loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return (m(x) - reference(x)).square().mean()
+
+    uniform = sk.compress(copy.deepcopy(model), method="asvd", ratio=0.5, calibration=calib)
+    assert uniform.ranks["a"] == uniform.ranks["b"]
+    report = sk.compress(model, method="asvd", ratio=0.5, calibration=calib, allocation="sensitivity", loss_fn=loss)
+    assert report.ranks["a"] > report.ranks["b"]
+    assert report.target_parameters_after <= 0.5 * report.target_parameters_before
+
+
+# ---------------------------------------------------------------- lora_update
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100, max_position_embeddings=64)).eval()
+
+
+def token_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    # a repeated pattern, so there is something to learn in a few steps
+    pattern = torch.randint(0, 100, (12,), generator=g)
+    return [torch.stack([pattern.roll(int(s)) for s in torch.randint(0, 12, (4,), generator=g)]).repeat(1, 2)
+            for _ in range(3)]
+
+
+def next_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    return float(torch.nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1)))
+
+
+def test_lora_update_lowers_the_calibration_loss_keeps_parameters_and_saves(tmp_path) -> None:
+    calib = token_batches()
+    plain, updated = llama(), llama()
+    sk.compress(plain, method="svd-llm", ratio=0.4, calibration=calib)
+    report = sk.compress(updated, method="svd-llm", ratio=0.4, calibration=calib, lora_update=True, lora_lr=1e-2,
+                         lora_epochs=2)
+    count = sum(p.numel() for p in updated.parameters())
+    assert count == sum(p.numel() for p in plain.parameters()) == report.parameters_after
+    before = sum(next_token_loss(plain, ids) for ids in calib)
+    after = sum(next_token_loss(updated, ids) for ids in calib)
+    assert after < before
+    assert report.lora_loss_before == pytest.approx(before / len(calib), rel=1e-5)
+    assert report.lora_loss_after == pytest.approx(after / len(calib), rel=1e-5)
+    assert all(p.requires_grad for p in updated.parameters())  # flags restored
+    sk.save_compressed(updated, tmp_path / "out", report)
+    loaded = sk.load_compressed(tmp_path / "out")
+    ids = calib[0][:1]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, updated(input_ids=ids).logits, atol=1e-5)
+    generated = loaded.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 7)
+
+
+def test_lora_update_bad_options_are_one_line() -> None:
+    with pytest.raises(SpectrakitError, match="lora_update needs calibration"):
+        sk.compress(llama(), method="svd", ratio=0.3, lora_update=True)
+    with pytest.raises(SpectrakitError, match="lora_lr"):
+        sk.compress(llama(), method="svd", ratio=0.3, lora_update=True, calibration=token_batches(), lora_lr=-1.0)
