@@ -110,3 +110,40 @@ def test_balora_penalty_matches_the_explicit_terms() -> None:
     with torch.no_grad():  # an evaluation forward keeps nothing for the penalty
         model(x)
     assert float(sk.adapter_penalty(model).detach()) == 0.0
+
+
+def test_sst_formula_rounds_and_sampling(tmp_path) -> None:
+    from spectrakit.adapt.sst import _draw, resample_vectors
+
+    layer = linear(6, 9)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = sk.adapt(torch.nn.Sequential(layer), "sst", rank=2, seed=3)
+    adapted = model[0]
+    x = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ W.T + b, atol=1e-12)
+    perturbed(model, 0.1)
+    U, V = adapted.U.clone(), adapted.V.clone()
+    U[:, adapted.selected], V[:, adapted.selected] = adapted.U_selected, adapted.V_selected
+    explicit = (U * adapted.singular_values) @ V.T
+    assert torch.allclose(model(x), x @ explicit.T + b)
+    # a round keeps the weight, re-orthonormalizes the bases and draws again
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model(x).sum().backward()
+    optimizer.step()
+    before, old = adapted.merged_weight().detach().clone(), adapted.selected.clone()
+    assert resample_vectors(model, optimizer) == 1
+    assert adapted.U_selected not in optimizer.state
+    assert torch.allclose(adapted.merged_weight(), before, atol=1e-12)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert torch.allclose(adapted.U.T @ adapted.U, eye, atol=1e-12)
+    assert torch.allclose(adapted.V.T @ adapted.V, eye, atol=1e-12)
+    assert torch.allclose(adapted.singular_values, torch.linalg.svdvals(before))
+    assert adapted.round == 1 and old.shape == adapted.selected.shape
+    # after a round the file carries the moved bases: load reproduces the layer bitwise
+    sk.save_adapter(model, tmp_path / "sst.safetensors")
+    fresh = sk.load_adapter(torch.nn.Sequential(linear(6, 9)), tmp_path / "sst.safetensors")
+    assert torch.equal(fresh(x), model(x)) and fresh[0].round == 1
+    # draws ∝ σ: one value ten times the others is picked 10/(10+5) of the time
+    values = torch.tensor([10.0, 1, 1, 1, 1, 1])
+    picks = torch.stack([_draw(values, 1, 0, i) for i in range(3000)]).flatten()
+    assert abs(float((picks == 0).double().mean()) - 10 / 15) < 0.03

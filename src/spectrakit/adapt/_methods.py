@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     soma,
     sorsa,
     spectral,
+    sst,
     svfit,
     svft,
 )
