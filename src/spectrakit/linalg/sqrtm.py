@@ -14,7 +14,8 @@ Two matrix-product forwards (no eigendecomposition), one backward:
     minimax scaling for a spectrum in ``[a, 1]`` (it maps both ends to the same value), with
     ``a`` tracked from a guessed lower end ``lower`` of ``λ(A_n)`` and from ``s² ≥ 1 − ‖M − I‖_F``:
     a wrong guess only costs steps, never convergence (``α ≤ √3`` keeps every ``α s`` in ``(0, √3)``). Three products
-    per step; the loop stops once ``‖M − I‖_F / √n ≤ tol`` (then one more step squares the error).
+    per step; the loop stops after the step that brings the bound ``0.375‖M − I‖_F²`` on the
+    relative error of the root to ``tol``.
 
 ``pade`` (matrix Padé approximant; Song et al., *Fast Differentiable Matrix Square Root*, 2022).
     With ``Z = I − A_n``, ``√(I − Z) ≈ Q_m(Z)^{-1} P_m(Z)``, the ``[m/m]`` Padé approximant of
@@ -88,7 +89,7 @@ def _upper_bound(A: torch.Tensor) -> torch.Tensor:
 
 
 def _default_tol(dtype: torch.dtype) -> float:
-    return 1e-10 if dtype == torch.float64 else 1e-5
+    return 1e-12 if dtype == torch.float64 else 1e-6
 
 
 def _residual(M: torch.Tensor, eye: torch.Tensor) -> float:
@@ -96,10 +97,14 @@ def _residual(M: torch.Tensor, eye: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(M - eye, "fro").amax())
 
 
-def _settled(residual: float, previous: float, tol: float, n: int) -> bool:
-    """RMS residual at ``tol``, or stalled at the rounding floor: once every ``|λ(M) − 1| < 10⁻²``
-    the error squares each step, so a residual that no longer halves is rounding."""
-    return residual <= tol * math.sqrt(n) or (residual < 1e-2 and residual > 0.5 * previous)
+def _last_step(residual: float, previous: float, tol: float) -> bool:
+    """Whether the step just taken from ``‖M − I‖_F = residual`` reached ``tol``.
+
+    From ``λ(M) = 1 − e`` a cubic step leaves ``1 − (3/4)e² + O(e³)``, and the root's relative
+    error is half that: at most ``0.375·residual²``. Also true once the residual stalls at
+    the rounding floor (below 10⁻² it would otherwise square each step).
+    """
+    return 0.375 * residual * residual <= tol or (residual < 1e-2 and residual > 0.5 * previous)
 
 
 def _not_converged(owner: str, name: str, steps: int, residual: float) -> SpectrakitError:
@@ -114,8 +119,7 @@ def _newton_schulz(A_n: torch.Tensor, tol: float, max_steps: int, lower: float, 
     eye = _identity_like(A_n)
     Y, Z = A_n, eye
     a = math.sqrt(min(max(lower, 0.0), 1.0))  # guessed lower end of the sign iterate's spectrum
-    finishing = False
-    residual = previous = float("inf")
+    residual = float("inf")
     for step in range(1, max_steps + 1):
         M = Z @ Y
         previous, residual = residual, _residual(M, eye)
@@ -127,9 +131,8 @@ def _newton_schulz(A_n: torch.Tensor, tol: float, max_steps: int, lower: float, 
         T = (1.5 * alpha) * eye - (0.5 * alpha ** 3) * M
         Y, Z = Y @ T, T @ Z
         a = min(1.0, 0.5 * alpha * a * (3.0 - alpha * alpha * a * a))
-        if finishing:
+        if alpha == 1.0 and _last_step(residual, previous, tol):
             return Y, Z, step
-        finishing = _settled(residual, previous, tol, A_n.shape[-1])
     raise _not_converged("the Newton–Schulz square root", name, max_steps, residual)
 
 
@@ -168,17 +171,15 @@ def _lyapunov(S: torch.Tensor, G: torch.Tensor, scale: torch.Tensor, tol: float,
     """``X`` with ``S X + X S = G`` for symmetric positive-definite ``S`` with ``λ_max(S) ≤ scale``."""
     eye = _identity_like(S)
     B, C = S / scale, G / scale
-    residual = previous = float("inf")
-    finishing = False
+    residual = float("inf")
     for _ in range(max_steps):
         BB = B @ B
         previous, residual = residual, _residual(BB, eye)
         BC = B @ C
         C = 0.5 * (3 * C - B @ BC + BC @ B - (C @ B) @ B)
         B = 1.5 * B - 0.5 * (B @ BB)
-        if finishing:
+        if _last_step(residual, previous, tol):
             return 0.5 * C
-        finishing = _settled(residual, previous, tol, S.shape[-1])
     raise _not_converged("the square root's backward (Lyapunov) iteration", name, max_steps, residual)
 
 
@@ -247,9 +248,9 @@ def sqrtm(A: torch.Tensor, method: str = "newton-schulz", *, steps: int | None =
         A: the matrix (or batch); fp16/bf16 are computed in fp32.
         method: ``"newton-schulz"`` (default), ``"pade"`` or ``"eigh"`` (see the module docstring).
         steps: most Newton–Schulz steps, forward and backward (default 60); the iteration stops
-            earlier once the residual ``‖ZY − I‖_F / √n`` is at most ``tol``.
-        tol: residual at which the iteration stops (default 1e-10 in float64, 1e-5 otherwise);
-            the result's relative error is then about ``tol²``, rounding permitting.
+            earlier, once its error bound is at most ``tol``.
+        tol: the relative error the iteration aims at (default 1e-12 in float64, 1e-6
+            otherwise), rounding permitting; a bound, so the result is usually better.
         lower: a guess of ``λ_min / λ_max``-ish (the lower end of the normalized spectrum) for
             the step scaling; it affects the number of steps only.
         degree: the Padé degree ``m`` for ``method="pade"``.
