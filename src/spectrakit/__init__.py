@@ -39,7 +39,7 @@ from .weights import iter_matrices
 __version__ = "0.1.0"
 
 # Loaded on first use: they pull in optional dependencies or data.
-_SUBMODULES = ("data", "reference", "cli")
+_SUBMODULES = ("data", "reference", "cli", "optimize")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features",
