@@ -1,6 +1,7 @@
 """Diagnostics on weight spectra: per-matrix metrics and the table that holds them."""
 
 from .compare import compare, compare_matrices, intruder_dimensions, principal_angles
+from .curvature import Curvature, gradient_alignment, hessian
 from .features import analyze_features, feature_spectrum
 from .lipschitz import layer_norms, lipschitz, product_bound
 from .metrics import condition_number, effective_rank, frobenius_norm, spectral_entropy, stable_rank
@@ -9,6 +10,9 @@ from .run import analyze, analyze_record
 from .table import SpectrumTable
 
 __all__ = [
+    "Curvature",
+    "gradient_alignment",
+    "hessian",
     "SpectralMonitor",
     "SpectrumTable",
     "analyze",
@@ -28,3 +32,8 @@ __all__ = [
     "spectral_entropy",
     "stable_rank",
 ]
+
+# `spectrakit.analyze` is bound to the function analyze (see spectrakit/__init__); the curvature
+# entry points hang from it too, so that `spectrakit.analyze.hessian(...)` reads as documented
+for _name in ("hessian", "gradient_alignment"):
+    setattr(analyze, _name, globals()[_name])

@@ -1,0 +1,18 @@
+"""Curvature of the loss and of training: Hessian, GGN and Fisher spectra, gradient
+alignment, and the training Jacobian.
+
+>>> import torch, spectrakit as sk
+>>> model = torch.nn.Linear(3, 2)
+>>> x, y = torch.randn(16, 3), torch.randn(16, 2)
+>>> h = sk.analyze.hessian(model, torch.nn.functional.mse_loss, [(x, y)])
+>>> h.size
+8
+"""
+
+from .alignment import gradient_alignment
+from .estimators import Density, TraceEstimate, hutch_plus_plus, hutchinson, slq_density
+from .operators import CurvatureOperator
+from .spectra import Curvature, TopEigen, hessian
+
+__all__ = ["Curvature", "CurvatureOperator", "Density", "TopEigen", "TraceEstimate", "gradient_alignment",
+           "hessian", "hutch_plus_plus", "hutchinson", "slq_density"]
