@@ -29,6 +29,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              "or weightwatcher (its KDE fit, for parity; needs scipy)")
     parser.add_argument("--conv-input", type=_shape, metavar="HxW",
                         help="use the exact conv operator spectrum on this input size (e.g. 32x32)")
+    parser.add_argument("--conv", default="reshape", choices=["reshape", "slices"],
+                        help="conv spectrum: reshape (default; one out x in*k*k matrix) or slices "
+                             "(weightwatcher's ESD pooled from the per-tap out x in slices)")
+    parser.add_argument("--no-conv2d-norm", action="store_true",
+                        help="with --conv slices, leave out weightwatcher's sqrt(1/2) scaling of Conv2d slices")
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
     parser.add_argument("--workers", type=positive_int, default=1, help="local processes sharing the matrices")
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
                     dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
                     xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input, progress=not args.quiet,
-                    workers=args.workers, threads=args.threads)
+                    conv=args.conv, conv2d_norm=not args.no_conv2d_norm, workers=args.workers, threads=args.threads)
     if rank == 0:
         _write(table, Path(args.out), "spectra", args.quiet)
         if not args.no_html:

@@ -42,14 +42,21 @@ def _window_starts(size: int, block: int) -> list[int]:
 def farms_eigenvalues(matrix: torch.Tensor, *, block: int = DEFAULT_BLOCK,
                       max_blocks: int = DEFAULT_MAX_BLOCKS, method: str = "auto",
                       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Pooled eigenvalues (squared singular values) of the ``block × block`` windows of ``matrix``."""
-    rows, cols = matrix.shape
+    """Pooled eigenvalues (squared singular values) of the ``block × block`` windows of ``matrix``.
+
+    ``matrix`` may also be a ``(count, rows, cols)`` stack (a conv kernel's per-tap slices,
+    :mod:`~spectrakit.analyze.conv_slices`): the windows of every matrix in it are pooled,
+    at most ``max_blocks`` in all, evenly spaced.
+    """
+    stack = matrix if matrix.ndim == 3 else matrix[None]
+    rows, cols = stack.shape[1:]
     block = min(block, rows, cols)
-    corners = [(r, c) for r in _window_starts(rows, block) for c in _window_starts(cols, block)]
+    corners = [(m, r, c) for m in range(stack.shape[0])
+               for r in _window_starts(rows, block) for c in _window_starts(cols, block)]
     if len(corners) > max_blocks:
         keep = torch.linspace(0, len(corners) - 1, max_blocks).round().long().tolist()
         corners = [corners[i] for i in keep]
-    windows = torch.stack([matrix[r:r + block, c:c + block] for r, c in corners])
+    windows = torch.stack([stack[m, r:r + block, c:c + block] for m, r, c in corners])
     return linalg.svdvals(windows, method=method, dtype=dtype).double().square().flatten()
 
 

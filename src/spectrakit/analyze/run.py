@@ -12,6 +12,14 @@ from .. import linalg
 from ..errors import NonFiniteError, SpectrakitError
 from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
+from .conv_slices import (
+    CONV_TREATMENTS,
+    degenerate_slices_reason,
+    esd_shape,
+    pooled_singular_values,
+    slice_scale,
+    tap_slices,
+)
 from .esd import esd_metrics
 from .farms import farms_fit
 from .marchenko_pastur import mp_fit_function
@@ -31,11 +39,22 @@ class AnalyzeOptions:
     farms: bool = True
     farms_xmin: str | float = "median"
     conv_input_shape: tuple[int, ...] | None = None
+    conv: str = "reshape"
+    conv2d_norm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def wants_kernel(self, kind: str) -> bool:
-        """Whether this record's spectrum is the conv operator's (needs the raw kernel)."""
-        return self.conv_input_shape is not None and kind in ("conv1d", "conv2d")
+        """Whether this record's spectrum needs the raw kernel (conv operator or per-tap slices)."""
+        return (self.conv_input_shape is not None or self.conv == "slices") and kind in _CONV_KINDS
+
+    def conv_treatment(self, kind: str) -> str:
+        """What a row of this kind used: ``reshape``, ``slices`` or ``operator`` for conv kinds, else ``""``."""
+        if kind not in _CONV_KINDS:
+            return ""
+        return "operator" if self.conv_input_shape is not None else self.conv
+
+
+_CONV_KINDS = ("conv1d", "conv2d")
 
 
 @dataclass
@@ -104,15 +123,22 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
     """Metrics, spectrum and FARMS eigenvalues of one loaded matrix (``status/reason`` when skipped).
 
     ``kernel``: the raw conv kernel, when the spectrum should be that of the conv operator
-    (circular padding on ``options.conv_input_shape``) rather than of the reshaped matrix.
+    (circular padding on ``options.conv_input_shape``) or, with ``options.conv="slices"``, the
+    pooled ESD of its per-tap slices (:mod:`~spectrakit.analyze.conv_slices`), rather than that
+    of the reshaped matrix. FARMS follows the same choice.
     """
+    slices = kernel if options.conv_input_shape is None else None  # the kernel, for conv="slices"
     # NaN/Inf and all-zero matrices show in the spectrum itself (linalg checks finiteness
     # on the Gram diagonal), which spares two full passes over every matrix
-    reason = degenerate_reason(matrix)
+    reason = degenerate_slices_reason(slices) if slices is not None else degenerate_reason(matrix)
     if reason is not None:
         return {"status": "skipped", "reason": reason}, None, None
     try:
-        if kernel is not None:
+        if slices is not None:
+            spectrum = pooled_singular_values(slices, conv2d_norm=options.conv2d_norm, method=options.method,
+                                              dtype=options.dtype)
+            rows, cols = esd_shape(slices)
+        elif kernel is not None and options.conv_input_shape is not None:
             spectrum = linalg.conv_singular_values(kernel.to(options.dtype or torch.float32), options.conv_input_shape)
             spectrum = spectrum.double().cpu().sort(descending=True).values
             grid = spectrum.numel() // min(kernel.shape[:2])
@@ -124,14 +150,15 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
         return {"status": "skipped", "reason": NON_FINITE}, None, None
     if not spectrum[0] > 0:
         return {"status": "skipped", "reason": ALL_ZERO}, None, None
-    metrics: dict[str, Any] = {"sigma_max": float(spectrum[0])}
+    metrics: dict[str, Any] = {"sigma_max": float(spectrum[0]), "num_evals": spectrum.numel()}
     for name, metric in BASIC_METRICS.items():
         metrics[name] = metric(spectrum)
     if options.esd:
         metrics.update(esd_metrics(spectrum, rows, cols, xmin=options.xmin, mp_fit=options.mp_fit))
     farms_evals = None
     if options.farms:
-        fit, farms_evals = farms_fit(matrix, method=options.method, dtype=options.dtype, xmin=options.farms_xmin)
+        farms_input = matrix if slices is None else tap_slices(slices) * slice_scale(slices, options.conv2d_norm)
+        fit, farms_evals = farms_fit(farms_input, method=options.method, dtype=options.dtype, xmin=options.farms_xmin)
         metrics.update(fit.as_row("farms_"))
     return metrics, spectrum, farms_evals
 
@@ -159,7 +186,7 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
             exclude: str | Sequence[str] | None = None, method: str = "auto",
             dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
             farms_xmin: str | float = "median", mp_fit: str = "iterative",
-            conv_input_shape: Sequence[int] | None = None,
+            conv_input_shape: Sequence[int] | None = None, conv: str = "reshape", conv2d_norm: bool = True,
             progress: bool = True, keep_spectra: bool = True,
             workers: int = 1, threads: int | None = None, distributed: bool | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
@@ -187,6 +214,15 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         conv_input_shape: for conv layers, use the exact spectrum of the convolution
             operator with circular padding on this input size (``(H, W)`` or ``(L,)``)
             instead of the reshaped ``out × in·k`` kernel.
+        conv: how a conv kernel becomes a spectrum when ``conv_input_shape`` is not given:
+            ``"reshape"`` (the default: one ``out × in·k₁k₂`` matrix, the map the layer applies
+            to each input patch) or ``"slices"`` (weightwatcher's treatment: one ESD pooled from
+            the ``k₁k₂`` per-tap ``out × in`` slices, fitted with one slice's aspect ratio; see
+            :mod:`~spectrakit.analyze.conv_slices`). The power-law, Marchenko–Pastur and FARMS
+            fits all use that spectrum; each conv row's ``conv`` column says which was used.
+        conv2d_norm: with ``conv="slices"``, scale Conv2d slices by √(1/2) before their SVD, as
+            weightwatcher's ``conv2d_norm`` (on by default there too) does; σ₁ and the norms
+            carry that factor, alpha and stable rank do not depend on it.
         progress: show a progress bar on stderr.
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
         workers: local processes sharing the matrices (files stream in each worker).
@@ -220,20 +256,27 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SpectrakitError(f"threads={threads!r} must be an integer ≥ 1 (or None)")
     mp_fit_function(mp_fit)  # an unknown name fails here, before any matrix is read
+    if conv not in CONV_TREATMENTS:
+        raise SpectrakitError(f"conv={conv!r} is not one of {', '.join(CONV_TREATMENTS)}")
+    if conv == "slices" and conv_input_shape is not None:
+        raise SpectrakitError("conv='slices' and conv_input_shape are two different conv spectra; pass one")
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
                              farms_xmin=farms_xmin, mp_fit=mp_fit,
-                             conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape))
+                             conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape),
+                             conv=conv, conv2d_norm=bool(conv2d_norm))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
                           threads=threads, distributed=distributed, progress=progress)
-    rows, spectra, farms = [], {}, {}
+    rows, spectra, farms_spectra = [], {}, {}
     for record in records:
         result = results[record.name]
         row = base_row(record)
+        if record.kind in _CONV_KINDS:
+            row["conv"] = options.conv_treatment(record.kind)
         row.update(result.metrics)
         rows.append(row)
         if keep_spectra and result.spectrum is not None:
             spectra[record.name] = result.spectrum
         if keep_spectra and result.farms_spectrum is not None:
-            farms[record.name] = result.farms_spectrum
-    return SpectrumTable(rows=rows, source=_label(source), spectra=spectra, farms_spectra=farms)
+            farms_spectra[record.name] = result.farms_spectrum
+    return SpectrumTable(rows=rows, source=_label(source), spectra=spectra, farms_spectra=farms_spectra)

@@ -17,11 +17,12 @@ from ..errors import SpectrakitError
 
 # Columns shown in the terminal, in order, with their headers.
 ANALYZE_DISPLAY = (
-    ("name", "name"), ("shape", "shape"), ("sigma_max", "σ₁"), ("frobenius_norm", "‖W‖_F"),
+    ("name", "name"), ("shape", "shape"), ("conv", "conv"), ("sigma_max", "σ₁"), ("frobenius_norm", "‖W‖_F"),
     ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"),
     ("condition_number", "cond"), ("alpha", "alpha"), ("farms_alpha", "FARMS α"),
     ("num_spikes", "spikes"), ("status", "status"),
 )
+_OPTIONAL_DISPLAY = ("conv",)
 # Model-level averages, as weightwatcher's get_summary() reports them (means), plus medians.
 MEAN_COLUMNS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm",
                 "stable_rank", "mp_softrank", "farms_alpha")
@@ -166,15 +167,18 @@ class SpectrumTable:
 
     def format(self, max_name: int = 48) -> str:
         """The table as aligned text, with skip reasons listed underneath."""
-        header = [title for _, title in self.display]
+        # columns only some sources have (conv treatment) are shown where a row has them
+        display = [(key, title) for key, title in self.display
+                   if key not in _OPTIONAL_DISPLAY or any(row.get(key) for row in self.rows)]
+        header = [title for _, title in display]
         body = []
         for row in self.rows:
-            cells = [_format(row.get(key)) for key, _ in self.display]
+            cells = [_format(row.get(key)) for key, _ in display]
             if len(cells[0]) > max_name:
                 cells[0] = "…" + cells[0][-(max_name - 1):]
             body.append(cells)
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        numeric = {i for i, (key, _) in enumerate(self.display) if key not in ("name", "shape", "status")}
+        numeric = {i for i, (key, _) in enumerate(display) if key not in ("name", "shape", "conv", "status")}
         lines = []
         for cells in [header, *body]:
             lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)

@@ -144,7 +144,7 @@ def select_matrices(source: Any, include: Patterns, exclude: Patterns, kinds: It
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     wanted = tuple(kinds) if kinds is not None else None
     if isinstance(source, nn.Module):
-        candidates = [(r.name, (r.name, *r.aliases), r.kind) for r in iter_matrices(source)]
+        candidates = [(r.name, (r.name, *r.aliases), r.kind) for r in iter_matrices(source, gates=False)]
         others = [(n, tuple(p.shape)) for n, p in source.named_parameters() if p.ndim < 2]
         build = lambda name, kind: _module_target(source, name, kind)  # noqa: E731
     else:

@@ -136,8 +136,8 @@ def state_dict_records(
 ) -> list[MatrixRecord]:
     """Describe the weight matrices of an in-memory state dict, in its own order.
 
-    Non-tensor values are ignored; a ``{"state_dict": ...}`` or ``{"model": ...}``
-    wrapper is unwrapped. Tensors that are the same storage view (tied
+    Non-tensor values are ignored; a ``{"state_dict": ...}``, ``{"model": ...}`` or
+    ``{"model_state": ...}`` wrapper is unwrapped. Tensors that are the same storage view (tied
     weights) become one record with aliases.
 
     Example::
@@ -354,7 +354,7 @@ def _tensors_of(obj: object, source: str) -> dict[str, torch.Tensor]:
         raise SpectrakitError(
             f"{source}: expected a state dict (names to tensors), found {type(obj).__name__}"
         )
-    for wrapper_key in ("state_dict", "model"):
+    for wrapper_key in ("state_dict", "model", "model_state"):
         inner = obj.get(wrapper_key)
         if isinstance(inner, Mapping):
             obj = inner

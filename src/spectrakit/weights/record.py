@@ -38,7 +38,8 @@ import torch
 from spectrakit.errors import SpectrakitError
 
 #: Every kind a record can have, in the order a report would list them.
-KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d", "embedding", "matrix")
+#: ``recurrent`` is one gate of an LSTM/GRU weight, or an RNN weight (see :mod:`~spectrakit.weights.recurrent`).
+KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d", "recurrent", "embedding", "matrix")
 
 _CONV_KINDS = ("conv1d", "conv2d")
 

@@ -20,6 +20,7 @@ from spectrakit.errors import SpectrakitError
 from spectrakit.weights.files import path_records, state_dict_records
 from spectrakit.weights.module import iter_module_matrices
 from spectrakit.weights.record import KINDS, MatrixRecord, matches_any
+from spectrakit.weights.recurrent import split_gates
 
 Patterns = str | Sequence[str] | None
 
@@ -31,6 +32,7 @@ def iter_matrices(
     kinds: str | Iterable[str] | None = None,
     *,
     transposed: Sequence[str] | None = None,
+    gates: bool = True,
 ) -> Iterator[MatrixRecord]:
     """Yield a :class:`MatrixRecord` for each weight matrix of ``source``.
 
@@ -50,6 +52,10 @@ def iter_matrices(
         transposed: files and state dicts only — name patterns of 2-D weights
             stored ``(in, out)``; by default GPT-2 style ``Conv1D`` weights are
             detected (see :mod:`spectrakit.weights.files`).
+        gates: report each LSTM/GRU weight as one ``recurrent`` record per gate
+            (``lstm.weight_ih_l0.forget_gate``, an exact row slice; see
+            :mod:`spectrakit.weights.recurrent`); ``False`` keeps the stacked
+            parameters as stored, for callers that need real parameter names.
 
     Raises:
         SpectrakitError: a missing path, unreadable file or unknown kind, at
@@ -67,6 +73,8 @@ def iter_matrices(
     exclude_patterns = _as_patterns(exclude)
     # Resolved now so that a bad source fails where iter_matrices is called.
     records = _records_of(source, transposed)
+    if gates:
+        records = split_gates(records)
     return _filtered(records, include_patterns, exclude_patterns, wanted_kinds)
 
 
