@@ -1,7 +1,7 @@
 """Diagnostics on weight spectra: per-matrix metrics and the table that holds them."""
 
 from .compare import compare, compare_matrices, intruder_dimensions, principal_angles
-from .curvature import Curvature, gradient_alignment, hessian
+from .curvature import Curvature, gradient_alignment, hessian, sgd_train_step, training_jacobian
 from .features import analyze_features, feature_spectrum
 from .lipschitz import layer_norms, lipschitz, product_bound
 from .metrics import condition_number, effective_rank, frobenius_norm, spectral_entropy, stable_rank
@@ -13,6 +13,8 @@ __all__ = [
     "Curvature",
     "gradient_alignment",
     "hessian",
+    "sgd_train_step",
+    "training_jacobian",
     "SpectralMonitor",
     "SpectrumTable",
     "analyze",
@@ -35,5 +37,5 @@ __all__ = [
 
 # `spectrakit.analyze` is bound to the function analyze (see spectrakit/__init__); the curvature
 # entry points hang from it too, so that `spectrakit.analyze.hessian(...)` reads as documented
-for _name in ("hessian", "gradient_alignment"):
+for _name in ("hessian", "gradient_alignment", "training_jacobian", "sgd_train_step"):
     setattr(analyze, _name, globals()[_name])

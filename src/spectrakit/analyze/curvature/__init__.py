@@ -13,6 +13,8 @@ from .alignment import gradient_alignment
 from .estimators import Density, TraceEstimate, hutch_plus_plus, hutchinson, slq_density
 from .operators import CurvatureOperator
 from .spectra import Curvature, TopEigen, hessian
+from .training_jacobian import TrainingJacobian, sgd_train_step, training_jacobian
 
 __all__ = ["Curvature", "CurvatureOperator", "Density", "TopEigen", "TraceEstimate", "gradient_alignment",
-           "hessian", "hutch_plus_plus", "hutchinson", "slq_density"]
+           "hessian", "hutch_plus_plus", "hutchinson", "sgd_train_step", "slq_density", "TrainingJacobian",
+           "training_jacobian"]
