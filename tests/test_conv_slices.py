@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spectrakit as sk
-from spectrakit.analyze.conv_slices import WEIGHTWATCHER_MAX_EVALS
+from spectrakit.analyze.conv_slices import WEIGHTWATCHER_MAX_EVALS, weightwatcher_skips
 from spectrakit.cli import main
 from spectrakit.errors import SpectrakitError
 
@@ -22,9 +22,10 @@ def _vgg_like() -> torch.nn.Module:
         torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(),
         torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
         torch.nn.Conv2d(64, 48, 5), torch.nn.ReLU(),
-        torch.nn.Conv2d(48, 96, 1), torch.nn.ReLU(),
-        # 64 · 16·15 = 15 360 pooled eigenvalues: over weightwatcher's max_evals (15 000)
-        torch.nn.Conv2d(96, 64, (16, 15)), torch.nn.Flatten(),
+        torch.nn.Conv2d(48, 448, 1), torch.nn.ReLU(),
+        # 36 taps of 64 x 448: 2 304 eigenvalues, which weightwatcher counts as 36 · 448 = 16 128,
+        # over its max_evals (15 000), and skips
+        torch.nn.Conv2d(448, 64, 6), torch.nn.Flatten(),
         torch.nn.Linear(64, 10),
     ).eval()
 
@@ -63,14 +64,17 @@ def test_slices_match_weightwatcher_on_every_conv_layer_it_analyzes(build) -> No
     model = build()
     reference = _weightwatcher_rows(model)
     table = sk.analyze(model, conv="slices", farms=False, progress=False)
-    alpha_gaps, compared = [], 0
+    alpha_gaps, compared, skipped_by_ww = [], 0, 0
     for row in table:
         theirs = reference.get(row["name"].removesuffix(".weight"))
         if row["kind"] != "conv2d":
             continue
         assert row["conv"] == "slices"
-        if theirs is None:  # weightwatcher skipped it: we analyze it, and its count is why
-            assert row["status"] == "ok" and row["num_evals"] > WEIGHTWATCHER_MAX_EVALS, row["name"]
+        shape = tuple(int(size) for size in row["shape"].split("x"))
+        assert (theirs is None) == weightwatcher_skips(shape), row["name"]
+        if theirs is None:  # weightwatcher skipped it (its eigenvalue count): we analyze it
+            assert row["status"] == "ok" and row["num_evals"] == 36 * 64 <= WEIGHTWATCHER_MAX_EVALS
+            skipped_by_ww += 1
             continue
         if row["status"] != "ok":  # only 1xn slices, which weightwatcher pools anyway
             assert "per-tap slices are 24x1" in row["reason"]
@@ -80,7 +84,7 @@ def test_slices_match_weightwatcher_on_every_conv_layer_it_analyzes(build) -> No
         assert row["spectral_norm"] == pytest.approx(theirs["spectral_norm"], rel=1e-3), row["name"]
         assert row["stable_rank"] == pytest.approx(theirs["stable_rank"], rel=1e-3), row["name"]
         alpha_gaps.append(abs(row["alpha"] - theirs["alpha"]))
-    assert compared >= 2
+    assert compared >= 2 and skipped_by_ww == (build is _vgg_like)
     assert statistics.median(alpha_gaps) <= 0.05
 
 

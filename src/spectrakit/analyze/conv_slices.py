@@ -14,9 +14,12 @@ ESD with the aspect ratio of one slice, ``Q = max(out, in) / min(out, in)``.
 ``√(1/2)`` before its SVD, so ``c = 1/2``. Conv1d kernels are sliced the same way
 (per tap) without that factor, which weightwatcher applies to Conv2d only.
 
-weightwatcher also skips a Conv2d layer whose count ``k₁k₂ · min(out, in)`` exceeds
-its ``max_evals`` (15 000) or is below ``min_evals`` (8); spectrakit analyzes those
-layers (:data:`WEIGHTWATCHER_MAX_EVALS` is kept for reference and for the parity bench).
+weightwatcher also skips a Conv2d layer whose eigenvalue count exceeds its
+``max_evals`` (15 000) or is below ``min_evals`` (8), and its count is wrong for kernels
+with an even number of taps and fewer outputs than inputs (it counts ``k₁k₂ · in``;
+:func:`weightwatcher_eval_count`). spectrakit counts ``k₁k₂ · min(out, in)`` (the
+``num_evals`` column) and analyzes every such layer; :func:`weightwatcher_skips` says
+which ones weightwatcher leaves out, for the parity bench.
 
 Example::
 
@@ -105,6 +108,25 @@ def esd_shape(kernel: torch.Tensor) -> tuple[int, int]:
     return int(kernel.shape[0]), int(kernel.shape[1])
 
 
+def weightwatcher_eval_count(shape: Sequence[int]) -> int:
+    """The eigenvalue count weightwatcher 0.7.7 checks against its limits for a Conv2d kernel.
+
+    It should be ``taps · min(out, in)``. weightwatcher swaps its ``(N, M)`` once per tap
+    whenever a slice is wider than tall, so when ``out < in`` and the tap count is even the
+    swaps cancel and it counts ``taps · in`` instead: a ``128 × 256 × 8 × 8`` kernel has 8 192
+    eigenvalues but is counted as 16 384 and skipped.
+
+    Args:
+        shape: the kernel's ``(out, in, kh, kw)``.
+    """
+    out_channels, in_channels = shape[0], shape[1]
+    taps = math.prod(shape[2:])
+    counted = in_channels
+    if out_channels < in_channels and taps % 2 == 1:
+        counted = out_channels
+    return taps * counted
+
+
 def weightwatcher_skips(shape: Sequence[int]) -> bool:
     """Whether weightwatcher 0.7.7 skips a Conv2d kernel of this shape for its eigenvalue count.
 
@@ -113,5 +135,4 @@ def weightwatcher_skips(shape: Sequence[int]) -> bool:
     """
     if len(shape) != 4:
         return False
-    count = math.prod(shape[2:]) * min(shape[:2])
-    return not WEIGHTWATCHER_MIN_EVALS <= count <= WEIGHTWATCHER_MAX_EVALS
+    return not WEIGHTWATCHER_MIN_EVALS <= weightwatcher_eval_count(shape) <= WEIGHTWATCHER_MAX_EVALS
