@@ -244,3 +244,67 @@ def test_lora_update_bad_options_are_one_line() -> None:
         sk.compress(llama(), method="svd", ratio=0.3, lora_update=True)
     with pytest.raises(SpectrakitError, match="lora_lr"):
         sk.compress(llama(), method="svd", ratio=0.3, lora_update=True, calibration=token_batches(), lora_lr=-1.0)
+
+
+# ---------------------------------------------------------------- Monarch and BTT
+
+def structured_matrix(out_features: int, in_features: int, blocks: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """A matrix built block by block, each (c, a) block a product of random s×r and r×p factors."""
+    g = torch.Generator().manual_seed(seed)
+    s, p = out_features // blocks, in_features // blocks
+    W = torch.zeros(out_features, in_features, dtype=torch.float64)
+    for c in range(blocks):
+        for a in range(blocks):
+            W[c * s:(c + 1) * s, a * p:(a + 1) * p] = (torch.randn(s, rank, generator=g, dtype=torch.float64)
+                                                         @ torch.randn(rank, p, generator=g, dtype=torch.float64))
+    return W
+
+
+@pytest.mark.parametrize(("kind", "blocks", "rank"), [("monarch", 4, 1), ("btt", 4, 2), ("btt", 2, 3)])
+def test_structured_layers_reproduce_their_own_structure_exactly(kind: str, blocks: int, rank: int) -> None:
+    from spectrakit.compress.structured import BlockTensorTrainLinear, MonarchLinear, build
+
+    W = structured_matrix(24, 36, blocks, rank)
+    bias = torch.randn(24, dtype=torch.float64)
+    layer = build(kind, W, blocks, rank, bias, dtype=torch.float64)
+    assert isinstance(layer, MonarchLinear if kind == "monarch" else BlockTensorTrainLinear)
+    assert torch.allclose(layer.weight, W, atol=1e-12)
+    x = torch.randn(5, 3, 36, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ W.T + bias, atol=1e-12)  # the forward is the same matrix
+    assert sum(p.numel() for p in layer.parameters()) == rank * blocks * (24 + 36) + 24
+    # and a matrix of another structure is only approximated: the projection is not the identity
+    other = structured_matrix(24, 36, blocks, rank + 1, seed=1)
+    assert not torch.allclose(build(kind if kind == "btt" else "btt", other, blocks, rank, None,
+                                    dtype=torch.float64).weight, other, atol=1e-6)
+
+
+def test_structured_compress_counts_exactly_and_saves(tmp_path) -> None:
+    from spectrakit.compress.structured import BlockTensorTrainLinear, MonarchLinear
+
+    for kind, cls in (("monarch", MonarchLinear), ("btt", BlockTensorTrainLinear)):
+        model = llama()
+        ids = token_batches()[0]
+        report = sk.compress(model, method=kind, ratio=0.5)
+        assert report.parameters_after == sum(p.numel() for p in model.parameters())
+        low_rank = sk.compress(llama(), method="svd", ratio=0.5)
+        for name, layer in report.layers.items():  # never more than low rank at the same ratio
+            assert layer.parameters_after <= low_rank.layers[name].parameters_after or not layer.replaced
+        replaced = [m for m in model.modules() if isinstance(m, cls)]
+        assert replaced and all(sum(p.numel() for p in m.parameters()) == m.rank * m.blocks * (
+            m.in_features + m.out_features) + m.out_features * (m.bias is not None) for m in replaced)
+        sk.save_compressed(model, tmp_path / kind, report)
+        loaded = sk.load_compressed(tmp_path / kind)
+        with torch.no_grad():
+            assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_structured_sizes_that_do_not_factor_are_one_line() -> None:
+    from spectrakit.compress.structured import MonarchLinear
+
+    with pytest.raises(SpectrakitError, match=r"^MonarchLinear: in_features=30 does not split into 4 equal blocks"):
+        MonarchLinear(30, 64, blocks=4)
+    one_line = r"^layer model\.layers\.\d\.\S+: btt: \S+=\d+ does not split into 5 equal blocks"
+    with pytest.raises(SpectrakitError, match=one_line):
+        sk.compress(llama(), method="btt", ratio=0.5, blocks=5)
+    with pytest.raises(SpectrakitError, match="takes ratio= or rank="):
+        sk.compress(llama(), method="monarch", energy=0.9)

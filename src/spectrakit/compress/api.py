@@ -34,6 +34,7 @@ from .gfwsvd import GeneralizedFisherWeightedSVD
 from .lora_update import sequential_update
 from .lowrank import LowRankLinear, low_rank_parameters
 from .sensitivity import CANDIDATES, sensitivity_ranks
+from .structured import STRUCTURES
 from .svd import PlainSVD
 from .svd_llm import TruncationAwareSVD
 from .svd_llm_v2 import LossOptimizedSVD
@@ -190,8 +191,9 @@ def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
 
 
 def get_method(method: str, options: dict[str, Any]) -> Method:
+    """The :class:`Method` named ``method``, built with ``options`` (one clear line if either is bad)."""
     if method not in METHODS:
-        raise SpectrakitError(f"method={method!r} is not one of {', '.join(METHODS)}")
+        raise SpectrakitError(f"method={method!r} is not one of {', '.join([*METHODS, *STRUCTURES])}")
     try:
         return METHODS[method](**options)
     except TypeError as error:
@@ -244,6 +246,11 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     ({'0': 16, '2': 16}, True)
     """
     start = time.perf_counter()
+    if method in STRUCTURES:
+        from .structured_compress import compress_structured  # it builds on this module
+
+        return compress_structured(model, method, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
+                                    targets=targets, only_if_smaller=only_if_smaller, start=start, **options)
     solver = get_method(method, options)
     allocation = solver.default_allocation if allocation is None else allocation
     check_budget(ratio, rank, energy, allocation)
@@ -344,3 +351,4 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
         target_parameters_before=target_before, target_parameters_after=target_after, layers=report_layers,
         calibration_tokens=tokens, seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,
         **lora)
+

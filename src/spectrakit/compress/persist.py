@@ -4,8 +4,9 @@ A folder written by :func:`save_compressed` holds:
 
 * ``model.safetensors`` — the whole state dict (tied tensors stored once);
 * ``compress.json`` — the format tag, each :class:`LowRankLinear`'s name, shape, rank,
-  bias and method, the compression report when given, and how to rebuild the model:
-  a Hugging Face class name from ``transformers`` (no remote code) or ``"module"``;
+  bias and method (and each structured layer's structure and blocks), the compression
+  report when given, and how to rebuild the model: a Hugging Face class name from
+  ``transformers`` (no remote code) or ``"module"``;
 * ``config.json`` — the Hugging Face config, for a Hugging Face model.
 
 :func:`load_compressed` rebuilds a Hugging Face model from ``config.json`` with
@@ -29,6 +30,7 @@ from ..errors import SpectrakitError
 from ..weights.files import safetensors_dtypes
 from .api import CompressionReport
 from .lowrank import LowRankLinear
+from .structured import BlockTensorTrainLinear, MonarchLinear
 
 FORMAT = "spectrakit-compressed"
 VERSION = 1
@@ -38,9 +40,15 @@ HF_CONFIG = "config.json"
 
 
 def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                   "bias": m.bias is not None, "method": m.method}
-            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankLinear):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                            "bias": m.bias is not None, "method": m.method}
+        elif isinstance(m, BlockTensorTrainLinear):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                            "bias": m.bias is not None, "method": m.kind, "structure": m.kind, "blocks": m.blocks}
+    return layers
 
 
 def _hf_class(model: nn.Module) -> str | None:
@@ -144,9 +152,22 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         weight = getattr(old, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         # no random init: every factor is loaded below (strict)
-        replace_module(model, sites[id(old)], nn.utils.skip_init(
-            LowRankLinear, spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
-            method=spec.get("method", ""), device=device, dtype=dtypes.get(f"{name}.up")))
+        structure = spec.get("structure")
+        if structure is not None:
+            cls = {"monarch": MonarchLinear, "btt": BlockTensorTrainLinear}.get(structure)
+            if cls is None:
+                raise SpectrakitError(f"{folder / CONFIG}: layer {name} has an unknown structure {structure!r}")
+            try:
+                new: nn.Module = nn.utils.skip_init(cls, spec["in_features"], spec["out_features"], spec["blocks"],
+                                                    spec["rank"], bias=spec["bias"], device=device,
+                                                    dtype=dtypes.get(f"{name}.left"))
+            except SpectrakitError as error:
+                raise SpectrakitError(f"{folder / CONFIG}: layer {name}: {error}") from None
+        else:
+            new = nn.utils.skip_init(LowRankLinear, spec["in_features"], spec["out_features"], spec["rank"],
+                                     bias=spec["bias"], method=spec.get("method", ""), device=device,
+                                     dtype=dtypes.get(f"{name}.up"))
+        replace_module(model, sites[id(old)], new)
     # each tensor takes its saved dtype (a model may keep some layers in float32), in place,
     # so that tied parameters stay one tensor
     with torch.no_grad():
