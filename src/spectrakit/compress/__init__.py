@@ -14,7 +14,9 @@ Fisher, both sides), ``svd-llm`` (truncation-aware whitening), ``svd-llm-v2`` (t
 truncation). Ranks: ``ratio=`` / ``rank=`` / ``energy=``, ``allocation="uniform"``,
 ``"global"`` (marginal loss per parameter), ``"heterogeneous"`` (SVD-LLM V2) or
 ``"sensitivity"`` (ASVD's search); ``lora_update=True`` fine-tunes the factors afterwards.
-Each compressed layer becomes a :class:`LowRankLinear`; :func:`save_compressed` / :func:`load_compressed` persist it.
+Each compressed layer becomes a :class:`LowRankLinear` (``method="monarch"``/``"btt"``: a
+:class:`MonarchLinear` / :class:`BlockTensorTrainLinear`); :func:`save_compressed` /
+:func:`load_compressed` persist it.
 
 Importing this package needs only torch; transformers and safetensors load when used.
 """
@@ -25,6 +27,8 @@ from .api import METHODS, CompressionReport, LayerReport, compress, count_parame
 from .base import CompressionWarning
 from .lowrank import LowRankLinear, break_even_rank
 from .persist import load_compressed, read_config, save_compressed
+from .structured import BlockTensorTrainLinear, MonarchLinear
 
-__all__ = ["METHODS", "CompressionReport", "CompressionWarning", "LayerReport", "LowRankLinear", "break_even_rank",
-           "compress", "count_parameters", "find_layers", "load_compressed", "read_config", "save_compressed"]
+__all__ = ["METHODS", "BlockTensorTrainLinear", "CompressionReport", "CompressionWarning", "LayerReport",
+           "LowRankLinear", "MonarchLinear", "break_even_rank", "compress", "count_parameters", "find_layers",
+           "load_compressed", "read_config", "save_compressed"]
