@@ -73,6 +73,8 @@ CASES = {
     "qgoft-strict": ("qgoft", {"rank": 1, "quasi": False}),
     "ba-lora": ("ba-lora", {"svd_k": 2}),
     "sst": ("sst", {}),
+    "sara": ("sara", {"fraction": 0.1}),
+    "soda": ("soda", {}),
 }
 MODELS = ("gpt2", "llama", "bert")
 
@@ -110,7 +112,16 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "qgoft-strict": in_f - 1,
         "ba-lora": r * (in_f + out_f),
         "sst": min(in_f, out_f) + r * (in_f + out_f),
+        "sara": max(1, round(0.1 * out_f * in_f)),
+        "soda": r + _kronecker_count(out_f) + _kronecker_count(in_f),
     }[case]
+
+
+def _kronecker_count(d: int) -> int:
+    """Free entries of a Cayley rotation Q₁ ⊗ Q₂ of ℝ^d, a the largest divisor of d up to √d."""
+    a = max(k for k in range(1, int(d ** 0.5) + 1) if d % k == 0)
+    b = d // a
+    return a * (a - 1) // 2 + b * (b - 1) // 2
 
 
 def saved_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:

@@ -147,3 +147,39 @@ def test_sst_formula_rounds_and_sampling(tmp_path) -> None:
     values = torch.tensor([10.0, 1, 1, 1, 1, 1])
     picks = torch.stack([_draw(values, 1, 0, i) for i in range(3000)]).flatten()
     assert abs(float((picks == 0).double().mean()) - 10 / 15) < 0.03
+
+
+def test_sara_trains_the_smallest_weights_under_a_nuclear_norm() -> None:
+    layer = linear(6, 9)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "sara", rank=2, fraction=0.2))
+    adapted = model[0]
+    k = round(0.2 * 54)
+    threshold = W.abs().reshape(-1).sort().values[k - 1]
+    mask = W.abs() <= threshold
+    assert int(mask.sum()) == k == adapted.values.numel()
+    delta = adapted.delta_weight()
+    assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask])) and bool((delta[mask] != 0).all())
+    x = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ (W + delta).T + b)
+    assert torch.allclose(sk.adapter_penalty(model).double(), torch.linalg.svdvals(delta).sum())
+
+
+def test_soda_rotations_are_kronecker_orthogonal_and_the_update_matches() -> None:
+    layer = linear(6, 8)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), "soda", rank=2, svd_method="gram"))
+    adapted = model[0]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    assert torch.allclose(adapted.sigma, S[:2])
+    Q = {}
+    for side, d in (("out", 6), ("in", 8)):
+        first, second = adapted.rotations(side)
+        Q[side] = torch.kron(first, second)
+        eye = torch.eye(d, dtype=torch.float64)
+        assert torch.allclose(Q[side] @ Q[side].T, eye, atol=1e-12) and not torch.allclose(Q[side], eye)
+    explicit = (W - (adapted.U * adapted.sigma) @ adapted.V.T
+                + (Q["out"] @ adapted.U * adapted.singular_values) @ (Q["in"] @ adapted.V).T)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ explicit.T + b)
+    assert torch.allclose(adapted.merged_weight(), explicit)

@@ -12,6 +12,8 @@ from . import (  # noqa: F401
     pissa,
     qgoft,
     salt,
+    sara,
+    soda,
     soma,
     sorsa,
     spectral,
