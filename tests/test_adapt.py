@@ -75,6 +75,7 @@ CASES = {
     "sst": ("sst", {}),
     "sara": ("sara", {"fraction": 0.1}),
     "soda": ("soda", {}),
+    "dota": ("dota", {"cores": 2}),
 }
 MODELS = ("gpt2", "llama", "bert")
 
@@ -114,7 +115,25 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "sst": min(in_f, out_f) + r * (in_f + out_f),
         "sara": max(1, round(0.1 * out_f * in_f)),
         "soda": r + _kronecker_count(out_f) + _kronecker_count(in_f),
+        "dota": _mpo_count(out_f, in_f, r, options.get("cores", 3)),
     }[case]
+
+
+def _mpo_count(out_f: int, in_f: int, bond: int, cores: int) -> int:
+    """Σ χ_{k−1} o_k i_k χ_k of a TT-SVD with bonds capped by the rank and by each unfolding."""
+    from spectrakit.adapt.dota import balanced_factors
+
+    outs, ins = balanced_factors(out_f, cores), balanced_factors(in_f, cores)
+    sizes = [o * i for o, i in zip(outs, ins)]
+    total, left = 0, 1
+    for k, size in enumerate(sizes):
+        right = 1
+        for later in sizes[k + 1:]:
+            right *= later
+        chi = 1 if k == cores - 1 else min(bond, left * size, right)
+        total += left * size * chi
+        left = chi
+    return total
 
 
 def _kronecker_count(d: int) -> int:

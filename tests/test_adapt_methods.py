@@ -183,3 +183,32 @@ def test_soda_rotations_are_kronecker_orthogonal_and_the_update_matches() -> Non
     x = torch.randn(4, 8, dtype=torch.float64)
     assert torch.allclose(model(x), x @ explicit.T + b)
     assert torch.allclose(adapted.merged_weight(), explicit)
+
+
+def test_dota_mpo_contracts_back_to_w_and_truncates_within_the_tt_bound() -> None:
+    from spectrakit.adapt.dota import balanced_factors, mpo_contract, mpo_decompose
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 36, generator=g, dtype=torch.float64)
+    outs, ins = balanced_factors(24, 3), balanced_factors(36, 3)
+    assert outs[0] * outs[1] * outs[2] == 24 and ins[0] * ins[1] * ins[2] == 36
+    cores = mpo_decompose(W, outs, ins, bond=10_000)
+    assert torch.allclose(mpo_contract(cores), W, atol=1e-12)
+    # explicit contraction of the three cores, entry by entry over the bonds
+    G1, G2, G3 = cores
+    explicit = torch.einsum("aoib,bpjc,cqkd->opqijk", G1, G2, G3).reshape(24, 36)
+    assert torch.allclose(explicit, W, atol=1e-12)
+    # truncated: the error obeys the TT-SVD bound (the discarded tail at each bond)
+    truncated = mpo_decompose(W, outs, ins, bond=3)
+    error = float((mpo_contract(truncated) - W).norm())
+    first = torch.linalg.svdvals(W.reshape(*outs, *ins).permute(0, 3, 1, 4, 2, 5).reshape(outs[0] * ins[0], -1))
+    assert error >= float(first[3:].norm()) - 1e-9  # no better than the first cut alone allows
+    layer = linear(8, 12)
+    W8, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = sk.adapt(torch.nn.Sequential(layer), "dota", rank=2, cores=2)
+    adapted = model[0]
+    assert torch.allclose(mpo_contract(adapted.initial_cores()), mpo_contract(list(adapted.mpo)))
+    perturbed(model)
+    explicit = W8 - mpo_contract(adapted.initial_cores()) + mpo_contract(list(adapted.mpo))
+    x = torch.randn(3, 12, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ explicit.T + b)

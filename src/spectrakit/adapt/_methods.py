@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     asymmetric,
     balora,
+    dota,
     eva,
     fourierft,
     hra,
