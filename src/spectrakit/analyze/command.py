@@ -24,9 +24,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-farms", action="store_true", help="skip the FARMS fit")
     parser.add_argument("--xmin", default="ks", type=_xmin,
                         help="power-law xmin: ks (weightwatcher's default), median, or a number")
-    parser.add_argument("--mp-fit", default="iterative", choices=["iterative", "weightwatcher"],
-                        help="Marchenko-Pastur bulk fit for num_spikes/mp_softrank: iterative (default) "
-                             "or weightwatcher (its KDE fit, for parity; needs scipy)")
+    parser.add_argument("--mp-fit", default="quantile", choices=["quantile", "iterative", "weightwatcher"],
+                        help="Marchenko-Pastur bulk fit for num_spikes/mp_softrank: quantile (default; bulk "
+                             "scale from the lower half of the spectrum), iterative (bulk-mean fixed point, "
+                             "collapses on heavy-tailed layers) or weightwatcher (its KDE fit; needs scipy)")
     parser.add_argument("--conv-input", type=_shape, metavar="HxW",
                         help="use the exact conv operator spectrum on this input size (e.g. 32x32)")
     parser.add_argument("--conv", default="reshape", choices=["reshape", "slices"],

@@ -10,8 +10,9 @@ in weightwatcher 0.7.7):
   weightwatcher convention; ``sigma_max`` is σ₁), ``log_spectral_norm = log₁₀ λ_max``;
 * ``alpha_weighted = alpha · log₁₀ λ_max`` and ``log_alpha_norm = log₁₀ Σλ^alpha``;
 * ``num_spikes``, ``mp_softrank``, ``mp_bulk_max`` from the Marchenko–Pastur bulk
-  (:func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur`, or with
-  ``mp_fit="weightwatcher"`` weightwatcher's own procedure,
+  (by default :func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur`, the bulk
+  scale matched to the ESD's lower quantiles; ``mp_fit="iterative"`` the bulk-mean fixed
+  point; ``mp_fit="weightwatcher"`` weightwatcher's own procedure,
   :func:`~spectrakit.analyze.marchenko_pastur.fit_marchenko_pastur_weightwatcher`).
 
 ``stable_rank = Σλ / λ_max`` is already among the basic metrics.
@@ -29,13 +30,20 @@ from typing import Any
 
 import torch
 
-from .marchenko_pastur import mp_fit_function
+from .marchenko_pastur import DEFAULT_MP_FIT, mp_fit_function
 from .powerlaw import fit_power_law
 
 
 def esd_metrics(singular_values: torch.Tensor, rows: int, cols: int, *,
-                xmin: str | float = "ks", mp_fit: str = "iterative") -> dict[str, Any]:
-    """The ESD metrics of a ``rows × cols`` matrix from its singular values."""
+                xmin: str | float = "ks", mp_fit: str = DEFAULT_MP_FIT) -> dict[str, Any]:
+    """The ESD metrics of a ``rows × cols`` matrix from its singular values.
+
+    Args:
+        singular_values: the matrix's singular values (any order).
+        rows, cols: its shape (the Marchenko–Pastur fit needs the aspect ratio).
+        xmin: the power-law x_min rule (``"ks"``, ``"median"`` or a number).
+        mp_fit: the Marchenko–Pastur bulk fit, a key of ``MP_FITS``.
+    """
     evals = singular_values.detach().to(torch.float64).square()
     total = float(evals.sum())
     lambda_max = float(evals.max())

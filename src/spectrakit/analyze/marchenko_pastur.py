@@ -6,28 +6,41 @@ of ``WᵀW`` spread over the Marchenko–Pastur bulk ``[s²(1 − 1/√Q)², s²
 *spikes*: structure the weights learned.
 
 Like weightwatcher we first rescale the ESD to unit mean, and count spikes above
-``λ₊ + √(Q^(−1/2) λ₊^(2/3) M^(−2/3))`` (a Tracy–Widom margin). The bulk scale ``s²`` is
-estimated differently: weightwatcher brute-forces ``s`` against a kernel density
-estimate; we alternate "``s²`` = mean of the eigenvalues inside the bulk" and
-"bulk = eigenvalues below ``λ₊(s)``" until the bulk stops changing — the MP mean
-identity, with no bandwidth to choose. ``num_spikes`` and ``mp_softrank = λ₊ / λ_max``
-can therefore differ from weightwatcher's on spiky layers (see docs/diagnose.md).
-:func:`fit_marchenko_pastur_weightwatcher` (``analyze(mp_fit="weightwatcher")``) is the
-weightwatcher 0.7.7 ``mp_fit`` procedure, written from its formulas, for parity.
+``λ₊ + √(Q^(−1/2) λ₊^(2/3) M^(−2/3))`` (a Tracy–Widom margin). The fits differ in how they
+estimate the bulk scale ``s²``:
+
+* ``"quantile"`` (the default, :func:`fit_marchenko_pastur`): match the lower half of the
+  sorted ESD to the MP quantile function ``F⁻¹_Q`` of unit scale by least squares through the
+  origin, ``s² = Σ λ₍ᵢ₎ qᵢ / Σ qᵢ²`` over ``i ≤ n/2`` with ``qᵢ = F⁻¹_Q((i − ½)/n)``. Spikes
+  and heavy tails live at the top of the ESD; the lower half is bulk as long as fewer than
+  half the eigenvalues are not, so the estimate has a 50 % breakdown point and no feedback
+  from the spike count.
+* ``"iterative"`` (:func:`fit_marchenko_pastur_iterative`, the previous default): alternate
+  "``s²`` = mean of the eigenvalues inside the bulk" and "bulk = eigenvalues below ``λ₊(s)``".
+  Exact on an MP bulk with separated spikes, but it collapses on heavy-tailed trained
+  spectra: with no gap between bulk and tail, the truncated mean stays below
+  ``λ₊ / (1 + 1/√Q)²`` for every cut, so each round lowers the edge, drops more of the tail and
+  lowers the mean again, until only the smallest eigenvalues are left "in the bulk".
+* ``"weightwatcher"`` (:func:`fit_marchenko_pastur_weightwatcher`): weightwatcher 0.7.7's
+  ``mp_fit`` procedure, written from its formulas, for parity.
+
+See docs/diagnose.md and docs/benchmarks/mp_fit.md for the spike-count errors of each on
+planted spectra and the counts on trained networks.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
 >>> W = torch.randn(2000, 500, dtype=torch.float64) / 2000 ** 0.5
 >>> W += 3 * torch.outer(torch.randn(2000, dtype=torch.float64), torch.randn(500, dtype=torch.float64)) / 2000
 >>> fit = fit_marchenko_pastur(torch.linalg.svdvals(W) ** 2, rows=2000, cols=500)
->>> fit.num_spikes
-1
+>>> fit.num_spikes, round(fit.sigma_mp, 2)
+(1, 1.0)
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,19 +51,104 @@ from ..errors import SpectrakitError
 
 @dataclass(frozen=True)
 class MarchenkoPasturFit:
+    """One bulk fit: the spike count, ``λ₊ / λ_max``, ``λ₊`` in the ESD's units and ``s``."""
+
     num_spikes: int
     mp_softrank: float  # λ₊ / λ_max, in (0, 1]: small when a few spikes dominate
     bulk_max: float     # λ₊ in the ESD's own units
     sigma_mp: float     # bulk scale s on the unit-mean ESD
 
     def as_row(self) -> dict[str, float | int]:
+        """The fit as table columns (``num_spikes``, ``mp_softrank``, ``mp_bulk_max``, ``sigma_mp``)."""
         return {"num_spikes": self.num_spikes, "mp_softrank": self.mp_softrank,
                 "mp_bulk_max": self.bulk_max, "sigma_mp": self.sigma_mp}
 
 
+def _spikes_above(ascending: list[float], bulk_max: float, aspect: float, small: int) -> int:
+    """Eigenvalues (unit-mean ESD, ascending) above ``λ₊`` plus weightwatcher's Tracy–Widom margin."""
+    tracy_widom = aspect ** -0.5 * bulk_max ** (2 / 3) * small ** (-2 / 3)
+    return len(ascending) - bisect.bisect_right(ascending, bulk_max + math.sqrt(tracy_widom))
+
+
+_QUANTILE_GRID = 4097
+
+
+def mp_quantiles(aspect: float, levels: np.ndarray) -> np.ndarray:
+    """The Marchenko–Pastur quantile function of unit scale (mean 1) at ``levels`` in [0, 1].
+
+    Args:
+        aspect: ``Q = N / M ≥ 1``; the law lives on ``[(1 − 1/√Q)², (1 + 1/√Q)²]``.
+        levels: probabilities.
+
+    The CDF is tabulated on ``λ = a + (b − a)(1 − cos t)/2``, ``t ∈ [0, π]``, which turns the
+    square-root edges (and the ``1/√λ`` pole at ``Q = 1``) into a smooth integrand, so the
+    trapezoid rule on a uniform ``t`` grid is accurate; quantiles are interpolated from it.
+
+    >>> [round(float(q), 3) for q in mp_quantiles(1.0, np.array([0.5, 1.0]))]
+    [0.653, 4.0]
+    """
+    ratio = 1.0 / aspect
+    lower, upper = (1 - math.sqrt(ratio)) ** 2, (1 + math.sqrt(ratio)) ** 2
+    t = np.linspace(0.0, math.pi, _QUANTILE_GRID)
+    lam = lower + (upper - lower) * (1 - np.cos(t)) / 2
+    half_width = (upper - lower) * np.sin(t) / 2          # = √((b − λ)(λ − a)) = dλ/dt
+    with np.errstate(divide="ignore", invalid="ignore"):
+        integrand = half_width * half_width / (2 * math.pi * ratio * lam)
+    if lower == 0.0:  # Q = 1: (b sin t / 2)² / λ → b as t → 0
+        integrand[0] = upper / (2 * math.pi * ratio)
+    cdf = np.concatenate([[0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2)])
+    return np.interp(levels, cdf / cdf[-1], lam)
+
+
 def fit_marchenko_pastur(eigenvalues: torch.Tensor, *, rows: int, cols: int,
-                         max_rounds: int = 50) -> MarchenkoPasturFit:
-    """Fit the MP bulk of ``eigenvalues`` (the squared singular values of a ``rows × cols`` matrix)."""
+                         bulk_fraction: float = 0.5) -> MarchenkoPasturFit:
+    """Fit the MP bulk scale to the lower quantiles of ``eigenvalues`` (the default fit).
+
+    Args:
+        eigenvalues: the squared singular values of a ``rows × cols`` matrix (any order).
+        rows, cols: the matrix's shape (only ``Q = max/min`` and ``min`` matter).
+        bulk_fraction: the share of the smallest eigenvalues matched to the MP quantiles,
+            in (0, 1]; the fit tolerates up to ``1 − bulk_fraction`` of the ESD being spikes.
+
+    ``s² = Σ λ₍ᵢ₎ qᵢ / Σ qᵢ²`` over the ``⌈bulk_fraction · n⌉`` smallest eigenvalues of the
+    unit-mean ESD, ``qᵢ = F⁻¹_Q((i − ½)/n)``; ``λ₊ = s²(1 + 1/√Q)²``. A matrix whose lower
+    quantiles are all zero (rank at most ``(1 − bulk_fraction) · n``) has no noise bulk:
+    ``s = 0`` and every eigenvalue above float32 round-off (``λ > λ_max (max(N, M) ε)²``) counts.
+    """
+    if not 0.0 < bulk_fraction <= 1.0:
+        raise SpectrakitError(f"bulk_fraction={bulk_fraction!r} must be in (0, 1]")
+    evals = eigenvalues.detach().to(torch.float64).flatten().cpu()
+    big, small = max(rows, cols), min(rows, cols)
+    aspect = big / small
+    count = evals.numel()
+    scale = count / float(evals.sum())  # to unit mean, as weightwatcher does
+    unit = np.sort(evals.numpy() * scale)
+    matched = max(1, math.ceil(bulk_fraction * count))
+    levels = (np.arange(matched) + 0.5) / count
+    quantiles = mp_quantiles(aspect, levels)
+    variance = max(0.0, float(np.dot(unit[:matched], quantiles) / np.dot(quantiles, quantiles)))
+    ascending = unit.tolist()
+    lambda_max = ascending[-1]
+    bulk_max = variance * (1 + 1 / math.sqrt(aspect)) ** 2
+    round_off = lambda_max * (big * float(torch.finfo(torch.float32).eps)) ** 2
+    if bulk_max > round_off:
+        num_spikes = _spikes_above(ascending, bulk_max, aspect, small)
+    else:  # the lower quantiles are zeros of a low-rank matrix: no noise bulk to fit
+        variance = bulk_max = 0.0
+        num_spikes = count - bisect.bisect_right(ascending, round_off)
+    return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=min(1.0, bulk_max / lambda_max),
+                              bulk_max=bulk_max / scale, sigma_mp=math.sqrt(variance))
+
+
+def fit_marchenko_pastur_iterative(eigenvalues: torch.Tensor, *, rows: int, cols: int,
+                                   max_rounds: int = 50) -> MarchenkoPasturFit:
+    """The bulk-mean fixed point (``mp_fit="iterative"``; collapses on heavy-tailed spectra).
+
+    Args:
+        eigenvalues: the squared singular values of a ``rows × cols`` matrix.
+        rows, cols: the matrix's shape.
+        max_rounds: cap on the alternations of "``s²`` = bulk mean" and "bulk = λ ≤ λ₊(s)".
+    """
     evals = eigenvalues.detach().to(torch.float64).flatten()
     big, small = max(rows, cols), min(rows, cols)
     aspect = big / small
@@ -70,8 +168,7 @@ def fit_marchenko_pastur(eigenvalues: torch.Tensor, *, rows: int, cols: int,
             break
         in_bulk = now_in_bulk
     bulk_max = variance * edge_factor
-    tracy_widom = aspect ** -0.5 * bulk_max ** (2 / 3) * small ** (-2 / 3)
-    num_spikes = len(ascending) - bisect.bisect_right(ascending, bulk_max + math.sqrt(tracy_widom))
+    num_spikes = _spikes_above(ascending, bulk_max, aspect, small)
     return MarchenkoPasturFit(num_spikes=num_spikes, mp_softrank=min(1.0, bulk_max / lambda_max),
                               bulk_max=bulk_max / scale, sigma_mp=math.sqrt(variance))
 
@@ -138,7 +235,7 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
     Needs SciPy for the polish step. About 10–20 ms a matrix (weightwatcher: ~0.7 s).
     """
     try:
-        from scipy.optimize import fmin
+        from scipy.optimize import fmin  # type: ignore[import-untyped]
     except ImportError as error:  # pragma: no cover - scipy ships with the dev/bench extras
         raise SpectrakitError("mp_fit='weightwatcher' needs SciPy (pip install scipy)") from error
     evals = eigenvalues.detach().to(torch.float64).flatten().cpu().numpy()
@@ -161,11 +258,20 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
                               bulk_max=float(bulk_max / scale), sigma_mp=sigma)
 
 
-MP_FITS = {"iterative": fit_marchenko_pastur, "weightwatcher": fit_marchenko_pastur_weightwatcher}
+DEFAULT_MP_FIT = "quantile"
+MP_FITS: dict[str, Callable[..., MarchenkoPasturFit]] = {
+    "quantile": fit_marchenko_pastur,
+    "iterative": fit_marchenko_pastur_iterative,
+    "weightwatcher": fit_marchenko_pastur_weightwatcher,
+}
 
 
-def mp_fit_function(name: str):
-    """The bulk fit ``analyze(mp_fit=name)`` uses; a clear error for an unknown name."""
+def mp_fit_function(name: str) -> Callable[..., MarchenkoPasturFit]:
+    """The bulk fit ``analyze(mp_fit=name)`` uses; a clear error for an unknown name.
+
+    Args:
+        name: one of ``MP_FITS`` (``"quantile"``, ``"iterative"``, ``"weightwatcher"``).
+    """
     if name not in MP_FITS:
         raise SpectrakitError(f"mp_fit={name!r} is not one of {', '.join(MP_FITS)}")
     return MP_FITS[name]

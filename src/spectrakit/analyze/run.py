@@ -35,7 +35,7 @@ class AnalyzeOptions:
     dtype: torch.dtype | None = None
     esd: bool = True
     xmin: str | float = "ks"
-    mp_fit: str = "iterative"
+    mp_fit: str = "quantile"
     farms: bool = True
     farms_xmin: str | float = "median"
     conv_input_shape: tuple[int, ...] | None = None
@@ -185,7 +185,7 @@ def _label(source: Any) -> str:
 def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None, method: str = "auto",
             dtype: torch.dtype | None = None, esd: bool = True, xmin: str | float = "ks",
-            farms_xmin: str | float = "median", mp_fit: str = "iterative",
+            farms_xmin: str | float = "median", mp_fit: str = "quantile",
             conv_input_shape: Sequence[int] | None = None, conv: str = "reshape", conv2d_norm: bool = True,
             progress: bool = True, keep_spectra: bool = True,
             workers: int = 1, threads: int | None = None, distributed: bool | None = None) -> SpectrumTable:
@@ -208,9 +208,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         farms_xmin: the same for the FARMS fit (default ``"median"``, stable on
             noise-like spectra).
         mp_fit: the Marchenko–Pastur bulk fit behind ``num_spikes``/``mp_softrank``:
-            ``"iterative"`` (ours, the default: bulk-mean fixed point, no bandwidth) or
-            ``"weightwatcher"`` (weightwatcher 0.7.7's KDE brute-force fit, for parity;
-            needs SciPy).
+            ``"quantile"`` (the default: the bulk scale matched to the lower half of the
+            ESD's quantiles), ``"iterative"`` (the bulk-mean fixed point, the old default,
+            which collapses on heavy-tailed layers) or ``"weightwatcher"`` (weightwatcher
+            0.7.7's KDE brute-force fit, for parity; needs SciPy). See docs/diagnose.md.
         conv_input_shape: for conv layers, use the exact spectrum of the convolution
             operator with circular padding on this input size (``(H, W)`` or ``(L,)``)
             instead of the reshaped ``out × in·k`` kernel.
