@@ -76,7 +76,10 @@ CASES = {
     "sara": ("sara", {"fraction": 0.1}),
     "soda": ("soda", {}),
     "dota": ("dota", {"cores": 2}),
+    "lq-lora": ("lq-lora", {"iterations": 2}),
 }
+#: methods whose adapted model is a quantized approximation of the base, not the base itself
+QUANTIZED = {"lq-lora"}
 MODELS = ("gpt2", "llama", "bert")
 
 
@@ -116,6 +119,7 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "sara": max(1, round(0.1 * out_f * in_f)),
         "soda": r + _kronecker_count(out_f) + _kronecker_count(in_f),
         "dota": _mpo_count(out_f, in_f, r, options.get("cores", 3)),
+        "lq-lora": r * (in_f + out_f),
     }[case]
 
 
@@ -176,9 +180,14 @@ def test_exact_init_merge_roundtrip_and_count(case: str, kind: str, tmp_path) ->
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     assert adapted, "no layer was adapted"
 
-    # exact at initialization
+    # exact at initialization (a quantized method: exactly its own dequantized decomposition)
     with torch.no_grad():
-        assert relative(outputs(model), reference) < 1e-5
+        if case in QUANTIZED:
+            decomposed = outputs(sk.merge(copy.deepcopy(model)))
+            assert relative(outputs(model), decomposed) < 1e-5
+            assert relative(outputs(model), reference) < 0.25
+        else:
+            assert relative(outputs(model), reference) < 1e-5
 
     # trainable parameters: the method's formula, summed over the adapted layers
     if case == "eva":

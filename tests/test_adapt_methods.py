@@ -212,3 +212,54 @@ def test_dota_mpo_contracts_back_to_w_and_truncates_within_the_tt_bound() -> Non
     explicit = W8 - mpo_contract(adapted.initial_cores()) + mpo_contract(list(adapted.mpo))
     x = torch.randn(3, 12, dtype=torch.float64)
     assert torch.allclose(model(x), x @ explicit.T + b)
+
+
+def test_lqlora_nf4_residual_within_its_bound_and_memory() -> None:
+    pytest.importorskip("torchao")
+    from spectrakit.adapt.lqlora import lq_decompose, nf4_block_sizes, quantize_nf4
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    W = layer.weight.detach().clone()
+    model = sk.adapt(torch.nn.Sequential(layer), "lq-lora", rank=4, iterations=3)
+    adapted = model[0]
+    low_rank = adapted.delta_weight().detach()
+    residual = adapted.residual_weight()
+    target = W - low_rank  # what was quantized
+    q = adapted.residual.tensor
+    block, _ = nf4_block_sizes(W.numel())
+    absmax = target.reshape(-1, block).abs().amax(dim=1)
+    scales = q.dequantize_scalers(q.quantized_scalers, q.quantization_factor, q.scaler_block_size)
+    codes = q.nf4.sort().values
+    half_gap = float((codes[1:] - codes[:-1]).max()) / 2
+    bound = half_gap * absmax + (absmax - scales).abs() + 1e-6  # nearest code, then the scale's rounding
+    error = (residual - target).abs().reshape(-1, block)
+    assert bool((error <= bound[:, None]).all())
+    assert float(error.max()) > 0.1 * float(bound.min())  # the quantizer did round
+    # round one: L is W's best rank-4 part (Q₀ = 0); more rounds never end worse than it
+    U1, S1, Vh1, Q1 = lq_decompose(W, 4, 1)
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    assert torch.allclose(((U1 * S1) @ Vh1).double(), (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5)
+    one_round = float((W - (U1 * S1) @ Vh1 - Q1.get_original_weight()).norm())
+    assert float((W - low_rank - residual).norm()) <= one_round + 1e-7
+    # the layer holds 4-bit codes, not the dense weight
+    assert adapted.base_layer.weight.numel() == 0
+    assert adapted.residual_bytes() < 0.6 * W.numel() < W.numel() * W.element_size()
+    x = torch.randn(3, 64)
+    assert torch.allclose(model(x), x @ (residual + low_rank).T + layer.bias, atol=1e-5)
+    assert torch.equal(quantize_nf4(target).quantized_data, quantize_nf4(target).quantized_data)
+
+
+def test_lqlora_without_torchao_names_the_extra(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(SpectrakitError, match=r"lq-lora needs torchao .* pip install 'spectrakit\[quant\]'"):
+        sk.adapt(torch.nn.Sequential(torch.nn.Linear(16, 8)), "lq-lora", rank=2)

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     hra,
     lora,
     lorma,
+    lqlora,
     milora,
     pissa,
     qgoft,

@@ -123,6 +123,8 @@ class AdaptedLinear(nn.Module):
     options: ClassVar[tuple[str, ...]] = ()
     #: True when the method overwrites the frozen weight (with a residual)
     rewrites_base: ClassVar[bool] = False
+    #: the wrapped ``nn.Linear`` or transformers ``Conv1D`` (typed loosely: Conv1D is optional)
+    base_layer: Any
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "") -> None:
         super().__init__()
