@@ -181,7 +181,11 @@ def test_more_warnings():
     issues = {issue["id"]: dict(issue["layers"]) for issue in find_issues(rows)}
     assert set(issues) == {"spikes", "rank_collapse", "condition", "fit_failed", "farms_high"}
     assert issues["spikes"] == {"spiky": "60 spikes of 100 eigenvalues"}
-    assert issues["condition"] == {"singular": "σ_min = 0 (rank-deficient)"}
+    assert issues["condition"] == {"singular": "σ_min unresolved, below float64 precision: numerically rank-deficient"}
+    unresolved = dict(base, name="u", sigma_min=None, condition_number=None, sigma_min_method="unresolved",
+                      sigma_min_bound=3e-9)
+    assert dict(find_issues([unresolved])[0]["layers"])["u"] == (
+        "σ_min unresolved, below float64 precision (< 3e-09): numerically rank-deficient")
     assert find_issues([dict(base, name="fine", alpha=3.0)]) == []
 
 

@@ -6,11 +6,17 @@ not fork-safe): for a file or folder each worker opens the source itself and
 streams its own tensors; an in-memory model's matrices travel through shared
 memory. Under ``torch.distributed`` every rank analyzes its share and
 ``all_gather_object`` gives each rank the full result.
+
+Results do not depend on ``threads`` or ``workers``: LAPACK's eigensolvers (and large
+products) round differently with different intra-op thread counts, so each matrix is
+computed with a thread count fixed by its size alone — one thread for small matrices
+(≤ 1024 × 4096, where the eigensolver keeps about one core busy anyway), and the caller's
+``torch.get_num_threads()`` for large ones, which always run one at a time in the calling
+process, before any threads or workers take the small ones.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,11 +43,25 @@ def _cost(record: MatrixRecord) -> int:
     return rows * cols * min(rows, cols)
 
 
+def _threads_for(record: MatrixRecord, large_threads: int) -> int:
+    """The intra-op threads ``record`` is computed with, whatever the parallel setting."""
+    return 1 if _cost(record) <= _SMALL_COST else large_threads
+
+
 def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: bool,
-            desc: str = "spectra") -> dict[str, MatrixResult]:
+            desc: str = "spectra", large_threads: int | None = None) -> dict[str, MatrixResult]:
+    before = torch.get_num_threads()
+    large_threads = before if large_threads is None else large_threads
     results = {}
-    for record in progress_bar(records, total=len(records), desc=desc, enabled=progress):
-        results[record.name] = analyze_record(record, options)
+    try:
+        for record in progress_bar(records, total=len(records), desc=desc, enabled=progress):
+            wanted = _threads_for(record, large_threads)
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+            results[record.name] = analyze_record(record, options)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
     return results
 
 
@@ -55,8 +75,9 @@ def _threaded(records: Sequence[MatrixRecord], options: AnalyzeOptions, threads:
     rows, so a model of small matrices leaves the other cores idle in :func:`_serial`. Large
     matrices keep the whole machine to themselves (their products and eigensolves use every
     core already) and run first, one at a time, so at most ``threads`` small ones are held
-    at once. torch's thread setting is process-wide while the pool runs (a worker thread
-    cannot set it for itself alone) and is put back afterwards.
+    at once. The small ones run with one intra-op thread each, as in :func:`_serial`, so the
+    results are those of a serial run; torch's thread setting is process-wide while the pool
+    runs (a worker thread cannot set it for itself alone) and is put back afterwards.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -66,9 +87,8 @@ def _threaded(records: Sequence[MatrixRecord], options: AnalyzeOptions, threads:
     if not small:
         return results
     before = torch.get_num_threads()
-    per_worker = max(1, before // threads)
     try:
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             done = pool.map(analyze_record, small, [options] * len(small))
             for result in progress_bar(done, total=len(small), desc="spectra", enabled=progress):
                 results[result.name] = result
@@ -124,7 +144,12 @@ def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions,
     import torch.multiprocessing as mp
 
     in_memory = not (isinstance(source, str) or hasattr(source, "__fspath__"))
-    results: dict[str, MatrixResult] = {}
+    # large matrices here, one at a time with every thread (as in a serial run); workers take the rest
+    large = [r for r in records if _cost(r) > _SMALL_COST]
+    results: dict[str, MatrixResult] = _serial(large, options, progress, desc="spectra (large)") if large else {}
+    records = [r for r in records if _cost(r) <= _SMALL_COST]
+    if not records:
+        return results
     matrices = None
     todo = list(records)
     if in_memory:
@@ -139,11 +164,11 @@ def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions,
             if record.name not in matrices:
                 results[record.name] = analyze_record(record, options)
     names = [r.name for r in sorted(todo, key=_cost, reverse=True)]  # big ones first: less idle at the end
-    threads = max(1, (os.cpu_count() or 1) // workers)
     context = mp.get_context("spawn")
+    # one intra-op thread per worker, as every small matrix gets in a serial run
     with context.Pool(workers, initializer=_init_worker,
                       initargs=(None if in_memory else str(source), include, exclude, matrices, options,
-                                threads)) as pool:
+                                1)) as pool:
         for result in progress_bar(pool.imap_unordered(_work, names), total=len(names), desc="spectra",
                                    enabled=progress):
             results[result.name] = result

@@ -276,9 +276,13 @@ def find_issues(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             elif stable is not None and stable < t["stable_rank_min"]:
                 found["rank_collapse"].append((name, f"stable rank {stable:.2f} of {dim}"))
         condition = _number(row.get("condition_number"))
-        if condition is not None and condition > t["condition_max"]:
-            found["condition"].append((name, "σ_min = 0 (rank-deficient)" if math.isinf(condition)
-                                       else f"condition number {condition:.3g}"))
+        if row.get("sigma_min_method") == "unresolved" or (condition is not None and not math.isfinite(condition)):
+            bound = _finite(row.get("sigma_min_bound"))
+            found["condition"].append((name, "σ_min unresolved, below float64 precision"
+                                       + (f" (< {bound:.2g})" if bound is not None else "")
+                                       + ": numerically rank-deficient"))
+        elif condition is not None and condition > t["condition_max"]:
+            found["condition"].append((name, f"condition number {condition:.3g}"))
     return [{"id": key, "title": _ADVICE[key][0], "advice": _ADVICE[key][1], "layers": layers}
             for key, layers in found.items() if layers]
 
@@ -316,7 +320,8 @@ _ADVICE = {
     "condition": (f"huge condition number (> {THRESHOLDS['condition_max']:.0e})",
                   "The smallest singular value is (nearly) zero: the matrix is numerically "
                   "rank-deficient and inverting or whitening with it is unstable. Usually harmless "
-                  "for inference."),
+                  "for inference. σ_min is computed in float64 where the float32 spectrum cannot "
+                  "resolve it; \"unresolved\" means it lies below even float64's precision."),
 }
 
 

@@ -12,6 +12,7 @@ from .. import linalg
 from ..errors import NonFiniteError, SpectrakitError
 from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
+from .conditioning import conditioning_metrics
 from .conv_slices import (
     CONV_TREATMENTS,
     degenerate_slices_reason,
@@ -153,6 +154,9 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
     metrics: dict[str, Any] = {"sigma_max": float(spectrum[0]), "num_evals": spectrum.numel()}
     for name, metric in BASIC_METRICS.items():
         metrics[name] = metric(spectrum)
+    # σ_min from the spectrum only where its method resolves it; else refined in float64 or marked
+    metrics.update(conditioning_metrics(matrix if kernel is None else None, spectrum, method=options.method,
+                                        dtype=options.dtype, shape=(rows, cols)))
     if options.esd:
         metrics.update(esd_metrics(spectrum, rows, cols, xmin=options.xmin, mp_fit=options.mp_fit))
     farms_evals = None
@@ -228,8 +232,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         keep_spectra: keep each matrix's singular values in ``table.spectra``.
         workers: local processes sharing the matrices (files stream in each worker).
         threads: small matrices (≤ 1024 rows on the smaller side, or so) analyzed at a
-            time in this process, sharing the intra-op threads; larger ones run one at a
-            time first. ``None``: one per torch intra-op thread (up to 4) for a model or
+            time in this process, one intra-op thread each; larger ones run one at a
+            time first, with every thread. The results are the same for any ``threads`` and
+            ``workers`` (each matrix's thread count depends on its size only).
+            ``None``: one per torch intra-op thread (up to 4) for a model or
             state dict in CPU memory, where small matrices leave cores idle otherwise; 1
             for files (they stream one tensor at a time) and accelerators.
         distributed: split the matrices over the ranks of an initialized
@@ -239,7 +245,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
     Returns:
         A :class:`SpectrumTable`: one row per matrix with ``sigma_max``,
         ``frobenius_norm``, ``stable_rank``, ``effective_rank``, ``spectral_entropy``,
-        ``condition_number``, the ESD metrics and ``farms_alpha``. Bad tensors (NaN/Inf, all-zero, integer, meta,
+        ``sigma_min``, ``condition_number`` (σ_min refined in float64 where the spectrum
+        cannot resolve it; ``None`` with ``sigma_min_method="unresolved"`` and an upper bound
+        ``sigma_min_bound`` below float64's resolution; see :mod:`.conditioning`), the ESD
+        metrics and ``farms_alpha``. Bad tensors (NaN/Inf, all-zero, integer, meta,
         ``1×n``) keep a row with ``status="skipped"`` and the ``reason``.
 
     >>> import torch, spectrakit as sk

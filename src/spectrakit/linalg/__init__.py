@@ -14,6 +14,7 @@ from .incremental_sparse import SparseIncrementalSVD
 from .norms import PowerIteration, gram_iteration_bound, spectral_norm
 from .polar import orthogonalize
 from .projections import project_ky_fan_ball, project_nuclear_ball, project_psd, project_rank, project_spectral_ball
+from .smallest import SmallestSingularValue, resolution_floor, smallest_singular_value
 from .sqrtm import inv_sqrtm, sqrtm
 from .svd import METHODS, choose_method, svd, svdvals
 
@@ -22,6 +23,7 @@ __all__ = [
     "IncrementalSVD",
     "PowerIteration",
     "SparseIncrementalSVD",
+    "SmallestSingularValue",
     "choose_method",
     "conv_frequency_matrices",
     "conv_singular_values",
@@ -37,6 +39,8 @@ __all__ = [
     "project_psd",
     "project_rank",
     "project_spectral_ball",
+    "resolution_floor",
+    "smallest_singular_value",
     "spectral_norm",
     "sqrtm",
     "svd",
