@@ -15,29 +15,53 @@ weights                        :class:`SpectralPenalty`, :class:`L2Penalty`, :cl
                                :class:`WassersteinToInit`, :class:`SoftOrthogonality`,
                                :class:`OrthogonalConvPenalty`, :class:`NuclearNormPenalty`,
                                :class:`HypersphericalEnergy`, :class:`CauchySchwarzOrthogonality`,
-                               :class:`LipschitzPenalty`
-features (take activations)    :class:`VNE`, :class:`VICReg`, :class:`INTL`, :class:`JacobianPenalty`
+                               :class:`CauchySchwarzDiscrete`, :class:`LipschitzPenalty`,
+                               :class:`LambdaOrthogonality`
+features (take activations)    :class:`VNE`, :class:`VICReg`, :class:`INTL`, :class:`JacobianPenalty`,
+                               :class:`LDReg`; vectors: :class:`CauchySchwarzEigenvector`
 parametrizations               :func:`spectral_normalize`, :func:`weight_normalize`,
                                :func:`learnable_multipliers`, :func:`remove_parametrizations`
+layers and training recipes    :class:`CompatibleMap` (λ-orthogonal affine map), :class:`LowRankLinear` +
+                               :class:`ApproximateOrthonormality`, :func:`orthonormal_modulation`
+                               (:func:`orthonormal_init_`, :func:`backward_modulation`), SINDER
+                               (:func:`singular_defects`, :func:`singular_value_finetune`,
+                               :func:`neighbor_loss`, :func:`sinder_repair`)
 =============================  ==================================================================
 """
 
 from ._base import Penalty
-from .cauchy_schwarz import CauchySchwarzOrthogonality
+from .cauchy_schwarz import CauchySchwarzDiscrete, CauchySchwarzEigenvector, CauchySchwarzOrthogonality
 from .hyperspherical import HypersphericalEnergy
 from .intl import INTL
 from .jacobian import JacobianPenalty
+from .lambda_orthogonality import CompatibleMap, LambdaOrthogonality
+from .ldreg import LDReg
 from .lipschitz import LipschitzPenalty
+from .low_rank import ApproximateOrthonormality, LowRankLinear
+from .modulation import backward_modulation, orthonormal_init_, orthonormal_modulation
 from .nuclear import NuclearNormPenalty
 from .orthogonal_conv import OrthogonalConvPenalty
 from .orthogonality import SoftOrthogonality
 from .parametrize import learnable_multipliers, remove_parametrizations, spectral_normalize, weight_normalize
+from .sinder import (
+    DefectReport,
+    SingularValueShift,
+    block_linearization,
+    neighbor_loss,
+    sinder_repair,
+    singular_defects,
+    singular_value_finetune,
+)
 from .spectral import SpectralPenalty
 from .to_init import L2Penalty, L2ToInit, WassersteinToInit
 from .vicreg import VICReg
 from .vne import VNE
 
 __all__ = [
+    "ApproximateOrthonormality", "CauchySchwarzDiscrete", "CauchySchwarzEigenvector", "CompatibleMap",
+    "DefectReport", "LDReg", "LambdaOrthogonality", "LowRankLinear", "SingularValueShift",
+    "backward_modulation", "block_linearization", "neighbor_loss", "orthonormal_init_", "orthonormal_modulation",
+    "singular_defects", "singular_value_finetune", "sinder_repair",
     "CauchySchwarzOrthogonality", "HypersphericalEnergy", "INTL", "JacobianPenalty", "L2Penalty", "L2ToInit",
     "LipschitzPenalty", "NuclearNormPenalty", "OrthogonalConvPenalty", "Penalty", "SoftOrthogonality",
     "SpectralPenalty", "VICReg", "VNE", "WassersteinToInit", "learnable_multipliers",
