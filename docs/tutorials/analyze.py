@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import spectrakit as sk
-
 from tutorial_output import output_dir, pyplot
+
+import spectrakit as sk
 
 
 def main(out: Path) -> dict:
