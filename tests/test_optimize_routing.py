@@ -97,3 +97,11 @@ def test_bad_method_and_options_are_one_line() -> None:
     with pytest.raises(SpectrakitError, match="GaLore rank=64 exceeds"):
         for_model(gpt2(), "galore", rank=64)
     assert set(METHODS) == {"muon", "soap", "shampoo", "galore", "multinorm", "adamw"}
+
+
+def test_unknown_option_is_one_line() -> None:
+    with pytest.raises(SpectrakitError, match="for_model\\('muon'\\).*rank"):
+        for_model(gpt2(), "muon", rank=4)
+    with pytest.raises(SpectrakitError, match="AdamW has no option 'momentum'"):
+        for_model(gpt2(), "adamw", momentum=0.9)
+    assert for_model(gpt2(), "adamw", eps=1e-6).param_groups[0]["eps"] == 1e-6

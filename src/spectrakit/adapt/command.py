@@ -47,6 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="method option, e.g. --option pattern=banded (repeatable)")
     parser.add_argument("--penalty", type=nonneg_float, default=0.0, help="weight of adapter_penalty (SORSA, HRA)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon", "soap", "shampoo", "galore", "multinorm"),
+                        default="adamw", help="optimizer of the adapter's matrices (spectrakit.optimize.for_model; "
+                        "its own default lr unless --lr; the rest keeps AdamW; default: adamw)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="data and initialization seed (default: 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -81,14 +84,19 @@ def run(args: argparse.Namespace) -> int:
     options.pop("calibration", None)
     batches = data.byte_batches(train, args.batch_size, args.seq_len, seed=args.seed, steps=args.steps)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 2e-3)
-    log = finetune(model, batches, lr, penalty_weight=args.penalty,
+    optimizer = None
+    if args.optimizer != "adamw":
+        from ..optimize import for_model
+
+        optimizer = for_model(model, args.optimizer, lr=args.lr, adamw_lr=lr, other_matrices=True)
+    log = finetune(model, batches, lr, penalty_weight=args.penalty, optimizer=optimizer,
                    progress=lambda items: progress(items, total=args.steps, desc=f"finetune {args.method}",
                                                    enabled=not args.quiet, unit="step"))
     after = bits_per_byte(model, windows)
     out = Path(args.out)
-    save_adapter(model, out / "adapter.safetensors")
     metrics = {
         "method": args.method, "rank": args.rank, "options": options, "steps": args.steps, "lr": lr,
+        "optimizer": args.optimizer,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "seed": args.seed,
         "trainable_parameters": trainable_parameters(model),
         "heldout_bpb_before": round(before, 4), "heldout_bpb_after": round(after, 4),
@@ -96,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(sum(log.step_seconds), 2),
         "eval": f"spectrakit.data.eval_windows(docs_corpus('validation'), {args.seq_len}, {args.eval_windows})",
     }
-    with atomic_write(out / "metrics.json") as handle:
-        json.dump(metrics, handle, indent=2)
-    if not args.quiet:
+    if not args.quiet:  # before the writes: should they fail, the results still show
         print(f"{args.method} rank {args.rank}: {metrics['trainable_parameters']:,} trainable parameters, "
               f"{args.steps} steps in {metrics['train_seconds']:.1f} s")
         print(f"held-out bits/byte on the docs: {before:.4f} -> {after:.4f}")
+    save_adapter(model, out / "adapter.safetensors")
+    with atomic_write(out / "metrics.json") as handle:
+        json.dump(metrics, handle, indent=2)
+    if not args.quiet:
         print(f"wrote {out / 'adapter.safetensors'} and {out / 'metrics.json'}")
     return 0

@@ -55,15 +55,19 @@ def finetune(model: nn.Module, batches: Iterable[torch.Tensor], lr: float, *, pe
              eval_every: int | None = None, evaluate: Callable[[nn.Module], float] | None = None,
              progress: Callable[[Iterable], Iterable] = lambda items: items,
              weight_decay: float = 0.0,
-             loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> TrainLog:
+             loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> TrainLog:
     """Adam(W) on the trainable parameters; optional adapter penalty and periodic evaluation.
 
     ``loss_fn(model, batch)``: the loss to minimize (default :func:`lm_loss`, next-byte
     cross-entropy of ``[b, seq+1]`` byte ids); ``spectrakit.compress`` passes its own.
+    ``optimizer``: use this one instead of AdamW (``lr`` and ``weight_decay`` are then
+    ignored; ``spectrakit.optimize`` passes its own); ``scheduler``: stepped after each step.
     """
     loss_fn = loss_fn or lm_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     log = TrainLog()
     model.train()
     step = 0
@@ -74,6 +78,8 @@ def finetune(model: nn.Module, batches: Iterable[torch.Tensor], lr: float, *, pe
         total = loss + penalty_weight * adapter_penalty(model) if penalty_weight else loss
         total.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         log.step_seconds.append(time.perf_counter() - start)
         log.losses.append(float(loss.detach()))
         step += 1

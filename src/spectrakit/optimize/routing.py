@@ -63,7 +63,9 @@ class AdamWOnly(MatrixOptimizer):
     """
 
     def __init__(self, params: Any, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, **options: Any) -> None:
+        if options:
+            raise SpectrakitError(f"AdamW has no option {sorted(options)[0]!r}")
         groups = [dict(group, adamw=True) for group in params]
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
@@ -118,7 +120,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 def for_model(model: nn.Module, method: str, lr: float | None = None, *, adamw_lr: float = 3e-4,
               adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_weight_decay: float = 0.0,
-              targets: str | Sequence[str] = "all-linear", **options: Any) -> MatrixOptimizer:
+              targets: str | Sequence[str] = "all-linear", other_matrices: bool = False,
+              **options: Any) -> MatrixOptimizer:
     """One optimizer for ``model``: hidden matrices to ``method``, the rest to AdamW.
 
     Args:
@@ -130,6 +133,8 @@ def for_model(model: nn.Module, method: str, lr: float | None = None, *, adamw_l
         adamw_lr, adamw_betas, adamw_weight_decay: the AdamW groups' settings.
         targets: ``"all-linear"`` (every hidden matrix) or layer-name patterns, as for
             ``adapt`` and ``compress``; what they leave out goes to AdamW.
+        other_matrices: also send trainable matrices that belong to no known layer (an
+            adapter's factors, say) to the method.
         **options: the method's options (``momentum=``, ``rank=``, …).
 
     Returns:
@@ -148,7 +153,7 @@ def for_model(model: nn.Module, method: str, lr: float | None = None, *, adamw_l
     aliases: dict[str, tuple[str, ...]] = {}
     for record in iter_matrices(model):
         aliases[record.name] = record.aliases
-        if record.kind not in ("linear", "conv1d", "conv2d"):
+        if record.kind not in ("linear", "conv1d", "conv2d") and not (other_matrices and record.kind == "matrix"):
             continue
         try:
             param = model.get_parameter(record.name)
@@ -199,10 +204,16 @@ def for_model(model: nn.Module, method: str, lr: float | None = None, *, adamw_l
         groups.append({"params": spectral_transposed, "transposed": True})
     if rest:
         groups.append({"params": rest, "adamw": True, **adamw_group, **({"lr": lr} if method == "adamw" else {})})
-    if method == "adamw":
-        optimizer: MatrixOptimizer = AdamWOnly(groups, lr=lr, betas=adamw_betas, weight_decay=adamw_weight_decay)
-    else:
-        optimizer = cls(groups, lr=lr, **options)
+    if method == "adamw":  # options such as eps= apply to the one AdamW group
+        unknown = set(options) - set(ADAMW_DEFAULTS)
+        if unknown:
+            raise SpectrakitError(f"for_model('adamw'): AdamW has no option {sorted(unknown)[0]!r}")
+        groups[-1].update(options)
+        options = {}
+    try:
+        optimizer: MatrixOptimizer = cls(groups, lr=lr, **options)
+    except TypeError as error:  # an option the method does not have
+        raise SpectrakitError(f"for_model({method!r}): {error}") from error
     optimizer.routes = routes
     return optimizer
 
