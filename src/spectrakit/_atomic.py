@@ -69,3 +69,50 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_writable_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Make sure files can be written into the folder ``path`` *before* any work starts.
+
+    The folder (and missing parents) is created, a probe file written and deleted in it, and
+    the folders this check created are removed again, so a failed command leaves nothing
+    behind. Catches a read-only folder or file system, a path through a regular file and an
+    existing file where the folder should be. Raises :class:`~spectrakit.errors.SpectrakitError`
+    naming ``option`` and the path.
+
+    Args:
+        path: the output folder.
+        option: the option name used in the message (``--out``).
+
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = check_writable_folder(pathlib.Path(tmp) / "a" / "b")
+    ...     folder.exists()   # checked, and left as it was
+    False
+    """
+    from .errors import SpectrakitError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SpectrakitError(f"{option} {folder}: exists and is not a folder")
+    missing = []
+    ancestor = folder
+    while not ancestor.exists():
+        missing.append(ancestor)
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise SpectrakitError(f"{option} {folder}: {ancestor} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".spectrakit-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise SpectrakitError(f"{option} {folder}: cannot write there ({error.strerror or error})") from None
+    finally:
+        for created in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
+    return folder

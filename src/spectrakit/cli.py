@@ -5,7 +5,10 @@
 Each verb's sub-command lives in its own folder (``analyze/command.py``, …) and is
 listed in ``COMMANDS``. A user error (missing file, corrupt checkpoint, bad option)
 prints one line and exits with status 2; Ctrl-C exits with 130. No traceback
-reaches the user.
+reaches the user. A verb with an ``--out`` option (a folder, unless its parser sets the
+default ``out_is_file=True``) has it checked for writability before its ``run`` starts
+(:func:`spectrakit._atomic.check_writable_folder`), so no work is lost to a bad ``--out``;
+numeric options are range-checked while parsing (:mod:`spectrakit._argtypes`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from ._atomic import check_writable_folder
 from .errors import SpectrakitError
 
 # modules with add_parser(subparsers) that set `run` as the parser default
@@ -47,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         run: Callable[[argparse.Namespace], int] = args.run
+        if getattr(args, "out", None) is not None:
+            out = Path(args.out)
+            check_writable_folder(out.parent if getattr(args, "out_is_file", False) else out)
         return run(args)
     except SpectrakitError as error:
         print(f"spectrakit: error: {error}", file=sys.stderr)

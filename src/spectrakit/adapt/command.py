@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
                                                    enabled=not args.quiet, unit="step"))
     after = bits_per_byte(model, windows)
     out = Path(args.out)
-    save_adapter(model, out / "adapter.safetensors")
     metrics = {
         "method": args.method, "rank": args.rank, "options": options, "steps": args.steps, "lr": lr,
         "optimizer": args.optimizer,
@@ -105,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(sum(log.step_seconds), 2),
         "eval": f"spectrakit.data.eval_windows(docs_corpus('validation'), {args.seq_len}, {args.eval_windows})",
     }
-    with atomic_write(out / "metrics.json") as handle:
-        json.dump(metrics, handle, indent=2)
-    if not args.quiet:
+    if not args.quiet:  # before the writes: should they fail, the results still show
         print(f"{args.method} rank {args.rank}: {metrics['trainable_parameters']:,} trainable parameters, "
               f"{args.steps} steps in {metrics['train_seconds']:.1f} s")
         print(f"held-out bits/byte on the docs: {before:.4f} -> {after:.4f}")
+    save_adapter(model, out / "adapter.safetensors")
+    with atomic_write(out / "metrics.json") as handle:
+        json.dump(metrics, handle, indent=2)
+    if not args.quiet:
         print(f"wrote {out / 'adapter.safetensors'} and {out / 'metrics.json'}")
     return 0

@@ -90,10 +90,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _write(table, out: Path, stem: str, quiet: bool) -> None:
+    # the table first: should the folder turn unwritable during the work, the results still show
+    if not quiet:
+        print(table.format())
     table.to_csv(out / f"{stem}.csv")
     table.to_json(out / f"{stem}.json")
     if not quiet:
-        print(table.format())
         summary = table.summary()
         print(f"\n{summary['analyzed']} matrices analyzed, {summary['skipped']} skipped; "
               f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.json'}")

@@ -148,11 +148,12 @@ def run(args: argparse.Namespace) -> int:
                           targets=args.targets or "all-linear", progress=not args.quiet, **budget)
     for warning in caught:
         print(f"spectrakit: warning: {warning.message}", file=sys.stderr)
+    if not args.quiet:  # before the writes: should they fail, the report still shows
+        print(report)
     save_compressed(model, out, report)
     with atomic_write(out / "report.json") as handle:
         json.dump({"source": args.source or "reference model", "calibration_sequences": args.calib,
                    "seq_len": args.seq_len, **report.to_dict()}, handle, indent=2)
     if not args.quiet:
-        print(report)
         print(f"wrote {out / 'model.safetensors'}, {out / 'compress.json'} and {out / 'report.json'}")
     return 0
