@@ -3,8 +3,9 @@
 Used by the docs build (``docs/_hooks/checks.py``) and by the test suite. A public name
 is one listed in the ``__all__`` of a documented module. A function or class passes when
 it has a docstring and every one of its parameters (other than ``self``, ``cls``,
-``*args`` and ``**kwargs``) is named in its own docstring (for a class: the class's or
-its ``__init__``'s).
+``*args`` and ``**kwargs``, and private ``_fields``) is named in its own docstring. For
+a class that is the docstring of the class or its ``__init__``, or of a base class for
+the parameters the base class defines (``include``/``exclude`` of every penalty).
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def undocumented(qualname: str, value: Any) -> list[str]:
         init = value.__dict__.get("__init__")
         if init is None:
             return []
-        context += "\n" + (inspect.getdoc(init) or "")
+        for klass in value.__mro__:
+            if klass.__module__.startswith("spectrakit"):
+                context += "\n" + (klass.__doc__ or "") + "\n" + (klass.__dict__.get("__init__").__doc__ or ""
+                                                               if "__init__" in klass.__dict__ else "")
         target = init
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return []
     missing = [p.name for p in signature.parameters.values()
-               if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               if p.name not in ("self", "cls") and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                and not _named(p.name, context)]
     return [f"{qualname}: parameter {name!r} is not described in its docstring" for name in missing]
 

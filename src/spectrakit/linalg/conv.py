@@ -41,7 +41,12 @@ def _spatial_shape(kernel: torch.Tensor, input_shape: Sequence[int]) -> tuple[in
 
 
 def conv_frequency_matrices(kernel: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
-    """The per-frequency matrices ``K̂(ω)`` of shape ``(N, c_out, c_in)``, complex."""
+    """The per-frequency matrices ``K̂(ω)`` of shape ``(N, c_out, c_in)``, complex.
+
+    Args:
+        kernel: a conv weight ``(c_out, c_in, k₁, …)``.
+        input_shape: the spatial size of the (circularly padded) input, one entry per kernel axis.
+    """
     if not isinstance(kernel, torch.Tensor) or kernel.ndim < 3:
         raise SpectrakitError("kernel: expected a Conv1d or Conv2d weight tensor")
     spatial = _spatial_shape(kernel, input_shape)

@@ -86,6 +86,11 @@ def gram_eigh(W: torch.Tensor, k: int | None = None, name: str = "W") -> tuple[t
     square), else ``U`` (``m × k``) — from ``eigh`` of the smaller Gram matrix. The other
     side follows from :func:`other_vectors`, for as few columns as needed. Half precision
     is computed in float32.
+
+    Args:
+        W: the matrix (``m × n``).
+        k: how many singular values to return (default: all of the smaller side).
+        name: the tensor's name in error messages.
     """
     W = W.to(compute_dtype(W.dtype))
     G, tall = _smaller_gram(W, name)
@@ -112,7 +117,14 @@ def other_vectors(W: torch.Tensor, vectors: torch.Tensor, S: torch.Tensor, tall:
     """The singular vectors of ``W``'s other side: ``U = W V / σ`` when ``tall`` (``vectors``
     is ``V``), else ``V = Wᴴ U / σ``. Directions whose σ is near zero (below about
     ``√ε·σ₁``) come out neither unit-length nor orthogonal; a zero σ gives ``W v`` itself,
-    numerically zero."""
+    numerically zero.
+
+    Args:
+        W: the matrix.
+        vectors: the singular vectors of the smaller side from :func:`gram_eigh`.
+        S: their singular values.
+        tall: the flag :func:`gram_eigh` returned.
+    """
     safe = torch.where(S > 0, S, torch.ones_like(S)).to(W.real.dtype).unsqueeze(-2)
     return (W @ vectors if tall else transpose(W) @ vectors) / safe
 

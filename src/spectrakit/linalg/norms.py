@@ -51,6 +51,10 @@ class PowerIteration:
     may leave them stored as unnormalized multiples with their norms on the host; they are
     then normalized on first read, and :meth:`scaled_vectors` gives ``u vᵀ`` without it.
 
+    Args:
+        n_iter: iterations per call.
+        seed: seed of the random starting vectors (the same seed gives the same estimates).
+
     >>> W = torch.randn(64, 32)
     >>> estimate = PowerIteration(n_iter=1)
     >>> for _ in range(200):

@@ -42,6 +42,11 @@ def choose_method(shape: tuple[int, ...], k: int | None, want_vectors: bool) -> 
     * everything else, including all full factorizations: ``exact`` — except that
       :func:`svdvals` of a small single-precision matrix forms its Gram matrix in double
       precision instead (see :data:`_DOUBLE`).
+
+    Args:
+        shape: the matrix's shape (leading batch dimensions allowed).
+        k: the number of triplets wanted, or ``None`` for the full spectrum.
+        want_vectors: whether singular vectors are needed (``svd``) or values only (``svdvals``).
     """
     small = min(shape[-2], shape[-1])
     if k is not None and small >= _RANDOMIZED_MIN_SIDE and k <= _RANDOMIZED_FRACTION * small:
@@ -113,6 +118,15 @@ def svd(W: torch.Tensor, k: int | None = None, method: str = "auto", niter: int 
 
     Shapes: ``U (..., m, r)``, ``S (..., r)``, ``Vh (..., r, n)`` with
     ``r = k or min(m, n)``. The same ``seed`` always gives the same result.
+
+    Args:
+        W: the matrix (leading batch dimensions allowed).
+        k: the number of leading triplets, or ``None`` for the thin SVD.
+        method: ``auto``, ``exact``, ``gram``, ``randomized`` or ``krylov`` (see :func:`choose_method`).
+        niter: power (randomized) or block (krylov) iterations; ``None`` picks the method's default.
+        seed: seed of the random sketch of the randomized methods.
+        dtype: the dtype to compute in (default: float32 for half precision, else the input's).
+        oversample: extra sketch columns of the randomized methods (default: the method's).
 
     >>> import spectrakit as sk
     >>> W = torch.randn(64, 32, dtype=torch.float64)

@@ -220,6 +220,14 @@ class Penalty(nn.Module):
 
     Subclasses set :attr:`default_kinds` and implement :meth:`term`. A non-finite result is
     traced back to the parameter that caused it and reported by name.
+
+    Args:
+        source: an ``nn.Module``, or an iterable of ``(name, parameter)`` pairs or parameters.
+        include: name glob(s) of the weights to penalize (default: all of the right kinds).
+        exclude: name glob(s) to leave out.
+        kinds: the layer kinds to take (``"linear"``, ``"conv"``, ``"embedding"``, …); each
+            penalty has its own default.
+        reduction: ``"sum"`` over layers, or their ``"mean"``.
     """
 
     default_kinds: ClassVar[tuple[str, ...] | None] = None

@@ -41,7 +41,13 @@ from ._features import as_batch
 
 
 class INTL(nn.Module):
-    """Trace loss of IterNorm-whitened embeddings (``T`` = ``iterations`` Newton–Schulz steps)."""
+    """Trace loss of IterNorm-whitened embeddings (``T`` = ``iterations`` Newton–Schulz steps).
+
+    Args:
+        iterations: Newton–Schulz steps T of the IterNorm whitening.
+        eps: ridge ``ε·I`` added to the batch covariance Σ before whitening (keeps a rank-deficient
+            batch invertible).
+    """
 
     def __init__(self, iterations: int = 4, eps: float = 1e-5) -> None:
         super().__init__()

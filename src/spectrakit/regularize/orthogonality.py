@@ -56,6 +56,7 @@ class SoftOrthogonality(Penalty):
     """Soft orthogonality penalty; see the module docstring for the four ``mode``s.
 
     Args:
+        seed: seed of the power iteration's starting vectors (``srip``).
         mode: ``"so"``, ``"srip"``, ``"biggan"`` or ``"group"``.
         groups: number of row groups for ``mode="group"`` (default: the conv's ``groups``
             when above 1, else ``⌈out / in⌉`` so that each group can be orthonormal).

@@ -138,6 +138,11 @@ def spectral_normalize(module: nn.Module, target: float = 1.0, exact_conv: bool 
     """Register ``W ← target · W / σ₁(W)`` on ``module.<name>``; returns ``module``.
 
     Args:
+        module: the layer to parametrize (in place).
+        name: the parameter to normalize (default ``weight``).
+        n_iter: power iterations per training forward.
+        input_shape: the conv layer's input grid, for ``exact_conv``.
+        seed: seed of the power iteration's starting vectors.
         target: the spectral norm the layer is given.
         exact_conv: for Conv1d/Conv2d, use the operator norm of the circular convolution on
             the input grid (``input_shape``, else the last forward pass's, else a
@@ -185,6 +190,11 @@ def weight_normalize(module: nn.Module, *, name: str = "weight", dim: int | None
 
     ``dim`` is the stored axis that indexes output neurons (default: 0, or 1 for a
     transformers ``Conv1D``, whose weight is stored ``in × out``).
+
+    Args:
+        module: the layer to parametrize (in place).
+        name: the parameter to reparametrize (default ``weight``).
+        dim: the stored axis that indexes output neurons (see above).
     """
     layer = _target_of(module, name, "weight_normalize")
     axis = _output_axis(layer) if dim is None else dim

@@ -48,6 +48,7 @@ class SpectralPenalty(Penalty):
     """``Σ_l (σ₁(W_l)^k − target^k)² + bias_weight · Σ_l ‖b_l‖^{2k}``.
 
     Args:
+        seed: seed of the power iteration's starting vectors.
         source: a model, a dict of tensors or a list of tensors / ``(name, tensor)`` pairs
             (biases are found through a model's layers only).
         target: the σ₁ every layer is pulled toward.

@@ -28,7 +28,14 @@ from ._features import as_batch
 
 
 class VICReg(nn.Module):
-    """``μ·variance(Z) + ν·covariance(Z)``, summed over every embedding passed to ``forward``."""
+    """``μ·variance(Z) + ν·covariance(Z)``, summed over every embedding passed to ``forward``.
+
+    Args:
+        variance_weight: μ, the weight of the variance (hinge) term.
+        covariance_weight: ν, the weight of the off-diagonal covariance term.
+        gamma: the target standard deviation of each feature in the hinge max(0, γ − std).
+        eps: added to the variance under the square root, for a stable gradient at zero variance.
+    """
 
     def __init__(self, variance_weight: float = 25.0, covariance_weight: float = 1.0, gamma: float = 1.0,
                  eps: float = 1e-4) -> None:
