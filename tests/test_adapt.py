@@ -77,6 +77,7 @@ CASES = {
     "soda": ("soda", {}),
     "dota": ("dota", {"cores": 2}),
     "lq-lora": ("lq-lora", {"iterations": 2}),
+    "clover": ("clover", {}),
 }
 #: methods whose adapted model is a quantized approximation of the base, not the base itself
 QUANTIZED = {"lq-lora"}
@@ -120,6 +121,7 @@ def per_layer_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
         "soda": r + _kronecker_count(out_f) + _kronecker_count(in_f),
         "dota": _mpo_count(out_f, in_f, r, options.get("cores", 3)),
         "lq-lora": r * (in_f + out_f),
+        "clover": 0,  # per layer role, see clover_layers
     }[case]
 
 
@@ -151,6 +153,22 @@ def saved_count(case: str, out_f: int, in_f: int, r: int = RANK) -> int:
     """Scalars in the adapter file: the trainable ones, plus what a method must carry besides."""
     extra = {"sst": min(in_f, out_f) * (in_f + out_f) + r}  # the current bases and the drawn indices
     return per_layer_count(case, out_f, in_f, r) + extra.get(case, 0)
+
+
+HEAD_DIM = 16  # the tiny models' 32-wide hidden size over 2 heads
+
+
+def clover_layers(kind: str, names: set[str]) -> dict[str, tuple[int, int]]:
+    """CLOVER's layers and, per layer, (trainable λ, saved transform entries): λ on every key
+    and value channel (V·O only under Llama's rotary embeddings), a d_h × d_h transform per head slice."""
+    d2 = HEAD_DIM * HEAD_DIM
+    if kind == "gpt2":  # fused c_attn: q, k, v thirds of 32 channels each, 2 heads apiece
+        return {n: ((64, 6 * d2) if n.endswith("c_attn") else (0, 2 * d2)) for n in names if ".attn." in n}
+    if kind == "llama":
+        return {n: ((32, 2 * d2) if n.endswith("v_proj") else (0, 2 * d2))
+                for n in names if n.endswith(("v_proj", "o_proj"))}
+    return {n: ((32, 2 * d2) if n.endswith(("key", "value")) else (0, 2 * d2))
+            for n in names if ".attention." in n}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,6 +216,10 @@ def test_exact_init_merge_roundtrip_and_count(case: str, kind: str, tmp_path) ->
         expected = sum(per_layer_count(case, *shapes[n]) for n in adapted)
     if case == "soma":  # the first block is left frozen
         assert set(adapted) == {n for n in shapes if ".0." not in n} != set(shapes)
+    elif case == "clover":  # attention pairs only
+        layout = clover_layers(kind, set(shapes))
+        assert set(adapted) == set(layout) and layout
+        expected = sum(trainable for trainable, _ in layout.values())
     else:
         assert set(adapted) == set(shapes)
     assert sk.trainable_parameters(model) == expected
@@ -215,6 +237,9 @@ def test_exact_init_merge_roundtrip_and_count(case: str, kind: str, tmp_path) ->
     assert config["method"] == CASES[case][0]
     if case == "eva":
         assert sum(t.numel() for t in tensors.values()) == expected
+    elif case == "clover":
+        saved = sum(a + b for a, b in clover_layers(kind, set(shapes)).values())
+        assert sum(t.numel() for t in tensors.values()) == saved
     else:
         assert sum(t.numel() for t in tensors.values()) == sum(saved_count(case, *shapes[n]) for n in adapted)
     fresh = sk.load_adapter(make_model(kind), path)

@@ -263,3 +263,49 @@ def test_lqlora_without_torchao_names_the_extra(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     with pytest.raises(SpectrakitError, match=r"lq-lora needs torchao .* pip install 'spectrakit\[quant\]'"):
         sk.adapt(torch.nn.Sequential(torch.nn.Linear(16, 8)), "lq-lora", rank=2)
+
+
+def test_clover_per_head_factors_reproduce_qk_and_vo_with_gqa() -> None:
+    transformers = pytest.importorskip("transformers")
+    from spectrakit.adapt.clover import attention_blocks, pair_transform
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=32))
+    (block,) = attention_blocks(llama)
+    assert (block.heads, block.kv_heads, block.head_dim, block.rotary) == (4, 2, 8, True)
+    attn = llama.model.layers[0].self_attn
+    Wq, Wk = attn.q_proj.weight.detach().double(), attn.k_proj.weight.detach().double()
+    Wv, Wo = attn.v_proj.weight.detach().double(), attn.o_proj.weight.detach().double()
+    for g in range(2):  # key/value head g serves query heads 2g, 2g+1
+        heads = (2 * g, 2 * g + 1)
+        for left_of, right in ((lambda h: Wq[8 * h:8 * h + 8].T, Wk[8 * g:8 * g + 8]),
+                               (lambda h: Wo[:, 8 * h:8 * h + 8], Wv[8 * g:8 * g + 8])):
+            stacked = torch.cat([left_of(h) for h in heads])
+            T, T_inv, s = pair_transform(stacked, right)
+            assert torch.allclose(T @ T_inv, torch.eye(8, dtype=torch.float64), atol=1e-10)
+            new_right = T @ right
+            assert torch.allclose(new_right @ new_right.T, torch.eye(8, dtype=torch.float64), atol=1e-10)
+            new_left = stacked @ T_inv  # = U diag(s): orthogonal columns of norms s
+            assert torch.allclose(new_left.T @ new_left, torch.diag(s ** 2), atol=1e-10)
+            assert torch.allclose(s, torch.linalg.svdvals(stacked @ right)[:8])
+            for h in heads:  # every head's own Q·Kᵀ (or W_o W_v) form is unchanged
+                assert torch.allclose(left_of(h) @ T_inv @ new_right, left_of(h) @ right, atol=1e-10)
+    with pytest.raises(SpectrakitError, match="rotary embeddings"):
+        sk.adapt(llama, "clover", pairs="qk,vo")
+    # in a model: GPT-2's fused c_attn, Q·Kᵀ per head from the adapted (merged) weights
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32)).eval().double()
+    W = gpt2.transformer.h[0].attn.c_attn.weight.detach().double().T  # out × in, rows q | k | v
+    model = perturbed(sk.adapt(gpt2, "clover"), 0.2)
+    layer = model.transformer.h[0].attn.c_attn
+    merged = layer.merged_weight().detach()
+    for h in range(2):
+        q, k = slice(16 * h, 16 * h + 16), slice(32 + 16 * h, 32 + 16 * h + 16)
+        lam = layer.scales[h].detach()  # λ of key head h (k slots come first)
+        T = layer.transforms[layer.blocks.index(32 + 16 * h)]
+        assert torch.allclose(T @ W[k] @ (T @ W[k]).T, torch.eye(16, dtype=torch.float64), atol=1e-10)
+        # merged Q·Kᵀ = W_qᵀ T⁻¹ diag(λ) T W_k: the original form with its singular values tuned
+        expected = W[q].T @ torch.linalg.inv(T) @ torch.diag(lam) @ T @ W[k]
+        assert torch.allclose(merged[q].T @ merged[k], expected, atol=1e-10)

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     asymmetric,
     balora,
+    clover,
     dota,
     eva,
     fourierft,
