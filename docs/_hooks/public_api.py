@@ -70,8 +70,8 @@ def undocumented(qualname: str, value: Any) -> list[str]:
             return []
         for klass in value.__mro__:
             if klass.__module__.startswith("spectrakit"):
-                context += "\n" + (klass.__doc__ or "") + "\n" + (klass.__dict__.get("__init__").__doc__ or ""
-                                                               if "__init__" in klass.__dict__ else "")
+                own_init = klass.__dict__.get("__init__")
+                context += "\n" + (klass.__doc__ or "") + "\n" + (getattr(own_init, "__doc__", None) or "")
         target = init
     try:
         signature = inspect.signature(target)

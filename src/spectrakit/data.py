@@ -137,6 +137,10 @@ def code_corpus(split: str = "train", max_bytes: int | None = None) -> bytes:
     ``max_bytes`` truncates the result. About 10 MB for ``"train"`` and 0.5 MB
     for ``"validation"`` on CPython 3.11.
 
+    Args:
+        split: ``"train"`` or ``"validation"`` (a fixed split by file name).
+        max_bytes: truncate to this many bytes.
+
     >>> code = code_corpus("validation", max_bytes=10_000)
     >>> len(code)
     10000
@@ -150,7 +154,8 @@ def code_corpus(split: str = "train", max_bytes: int | None = None) -> bytes:
 
 
 def docs_corpus(split: str = "train") -> bytes:
-    """English prose: the Python reference documentation shipped in ``pydoc_data.topics``.
+    """English prose: the ``split`` (``"train"`` or ``"validation"``) of the Python reference
+    documentation shipped in ``pydoc_data.topics``.
 
     Each topic (``'if'``, ``'numbers'``, ...) goes to ``"validation"`` when the
     SHA-1 of its key falls in the first 10 of 100 buckets; the topics are
@@ -215,6 +220,13 @@ def byte_batches(
     (the global RNG is not touched, so equal seeds give equal batches). Use
     ``x[:, :-1]`` as inputs and ``x[:, 1:]`` as targets. ``steps=None`` yields
     forever.
+
+    Args:
+        data: the byte string (e.g. :func:`code_corpus`).
+        batch_size: rows per batch.
+        seq_len: input bytes per row (each row holds one more, the last target).
+        seed: seed of the window offsets.
+        steps: how many batches, or ``None`` for an endless stream.
 
     >>> batches = byte_batches(b"abcdefgh" * 100, batch_size=4, seq_len=16, steps=3)
     >>> [tuple(x.shape) for x in batches]

@@ -99,7 +99,11 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars (parameters with ``requires_grad``, shared ones once)."""
+    """Number of trainable scalars (parameters with ``requires_grad``, shared ones once).
+
+    Args:
+        model: any module.
+    """
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -113,6 +117,9 @@ def adapter_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of the adapters' own regularizers (SORSA's and HRA's orthonormality terms).
 
     Add it to the loss with a weight of your choice; it is ``0`` for methods without one.
+
+    Args:
+        model: a model adapted by :func:`spectrakit.adapt`.
     """
     terms = [t for layer in adapted_layers(model).values() if (t := layer.penalty()) is not None]
     if not terms:
@@ -144,6 +151,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     The file's metadata holds the method, the per-layer options and a SHA-256
     fingerprint of every base weight as it was before adaptation, so that
     :func:`load_adapter` can refuse a different base model. Written atomically.
+
+    Args:
+        model: a model adapted by :func:`spectrakit.adapt`.
+        path: the ``.safetensors`` file to write.
     """
     from safetensors.torch import save_file
 
@@ -159,7 +170,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a file written by :func:`save_adapter`."""
+    """``(config, tensors)`` of a file written by :func:`save_adapter`.
+
+    Args:
+        path: the adapter's ``.safetensors`` file.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -190,6 +205,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     saved options) or a model already adapted the same way. Either way every base
     weight must be bitwise the one the adapter was trained on; a mismatch raises a
     :class:`SpectrakitError` naming the first differing layer.
+
+    Args:
+        model: the plain base model, or the same model already adapted the same way.
+        path: the file :func:`save_adapter` wrote.
     """
     config, tensors = read_adapter(path)
     method, plan, fingerprints = config["method"], config["layers"], config["fingerprints"]

@@ -302,6 +302,10 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
 
     Raises :class:`SpectrakitError` for a pattern that matches no linear layer and for a
     selected layer that is already adapted.
+
+    Args:
+        model: the model to search.
+        targets: ``"all-linear"`` or a list of name patterns (see above).
     """
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -1,8 +1,10 @@
-"""Export LoRA-shaped adapters to a folder that ``peft.PeftModel.from_pretrained`` loads.
+"""Export adapters to a folder that ``peft.PeftModel.from_pretrained`` loads.
 
 Supported: ``lora`` (and rsLoRA), ``eva`` (per-layer ranks through PEFT's
 ``rank_pattern``/``alpha_pattern``), and the residual methods ``pissa``, ``milora``
-and ``soma``.
+and ``soma``, all as PEFT LoRA; ``fourierft`` as PEFT's own FourierFT (the same
+frequencies: PEFT's ``random_loc_seed`` is our ``seed``) and ``hra`` as PEFT's own HRA
+(``hra_u`` is our ``reflections`` transposed; PEFT's HRA wraps ``nn.Linear`` only).
 
 PiSSA-style adapters are **converted to a plain LoRA on the original weight**, as PEFT's
 ``path_initial_model_for_weight_conversion`` does, so the folder applies to the
@@ -31,7 +33,7 @@ from .._atomic import atomic_save_path, atomic_write
 from ..errors import SpectrakitError
 from .base import adapted_layers
 
-EXPORTABLE = ("lora", "eva", "pissa", "milora", "soma")
+EXPORTABLE = ("lora", "eva", "pissa", "milora", "soma", "fourierft", "hra")
 _RESIDUAL = ("pissa", "milora", "soma")
 
 
@@ -48,14 +50,16 @@ def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float, 
 def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT.
 
+    Args:
+        model: a model adapted by :func:`spectrakit.adapt`.
+        folder: the folder to write (created; each file written atomically).
+
     >>> sk.export_peft(model, "peft-adapter")                          # doctest: +SKIP
     >>> peft.PeftModel.from_pretrained(base_model, "peft-adapter")     # doctest: +SKIP
 
     For ``pissa``/``milora``/``soma``, ``base_model`` is the *original* model (before
     :func:`spectrakit.adapt` replaced its weights by residuals); see the module docstring.
     """
-    from safetensors.torch import save_file
-
     layers = adapted_layers(model)
     if not layers:
         raise SpectrakitError("export_peft: the model has no spectrakit adapters")
@@ -67,6 +71,11 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    if methods & {"fourierft", "hra"}:
+        if len(methods) > 1:
+            raise SpectrakitError(f"export_peft: the model mixes methods {sorted(methods)}; PEFT holds one per folder")
+        tensors, config = (_fourierft(layers) if "fourierft" in methods else _hra(layers))
+        return _write(folder, tensors, config)
     rslora = {bool(getattr(layer, "rslora", False)) for layer in layers.values()}
     if len(rslora) > 1:
         raise SpectrakitError("export_peft: the model mixes LoRA and rsLoRA scaling")
@@ -95,6 +104,12 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
         "modules_to_save": None,
         "spectrakit_method": methods.pop() if len(methods) == 1 else sorted(methods),
     }
+    return _write(folder, tensors, config)
+
+
+def _write(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_save_path(folder / "adapter_model.safetensors") as tmp:
@@ -102,3 +117,43 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     with atomic_write(folder / "adapter_config.json") as handle:
         json.dump(config, handle, indent=2)
     return folder
+
+
+def _common(layers: dict[str, Any], peft_type: str) -> dict[str, Any]:
+    return {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": None,
+            "target_modules": sorted(layers), "inference_mode": True, "modules_to_save": None,
+            "bias": "none", "layers_to_transform": None, "layers_pattern": None}
+
+
+def _fourierft(layers: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT FourierFT: ``fourierft_spectrum`` per layer; one seed and scaling for the folder."""
+    seeds = {layer.seed for layer in layers.values()}
+    scalings = {layer.scaling for layer in layers.values()}
+    if len(seeds) > 1 or len(scalings) > 1:
+        raise SpectrakitError("export_peft: PEFT's FourierFT takes one seed and one scaling per folder; "
+                              "the layers differ")
+    counts = {name: layer.n_frequencies for name, layer in layers.items()}
+    default = max(set(counts.values()), key=list(counts.values()).count)
+    tensors = {f"base_model.model.{name}.fourierft_spectrum": layer.coefficients.detach().to("cpu").clone()
+               for name, layer in layers.items()}
+    config = {**_common(layers, "FOURIERFT"), "n_frequency": default,
+              "n_frequency_pattern": {n: c for n, c in counts.items() if c != default},
+              "scaling": scalings.pop(), "random_loc_seed": seeds.pop(),
+              "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+              "init_weights": False, "spectrakit_method": "fourierft"}
+    return tensors, config
+
+
+def _hra(layers: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT HRA: ``hra_u`` (``in × r``) per layer, without Gram–Schmidt."""
+    for name, layer in layers.items():
+        if layer.fan_in_fan_out:
+            raise SpectrakitError(f"export_peft: PEFT's HRA wraps nn.Linear only; layer {name} is a Conv1D")
+    ranks = {layer.rank for layer in layers.values()}
+    if len(ranks) > 1:
+        raise SpectrakitError("export_peft: PEFT's HRA takes one rank per folder; the layers differ")
+    tensors = {f"base_model.model.{name}.hra_u": layer.reflections.detach().T.to("cpu").contiguous().clone()
+               for name, layer in layers.items()}
+    config = {**_common(layers, "HRA"), "r": ranks.pop(), "apply_GS": False, "init_weights": True,
+              "spectrakit_method": "hra"}
+    return tensors, config

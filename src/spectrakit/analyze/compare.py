@@ -21,6 +21,7 @@ Per matrix pair ``W₀`` (base) and ``W₁`` (tuned), with ``W = U Σ Vᵀ``:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +29,9 @@ import torch
 
 from .. import linalg
 from .._progress import progress as progress_bar
-from ..errors import SpectrakitError
+from ..errors import SpectrakitError, SpectrakitWarning
 from ..weights import MatrixRecord, iter_matrices
+from .checks import check_selection
 from .metrics import effective_rank
 from .run import base_row, skip_reason
 from .table import SpectrumTable
@@ -45,7 +47,13 @@ COMPARE_DISPLAY = (
 def intruder_dimensions(U_base: torch.Tensor, U_tuned_top: torch.Tensor,
                         epsilon: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of intruder dimensions among ``U_tuned_top``'s columns, and every
-    column's best cosine similarity to the columns of ``U_base``."""
+    column's best cosine similarity to the columns of ``U_base``.
+
+    Args:
+        U_base: the base matrix's left singular vectors (columns).
+        U_tuned_top: the tuned matrix's top-k left singular vectors.
+        epsilon: the similarity threshold: a column whose best cosine similarity is below it is an intruder.
+    """
     best = (U_base.mT @ U_tuned_top).abs().amax(dim=0)
     return torch.nonzero(best < epsilon).flatten(), best
 
@@ -58,7 +66,15 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def compare_matrices(base: torch.Tensor, tuned: torch.Tensor, k: int = 10, epsilon: float = 0.5,
                      dtype: torch.dtype | None = torch.float64) -> dict[str, Any]:
-    """The comparison metrics of one matrix pair (see the module docstring)."""
+    """The comparison metrics of one matrix pair (see the module docstring).
+
+    Args:
+        base: the base weight (``out × in``).
+        tuned: the fine-tuned weight, of the same shape.
+        k: how many of the tuned matrix's top singular vectors to test for intruders.
+        epsilon: the cosine similarity below which a direction is an intruder.
+        dtype: the dtype the SVDs are computed in (float64 by default).
+    """
     if base.shape != tuned.shape:
         raise SpectrakitError(f"shapes differ: base {tuple(base.shape)}, tuned {tuple(tuned.shape)}")
     k = min(k, min(base.shape))
@@ -118,6 +134,9 @@ def compare(base: Any, tuned: Any, *, k: int = 10, epsilon: float = 0.5,
     """Compare every matrix of ``tuned`` with the same-named matrix of ``base``.
 
     Args:
+        include: name glob(s) of the matrices to compare (default: all).
+        exclude: name glob(s) to leave out.
+        progress: show a progress bar.
         base, tuned: models, state dicts, files or folders (anything ``iter_matrices`` reads).
         k: how many of the tuned matrix's top singular vectors to test (default 10).
         epsilon: similarity threshold below which a direction counts as an intruder.
@@ -137,13 +156,43 @@ def compare(base: Any, tuned: Any, *, k: int = 10, epsilon: float = 0.5,
         for alias in record.aliases:
             base_records.setdefault(alias, record)
     tuned_records = list(iter_matrices(tuned, include=include, exclude=exclude))
+    check_selection(tuned, tuned_records, include, exclude)
     rows = []
     for record in progress_bar(tuned_records, total=len(tuned_records), desc="compare", enabled=progress):
         counterpart = base_records.get(record.name)
         if counterpart is None:
             counterpart = next((base_records[a] for a in record.aliases if a in base_records), None)
         rows.append(_pair_row(counterpart, record, k, epsilon))
+    _check_related(rows, _label(base), _label(tuned))
     return SpectrumTable(rows=rows, source=f"{_label(base)} → {_label(tuned)}", display=COMPARE_DISPLAY)
+
+
+# ‖W₁ − W₀‖_F / ‖W₀‖_F of a fine-tune is a few percent; two independent draws of the same
+# scale give about √2, so a median above 1 means TUNED did not start from BASE
+UNRELATED_RELATIVE_DELTA = 1.0
+
+
+def _check_related(rows: list[dict[str, Any]], base: str, tuned: str) -> None:
+    """Raise when no tuned matrix has a counterpart in ``base``; warn when the pairs differ by
+    more than a fine-tune would (:data:`UNRELATED_RELATIVE_DELTA`) or many have no counterpart."""
+    if not rows:
+        return
+    compared = [row for row in rows if row["status"] == "ok"]
+    unmatched = [row for row in rows if row["reason"] == "not present in the base model"
+                 or str(row["reason"]).startswith("shape differs")]
+    if not compared and len(unmatched) == len(rows):
+        raise SpectrakitError(f"none of the {len(rows)} matrices of {tuned} has a same-named, same-shaped "
+                              f"matrix in {base} (e.g. {rows[0]['name']}): not a fine-tune of it?")
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} of the {len(rows)} matrices of {tuned} have no same-named, same-shaped "
+                      f"matrix in {base} (e.g. {unmatched[0]['name']}) and are skipped", SpectrakitWarning,
+                      stacklevel=3)
+    relative = sorted(row["delta_fro_relative"] for row in compared)
+    if relative and relative[len(relative) // 2] > UNRELATED_RELATIVE_DELTA:
+        warnings.warn(f"the median ‖ΔW‖_F/‖W₀‖_F over {len(relative)} matrices is "
+                      f"{relative[len(relative) // 2]:.2f}: {tuned} does not look like a fine-tune of {base} "
+                      "(unrelated models?), so intruder dimensions mean little here", SpectrakitWarning,
+                      stacklevel=3)
 
 
 def _label(source: Any) -> str:

@@ -108,6 +108,7 @@ def analyze_features(model: nn.Module, batches: Iterable[Any], layers: str | Seq
     """Spectra of the features (outputs) of ``layers`` over ``batches``.
 
     Args:
+        progress: show a progress bar over the batches.
         model: any module; it runs in ``eval`` mode under ``torch.no_grad``.
         batches: tensors (called as ``model(x)``) or dicts (``model(**x)``).
         layers: module names or fnmatch patterns (``None``: the model's own output;

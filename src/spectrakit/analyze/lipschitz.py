@@ -69,7 +69,15 @@ def _input_shapes(model: nn.Module, example_input: Any) -> dict[str, tuple[int, 
 
 def layer_norms(weight: torch.Tensor, kind: str, input_shape: tuple[int, ...] | None = None,
                 power_iters: int = 100, gram_iters: int = 10) -> dict[str, float]:
-    """``power``, ``gram``, ``exact`` (and ``reshaped`` for convs) with their times."""
+    """``power``, ``gram``, ``exact`` (and ``reshaped`` for convs) with their times.
+
+    Args:
+        weight: the layer's weight.
+        kind: its record kind (``linear``, ``conv1d``, ``conv2d``, …).
+        input_shape: a conv layer's input grid (circular padding).
+        power_iters: power-iteration steps.
+        gram_iters: Gram-iteration squarings of the certified bound.
+    """
     if kind in ("conv1d", "conv2d"):
         if input_shape is None:
             raise SpectrakitError("a conv layer needs its input size: pass example_input= or input_shapes=")
@@ -92,6 +100,10 @@ def lipschitz(model: nn.Module, *, example_input: Any = None,
     """Spectral norms of every Linear / Conv layer of ``model``, and their product.
 
     Args:
+        model: the network.
+        power_iters: power-iteration steps per layer.
+        gram_iters: Gram-iteration squarings per layer.
+        progress: show a progress bar.
         example_input: one input batch, run once to learn each conv's input size.
         input_shapes: or give them directly, ``{"conv1": (32, 32)}``.
 
@@ -119,7 +131,12 @@ def lipschitz(model: nn.Module, *, example_input: Any = None,
 
 
 def product_bound(rows: list[dict[str, Any]], column: str = "exact") -> float:
-    """``Π σ₁`` over the layers (``inf`` if any layer was skipped)."""
+    """``Π σ₁`` over the layers (``inf`` if any layer was skipped).
+
+    Args:
+        rows: the rows of :func:`lipschitz`'s table.
+        column: which estimate to multiply (``exact``, ``gram``, ``power``).
+    """
     if any(row["status"] != "ok" for row in rows):
         return math.inf
     return math.prod(row[column] for row in rows)

@@ -20,25 +20,29 @@ import torch
 
 
 def frobenius_norm(S: torch.Tensor) -> float:
-    """‖W‖_F = √Σσᵢ²."""
+    """‖W‖_F = √Σσᵢ² of the singular values ``S``."""
     return float(S.double().square().sum().sqrt())
 
 
 def stable_rank(S: torch.Tensor) -> float:
-    """‖W‖_F² / σ₁² — a rank that moves smoothly with the spectrum (1 ≤ it ≤ rank)."""
+    """‖W‖_F² / σ₁² of the singular values ``S``: a rank that moves smoothly with the spectrum (1 ≤ it ≤ rank)."""
     S = S.double()
     return float(S.square().sum() / S[0].square())
 
 
 def spectral_entropy(S: torch.Tensor) -> float:
-    """Shannon entropy (nats) of ``pᵢ = σᵢ / Σσ``."""
+    """Shannon entropy (nats) of ``pᵢ = σᵢ / Σσ`` over the singular values ``S``."""
     p = S.double() / S.double().sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 
 
 def effective_rank(S: torch.Tensor) -> float:
-    """exp(spectral entropy) (Roy & Vetterli, 2007): ``k`` for ``k`` equal singular values."""
+    """exp(spectral entropy) (Roy & Vetterli, 2007): ``k`` for ``k`` equal singular values.
+
+    Args:
+        S: the singular values.
+    """
     return math.exp(spectral_entropy(S))
 
 

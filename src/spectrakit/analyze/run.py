@@ -12,6 +12,7 @@ from .. import linalg
 from ..errors import NonFiniteError, SpectrakitError
 from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
+from .checks import check_conv_input, check_selection, warn_xmin_outside
 from .conditioning import conditioning_metrics
 from .conv_slices import (
     CONV_TREATMENTS,
@@ -82,6 +83,8 @@ ALL_ZERO = "all-zero matrix"
 
 def degenerate_reason(matrix: torch.Tensor) -> str | None:
     rows, cols = matrix.shape
+    if min(rows, cols) == 0:
+        return f"empty {rows}x{cols} matrix: it has no singular values"
     if min(rows, cols) < 2:
         return f"degenerate {rows}x{cols} matrix: a single singular value has no spectrum"
     return None
@@ -168,7 +171,12 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
 
 
 def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResult:
-    """One matrix's result; never raises for a bad tensor (the reason goes in the row)."""
+    """One matrix's result; never raises for a bad tensor (the reason goes in the row).
+
+    Args:
+        record: the matrix, as :func:`spectrakit.iter_matrices` yields it.
+        options: the options of :func:`spectrakit.analyze`, resolved.
+    """
     reason = skip_reason_before_load(record)
     if reason is None:
         try:
@@ -275,6 +283,8 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape),
                              conv=conv, conv2d_norm=bool(conv2d_norm))
     records = list(iter_matrices(source, include=include, exclude=exclude))
+    check_selection(source, records, include, exclude)
+    check_conv_input(records, options.conv_input_shape)
     results = run_records(source, records, options, include=include, exclude=exclude, workers=workers,
                           threads=threads, distributed=distributed, progress=progress)
     rows, spectra, farms_spectra = [], {}, {}
@@ -289,4 +299,6 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
             spectra[record.name] = result.spectrum
         if keep_spectra and result.farms_spectrum is not None:
             farms_spectra[record.name] = result.farms_spectrum
+    if esd:
+        warn_xmin_outside(rows, xmin)
     return SpectrumTable(rows=rows, source=_label(source), spectra=spectra, farms_spectra=farms_spectra)

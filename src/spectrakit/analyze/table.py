@@ -52,6 +52,14 @@ def _json_safe(value: Any) -> Any:
 class SpectrumTable:
     """Rows of per-matrix metrics; skipped matrices keep a row with their reason.
 
+    Args:
+        rows: one dict per matrix: its name, shape, metrics and ``status`` (``ok`` or the skip reason).
+        source: what was analyzed (a path or a model's class name), for the report's title.
+        spectra: each analyzed matrix's eigenvalues λ = σ², by name, for the report's plots.
+        farms_spectra: the FARMS-averaged ESD of each matrix, by name.
+        display: ``(column, header)`` pairs that :meth:`format` prints.
+        extra_summary: figures merged into :meth:`summary` (e.g. the Lipschitz products).
+
     >>> import spectrakit as sk, torch
     >>> table = sk.analyze(torch.nn.Linear(64, 32), progress=False)
     >>> table.rows[0]["shape"]

@@ -48,7 +48,20 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in
 class LayerReport:
     """One targeted layer: its shape, the rank kept (``full_rank`` when left dense),
     whether it was replaced, the weights before/after and the method's predicted loss
-    (sum of the dropped ``σᵢ²``)."""
+    (sum of the dropped ``σᵢ²``).
+
+    Attributes:
+        out_features: the layer's output size.
+        in_features: its input size.
+        rank: the rank kept (``full_rank`` when the layer stayed dense).
+        full_rank: ``min(out_features, in_features)``.
+        replaced: whether the layer was factorized.
+        parameters_before: the layer's weights before.
+        parameters_after: its weights after (both factors when replaced).
+        truncation_loss: the method's predicted added loss, the sum of the dropped ``σᵢ²``
+            of the (whitened or weighted) matrix.
+        relative_loss: ``truncation_loss`` over the sum of all ``σᵢ²``.
+    """
 
     out_features: int
     in_features: int
@@ -64,7 +77,24 @@ class LayerReport:
 @dataclass
 class CompressionReport:
     """What :func:`compress` did. ``parameters_*`` count the whole model (each tied
-    tensor once); ``target_parameters_*`` only the targeted weight matrices."""
+    tensor once); ``target_parameters_*`` only the targeted weight matrices.
+
+    Attributes:
+        method: the compression method.
+        allocation: how ranks were allocated (``uniform``, ``global``, …).
+        budget: the budget asked for (``ratio``, ``rank`` or ``energy``).
+        parameters_before: the model's parameters before.
+        parameters_after: the model's parameters after.
+        target_parameters_before: the targeted weight matrices' parameters before.
+        target_parameters_after: the same after compression.
+        layers: one :class:`LayerReport` per targeted layer, by name.
+        calibration_tokens: tokens the calibration statistics were formed from.
+        seconds: the whole call's wall time.
+        calibration_seconds: the part of it spent on calibration.
+        lora_loss_before: the calibration loss before ``lora_update=True`` (``None`` without it).
+        lora_loss_after: the calibration loss after it.
+        lora_seconds: the time the low-rank update took.
+    """
 
     method: str
     allocation: str
@@ -138,6 +168,10 @@ def find_layers(model: nn.Module, targets: str | Iterable[str] = "all-linear") -
     linear weight matrix (a norm, an embedding, a conv kernel, an already compressed layer)
     or a tied weight, is an error. One module registered under several names (a layer
     reused) is one target, under its first name; any of its names selects it.
+
+    Args:
+        model: the model to search.
+        targets: ``"all-linear"`` or name patterns (see above).
     """
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -22,7 +22,12 @@ from torch.nn import functional as F
 
 
 def break_even_rank(in_features: int, out_features: int) -> int:
-    """The largest rank whose two factors hold strictly fewer weights than the dense matrix."""
+    """The largest rank whose two factors hold strictly fewer weights than the dense matrix.
+
+    Args:
+        in_features: the dense layer's input size.
+        out_features: its output size.
+    """
     return (in_features * out_features - 1) // (in_features + out_features)
 
 
@@ -39,6 +44,15 @@ class LowRankLinear(nn.Module):
         up: ``Parameter`` of shape ``(out_features, rank)``.
         bias: ``Parameter`` of shape ``(out_features,)`` or ``None``.
         method: the compression method that produced it (kept for saving).
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        rank: the inner size k.
+        bias: whether the layer has a bias.
+        method: the compression method's name, saved with the layer.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,

@@ -61,7 +61,13 @@ def _hf_class(model: nn.Module) -> str | None:
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, report: CompressionReport | None = None) -> Path:
     """Write ``model`` (compressed by :func:`compress`) to the folder ``path``, atomically
-    file by file; returns the folder."""
+    file by file; returns the folder.
+
+    Args:
+        model: the compressed model.
+        path: the folder to write.
+        report: the :class:`CompressionReport`, saved beside the weights.
+    """
     from safetensors.torch import save_model
 
     folder = Path(path)
@@ -86,7 +92,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, report: Compressi
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``compress.json`` of a saved folder, checked."""
+    """The ``compress.json`` of a saved folder, checked.
+
+    Args:
+        path: the folder :func:`save_compressed` wrote.
+    """
     file = Path(path) / CONFIG
     if not file.is_file():
         raise SpectrakitError(f"{Path(path)}: no {CONFIG}; not a folder written by spectrakit save_compressed")

@@ -94,6 +94,9 @@ def reference_info() -> dict[str, Any]:
 def encode(text: str | bytes) -> torch.Tensor:
     """Text (or raw bytes) -> LongTensor of byte ids 0..255 (UTF-8 for ``str``).
 
+    Args:
+        text: a string (encoded as UTF-8) or bytes.
+
     >>> encode("hé").tolist()
     [104, 195, 169]
     """
@@ -130,6 +133,9 @@ def reference_model(dtype: torch.dtype = torch.float32):
     Built from ``config.json`` and filled from ``model.safetensors`` with
     ``safetensors.torch.load_file`` (no pickle, no network). The global torch RNG
     is left as it was.
+
+    Args:
+        dtype: the parameters' dtype (float32 by default).
 
     >>> model = reference_model()  # doctest: +SKIP
     >>> sum(p.numel() for p in model.parameters())  # doctest: +SKIP
