@@ -14,8 +14,8 @@ Two matrix-product forwards (no eigendecomposition), one backward:
     minimax scaling for a spectrum in ``[a, 1]`` (it maps both ends to the same value), with
     ``a`` tracked from a guessed lower end ``lower`` of ``λ(A_n)`` and from ``s² ≥ 1 − ‖M − I‖_F``:
     a wrong guess only costs steps, never convergence (``α ≤ √3`` keeps every ``α s`` in ``(0, √3)``). Three products
-    per step; the loop stops after the step that brings the bound ``0.375‖M − I‖_F²`` on the
-    relative error of the root to ``tol``.
+    per step; the loop stops after the step that brings ``0.375‖M − I‖²_F / √n`` (a bound on the
+    RMS relative error of the root's eigenvalues) to ``tol``.
 
 ``pade`` (matrix Padé approximant; Song et al., *Fast Differentiable Matrix Square Root*, 2022).
     With ``Z = I − A_n``, ``√(I − Z) ≈ Q_m(Z)^{-1} P_m(Z)``, the ``[m/m]`` Padé approximant of
@@ -97,14 +97,15 @@ def _residual(M: torch.Tensor, eye: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(M - eye, "fro").amax())
 
 
-def _last_step(residual: float, previous: float, tol: float) -> bool:
+def _last_step(residual: float, previous: float, tol: float, n: int) -> bool:
     """Whether the step just taken from ``‖M − I‖_F = residual`` reached ``tol``.
 
     From ``λ(M) = 1 − e`` a cubic step leaves ``1 − (3/4)e² + O(e³)``, and the root's relative
-    error is half that: at most ``0.375·residual²``. Also true once the residual stalls at
+    error is half that, ``0.375 e²`` per eigenvalue; their RMS is at most
+    ``0.375 · max|e| · RMS|e| ≤ 0.375 ‖M − I‖²_F / √n``. Also true once the residual stalls at
     the rounding floor (below 10⁻² it would otherwise square each step).
     """
-    return 0.375 * residual * residual <= tol or (residual < 1e-2 and residual > 0.5 * previous)
+    return 0.375 * residual * residual / math.sqrt(n) <= tol or (residual < 1e-2 and residual > 0.5 * previous)
 
 
 def _not_converged(owner: str, name: str, steps: int, residual: float) -> SpectrakitError:
@@ -131,7 +132,7 @@ def _newton_schulz(A_n: torch.Tensor, tol: float, max_steps: int, lower: float, 
         T = (1.5 * alpha) * eye - (0.5 * alpha ** 3) * M
         Y, Z = Y @ T, T @ Z
         a = min(1.0, 0.5 * alpha * a * (3.0 - alpha * alpha * a * a))
-        if alpha == 1.0 and _last_step(residual, previous, tol):
+        if alpha == 1.0 and _last_step(residual, previous, tol, A_n.shape[-1]):
             return Y, Z, step
     raise _not_converged("the Newton–Schulz square root", name, max_steps, residual)
 
@@ -178,7 +179,7 @@ def _lyapunov(S: torch.Tensor, G: torch.Tensor, scale: torch.Tensor, tol: float,
         BC = B @ C
         C = 0.5 * (3 * C - B @ BC + BC @ B - (C @ B) @ B)
         B = 1.5 * B - 0.5 * (B @ BB)
-        if _last_step(residual, previous, tol):
+        if _last_step(residual, previous, tol, S.shape[-1]):
             return 0.5 * C
     raise _not_converged("the square root's backward (Lyapunov) iteration", name, max_steps, residual)
 
