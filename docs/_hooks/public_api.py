@@ -77,8 +77,9 @@ def undocumented(qualname: str, value: Any) -> list[str]:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
         return []
+    skipped_kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     missing = [p.name for p in signature.parameters.values()
-               if p.name not in ("self", "cls") and not p.name.startswith("_") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               if p.name not in ("self", "cls") and not p.name.startswith("_") and p.kind not in skipped_kinds
                and not _named(p.name, context)]
     return [f"{qualname}: parameter {name!r} is not described in its docstring" for name in missing]
 
