@@ -24,7 +24,7 @@ from .errors import SpectrakitError
 
 # modules with add_parser(subparsers) that set `run` as the parser default
 COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectrakit.compress.command",
-            "spectrakit.optimize.command")
+            "spectrakit.optimize.command", "spectrakit.analyze.curvature.command")
 
 
 class _Parser(argparse.ArgumentParser):
