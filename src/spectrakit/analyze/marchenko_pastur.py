@@ -232,6 +232,9 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
     with Nelder–Mead (``scipy.optimize.fmin``, as ``scipy.optimize.brute`` does by default).
     ``λ₊ = (s (1 + 1/√Q))²``; spikes are eigenvalues above ``λ₊ + √TW``, and
     ``mp_softrank = λ₊ / λ_max`` is not clipped to 1 (weightwatcher does not clip it).
+    At ``Q = 1`` weightwatcher's quarter circle ``√(4 − x²) / (π s²)`` keeps its support at
+    ``[0, 2]`` whatever ``s``, which only sets its height; we keep that for parity, but it is
+    why this fit misses spikes of square matrices (docs/diagnose.md).
     Needs SciPy for the polish step. About 10–20 ms a matrix (weightwatcher: ~0.7 s).
     """
     try:
