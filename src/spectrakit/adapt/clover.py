@@ -166,7 +166,7 @@ class CLOVERLinear(AdaptedLinear):
 
     def _slice_maps(self) -> torch.Tensor:
         """Each block's map ``M_b`` (``λ`` folded into the tuned ones), ``n_blocks × d_h × d_h``."""
-        maps = self.transforms
+        maps: torch.Tensor = self.transforms
         if self.tuned:
             factor = torch.ones(len(self.blocks), self.head_dim, dtype=maps.dtype, device=maps.device)
             factor = factor.index_copy(0, torch.tensor(self.tuned_slots, device=maps.device), self.scales)

@@ -37,7 +37,7 @@ EXPORTABLE = ("lora", "eva", "pissa", "milora", "soma", "fourierft", "hra")
 _RESIDUAL = ("pissa", "milora", "soma")
 
 
-def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def _lora_factors(layer: Any) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """``(A', B', alpha', r')`` of a plain LoRA equal to ``layer``'s update of the *original* weight."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     if layer.method in _RESIDUAL:
@@ -74,8 +74,8 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     if methods & {"fourierft", "hra"}:
         if len(methods) > 1:
             raise SpectrakitError(f"export_peft: the model mixes methods {sorted(methods)}; PEFT holds one per folder")
-        tensors, config = (_fourierft(layers) if "fourierft" in methods else _hra(layers))
-        return _write(folder, tensors, config)
+        own_tensors, own_config = (_fourierft(layers) if "fourierft" in methods else _hra(layers))
+        return _write(folder, own_tensors, own_config)
     rslora = {bool(getattr(layer, "rslora", False)) for layer in layers.values()}
     if len(rslora) > 1:
         raise SpectrakitError("export_peft: the model mixes LoRA and rsLoRA scaling")
