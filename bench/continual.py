@@ -12,8 +12,9 @@ A task sequence of ``--tasks`` tasks on :func:`spectrakit.data.digits` (fixed sp
   (test accuracy is chance by construction and not reported).
 
 One MLP (64 → 256 → 256 → 10, ReLU) is trained with Adam for ``--steps`` steps per task,
-without any reset between tasks. Methods: none, L2 (to 0), L2 to init, Wasserstein to init
-and spectral (``SpectralPenalty``, σ₁ → 1, biases → 0), each at every ``--strengths`` λ
+without any reset between tasks. Methods: none, L2 (to 0), L2 to init, Wasserstein to init,
+spectral (``SpectralPenalty``, σ₁ → 1, biases → 0), λ-orthogonality (``LambdaOrthogonality``,
+λ = 1) and orthonormality + modulation (``orthonormal_modulation``), each at every ``--strengths`` λ
 (the loss is ``cross-entropy + λ·penalty``). After each task: the accuracy on the task's
 whole training set (*plasticity*: can the net still fit the new task?) and on the test set.
 Writes ``docs/benchmarks/regularize_continual.json`` and ``docs/img/regularize_continual.png``.
@@ -41,6 +42,10 @@ METHODS = {
     "L2-init": lambda model: sk.regularize.L2ToInit(model),
     "Wasserstein-init": lambda model: sk.regularize.WassersteinToInit(model),
     "spectral": lambda model: sk.regularize.SpectralPenalty(model, target=1.0),
+    # λ-orthogonality of every layer (λ = 1: within 1 of orthogonal in ‖WᵀW − I‖_F, free inside)
+    "lambda-orth": lambda model: sk.regularize.LambdaOrthogonality(model, lam=1.0),
+    # orthonormal re-initialization, ‖WᵀW − I‖² penalty and backward error modulation (Xie et al., 2017)
+    "orthonormal-mod": lambda model: sk.regularize.orthonormal_modulation(model)[0],
 }
 
 
@@ -121,7 +126,7 @@ def plot(runs: list[dict], rows: list[dict], path: Path, last: int) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"none": "black", "L2": "tab:blue", "L2-init": "tab:orange", "Wasserstein-init": "tab:green",
-              "spectral": "tab:red"}
+              "spectral": "tab:red", "lambda-orth": "tab:purple", "orthonormal-mod": "tab:brown"}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     panels = [("permuted", "train_acc", axes[0, 0], "permuted pixels: training accuracy (plasticity)"),
               ("permuted", "test_acc", axes[0, 1], "permuted pixels: test accuracy"),

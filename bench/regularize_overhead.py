@@ -57,6 +57,9 @@ WEIGHT_PENALTIES: dict[str, Callable] = {
     "HypersphericalEnergy": lambda m: R.HypersphericalEnergy(m),
     "CauchySchwarzOrthogonality": lambda m: R.CauchySchwarzOrthogonality(m),
     "LipschitzPenalty (Gram, 6 it.)": lambda m: R.LipschitzPenalty(m),
+    "LambdaOrthogonality (λ=1)": lambda m: R.LambdaOrthogonality(m, lam=1.0),
+    "CauchySchwarzDiscrete binary": lambda m: R.CauchySchwarzDiscrete(m, "binary"),
+    "CauchySchwarzDiscrete ternary": lambda m: R.CauchySchwarzDiscrete(m, "ternary"),
 }
 # applied through the optimizer (Penalty.attach) instead of the loss: same update
 ATTACHED: dict[str, Callable] = {
@@ -65,6 +68,11 @@ ATTACHED: dict[str, Callable] = {
 FEATURE_LOSSES = {
     "VNE (hidden features)": lambda: R.VNE(),
     "VICReg (hidden features)": lambda: R.VICReg(),
+    "LDReg (hidden features, k=64)": lambda: R.LDReg(k=64),
+}
+# recipes that change more than the loss: orthonormal start + penalty + backward-error hooks
+RECIPES = {
+    "orthonormal_modulation (penalty + backward hooks)": lambda m: R.orthonormal_modulation(m)[0],
 }
 PARAMETRIZATIONS = {
     "torch spectral_norm (anchor)": lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
@@ -82,6 +90,8 @@ def make_step(kind: str, name: str, batch: tuple[torch.Tensor, torch.Tensor]) ->
     penalty = feature_loss = None
     if kind == "weights":
         penalty = WEIGHT_PENALTIES[name](model)
+    elif kind == "recipe":
+        penalty = RECIPES[name](model)
     elif kind == "attached":
         attached = ATTACHED[name](model)
     elif kind == "parametrization":
@@ -133,7 +143,7 @@ def measure(batch_size: int, rounds: int, steps: int, only: list[str] | None = N
     idx = torch.randint(0, len(y), (batch_size,), generator=g)
     batch = (X[idx], y[idx])
     configs = ([("anchor", "plain torch step")] + [("weights", n) for n in WEIGHT_PENALTIES]
-               + [("attached", n) for n in ATTACHED]
+               + [("attached", n) for n in ATTACHED] + [("recipe", n) for n in RECIPES]
                + [("features", n) for n in FEATURE_LOSSES] + [("jacobian", "JacobianPenalty (1 projection)")]
                + [("parametrization", n) for n in PARAMETRIZATIONS])
     if only:
