@@ -58,11 +58,34 @@ RUNS = [
     ("spectral rot", "sk", "spectral", {"variant": "rotational", "rank": 32}),
     ("hra", "sk", "hra", {}),
     ("fourierft", "sk", "fourierft", {}),
+    ("asymmetric", "sk", "asymmetric", {}),
+    ("lorma", "sk", "lorma", {}),
+    ("qgoft", "sk", "qgoft", {"rank": 1}),
+    ("ba-lora", "sk", "ba-lora", {}),
+    ("sst", "sk", "sst", {}),
+    ("sara", "sk", "sara", {}),
+    ("soda", "sk", "soda", {}),
+    ("dota", "sk", "dota", {}),
+    ("clover", "sk", "clover", {}),
+    ("lq-lora", "sk", "lq-lora", {}),
     ("peft lora", "peft", "lora", {}),
     ("peft pissa", "peft", "pissa_niter_4", {}),
     ("full", "full", "full", {}),
 ]
 SORSA_GAMMA = 4e-4
+#: adapter_penalty weights: SORSA's γ, BA-LoRA's three terms, qGOFT's soft orthogonality, SaRA's nuclear norm
+PENALTY = {"sorsa": SORSA_GAMMA, "ba-lora": 1e-3, "qgoft": 1e-3, "sara": 1e-4}
+SST_ROUND = 25  # steps between SST's re-drawn singular vectors
+
+
+def _sst_rounds(model, batches, every: int):
+    """Feed ``batches`` and end an SST round every ``every`` of them (between optimizer steps)."""
+    from spectrakit.adapt.sst import resample_vectors
+
+    for index, batch in enumerate(batches):
+        if index and index % every == 0:
+            resample_vectors(model)
+        yield batch
 
 
 def _rss_mib() -> float:
@@ -103,8 +126,10 @@ def finetune_run(label: str, kind: str, method: str, options: dict, rank: int, s
     trainable = sk.trainable_parameters(model)
     curve = [(0, bits_per_byte(model, heldout))]
     rss_before = _rss_mib()
-    log = finetune(model, data.byte_batches(train, batch_size, seq_len, seed=0, steps=steps), lr,
-                   penalty_weight=SORSA_GAMMA if method == "sorsa" else 0.0,
+    batches = data.byte_batches(train, batch_size, seq_len, seed=0, steps=steps)
+    if method == "sst":
+        batches = _sst_rounds(model, batches, SST_ROUND)
+    log = finetune(model, batches, lr, penalty_weight=PENALTY.get(method, 0.0) if kind == "sk" else 0.0,
                    eval_every=1, evaluate=_evaluator(heldout, eval_at, bits_per_byte))
     curve += [(s, v) for s, v in log.evals if v is not None]
     return {
@@ -270,10 +295,12 @@ def run_step_time(args) -> dict:
             r=rank, lora_alpha=rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
             lora_dropout=0.0)),
     }
-    for method in ("lora", "pissa", "milora", "eva", "svfit", "sorsa"):
-        options = {"calibration": [tokens[:1, :64]]} if method == "eva" else {}
-        models[f"spectrakit {method}"] = (lambda m=method, o=options: sk.adapt(copy.deepcopy(base), m, rank=rank,
-                                                                               **o))
+    methods = args.step_methods or ("lora", "pissa", "milora", "eva", "svfit", "sorsa")
+    for method in methods:
+        options: dict = {"calibration": [tokens[:1, :64]]} if method == "eva" else {}
+        method_rank = 1 if method == "qgoft" else rank  # qGOFT's rank counts sweeps of d − 1 rotations
+        models[f"spectrakit {method}"] = (lambda m=method, o=options, r=method_rank:
+                                          sk.adapt(copy.deepcopy(base), m, rank=r, **o))
     times = {}
     for label, build in models.items():
         times[label] = best_of(stepper(build()), args.repeats)[0]
@@ -307,6 +334,8 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=2)
     parser.add_argument("--step-seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-methods", type=lambda s: s.split(","), default=None,
+                        help="spectrakit methods timed in part 3 (default: the LoRA-shaped first-half ones)")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--skip-init", action="store_true")
     parser.add_argument("--skip-step", action="store_true")

@@ -21,7 +21,9 @@ from .api import adapter_penalty
 #: train a few singular values or spectral coefficients need larger steps.
 DEFAULT_LR = {"lora": 2e-3, "pissa": 2e-3, "milora": 2e-3, "soma": 2e-3, "eva": 2e-3, "salt": 2e-3,
               "sorsa": 2e-3, "spectral": 2e-3, "hra": 2e-3, "svfit": 1e-2, "svft": 1e-2,
-              "fourierft": 5e-2, "full": 3e-4}
+              "fourierft": 5e-2, "full": 3e-4,
+              "asymmetric": 2e-3, "lorma": 2e-3, "qgoft": 1e-2, "ba-lora": 2e-3, "sst": 2e-3, "sara": 2e-3,
+              "soda": 1e-2, "dota": 2e-3, "clover": 1e-2, "lq-lora": 2e-3}
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
