@@ -62,8 +62,8 @@ def orthogonalize(W: torch.Tensor, steps: int = 5, coefficients: str = "cubic", 
     if scale not in ("gram", "frobenius"):
         raise SpectrakitError(f"scale={scale!r} is not one of gram, frobenius")
     X = as_matrix(W, dtype, check_finite=check_finite)
-    wide = X.shape[-2] < X.shape[-1]
-    if wide:  # iterate on the side with the smaller Gram matrix
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:  # iterate on the wide side, where X Xᵀ is the smaller Gram matrix (and the faster product)
         X = transpose(X)
     if scale == "gram":
         with torch.no_grad():
@@ -73,13 +73,13 @@ def orthogonalize(W: torch.Tensor, steps: int = 5, coefficients: str = "cubic", 
         X = X / torch.linalg.vector_norm(X, dim=(-2, -1)).clamp_min(eps)[..., None, None]
     fused = X.ndim == 2 and not (X.requires_grad and torch.is_grad_enabled())
     for _ in range(steps):
-        gram = transpose(X) @ X
+        gram = X @ transpose(X)
         if coefficients == "cubic":
-            X = 1.5 * X - 0.5 * (X @ gram)
-        elif fused:  # b·G + c·G², then a·X + X(…), each one rounding, as in Muon's reference code
+            X = 1.5 * X - 0.5 * (gram @ X)
+        elif fused:  # b·G + c·G², then a·X + (…)X, each one rounding, as in Muon's reference code
             a, b, c = _MUON
-            X = torch.addmm(X, X, torch.addmm(gram, gram, gram, beta=b, alpha=c), beta=a)
+            X = torch.addmm(X, torch.addmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
         else:
             a, b, c = _MUON
-            X = a * X + X @ (b * gram + c * (gram @ gram))
-    return transpose(X) if wide else X
+            X = a * X + (b * gram + c * (gram @ gram)) @ X
+    return transpose(X) if tall else X
