@@ -8,7 +8,9 @@ prints one line and exits with status 2; Ctrl-C exits with 130. No traceback
 reaches the user. A verb with an ``--out`` option (a folder, unless its parser sets the
 default ``out_is_file=True``) has it checked for writability before its ``run`` starts
 (:func:`spectrakit._atomic.check_writable_folder`), so no work is lost to a bad ``--out``;
-numeric options are range-checked while parsing (:mod:`spectrakit._argtypes`).
+numeric options are range-checked while parsing (:mod:`spectrakit._argtypes`). A
+:class:`~spectrakit.errors.SpectrakitWarning` raised during the work prints as one
+``spectrakit: warning: …`` line.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
+from typing import NoReturn
 
 from ._atomic import check_writable_folder
-from .errors import SpectrakitError
+from .errors import SpectrakitError, SpectrakitWarning
 
 # modules with add_parser(subparsers) that set `run` as the parser default
 COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectrakit.compress.command",
@@ -28,8 +33,17 @@ COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectraki
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the usage block
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
         raise SpectrakitError(f"{self.prog}: {message}")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """One ``spectrakit: warning: …`` line for our warnings; Python's usual form for the rest."""
+    if issubclass(category, SpectrakitWarning):
+        print(f"spectrakit: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "out", None) is not None:
             out = Path(args.out)
             check_writable_folder(out.parent if getattr(args, "out_is_file", False) else out)
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SpectrakitWarning)
+            warnings.showwarning = _show_warning
+            return run(args)
     except SpectrakitError as error:
         print(f"spectrakit: error: {error}", file=sys.stderr)
         return 2

@@ -14,3 +14,10 @@ class SpectrakitError(Exception):
 class NonFiniteError(SpectrakitError):
     """A tensor holds NaN or Inf values (a :class:`SpectrakitError`, so callers that
     only report errors need not know it; callers that skip such tensors can catch it)."""
+
+
+class SpectrakitWarning(UserWarning):
+    """Something was accepted but probably not what was meant (a fixed ``xmin`` outside a
+    spectrum, two unrelated models compared, conv layers left out): the work went on, and
+    the message says what happened. The command line prints it as one
+    ``spectrakit: warning: …`` line."""

@@ -44,8 +44,11 @@ EVALS_THRESH = 1e-5
 #: below this many eigenvalues, the small-N estimator is used (weightwatcher's cutoff)
 SMALL_N = 20
 _SMALL_N_MIN_TAIL = 8
-# Elements of the (candidates × eigenvalues) matrix evaluated at once.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements of the (candidates × eigenvalues) matrix evaluated at once: small enough that a chunk
+# stays in cache through its five passes, and that chunks follow the triangle j ≥ i closely (one
+# chunk of all rows would also evaluate the lower half). 1 << 16 fits 2 048 eigenvalues in 4×
+# less CPU time than 1 << 22, 8 192 in 3× less; the values are the same.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ def fit_power_law(eigenvalues: torch.Tensor, *, xmin: str | float = "ks",
         thresh: eigenvalues ``≤ thresh`` are dropped first, as weightwatcher does.
 
     Returns:
-        A :class:`PowerLawFit`; all-NaN when fewer than two eigenvalues remain or the
-        spectrum is flat.
+        A :class:`PowerLawFit`; all-NaN when fewer than two eigenvalues remain (a fixed
+        ``xmin`` above all but one eigenvalue leaves no tail) or the spectrum is flat.
     """
     data = eigenvalues.detach().to(torch.float64).flatten()
     data = data[data > thresh].sort().values
@@ -91,7 +94,9 @@ def fit_power_law(eigenvalues: torch.Tensor, *, xmin: str | float = "ks",
         return _fit_from(data, count // 2)
     if not isinstance(xmin, str):
         start = int(torch.searchsorted(data, torch.tensor(float(xmin), dtype=torch.float64)))
-        return _fit_from(data, min(start, count - 2))
+        if count - start < 2:  # x_min above all but one eigenvalue: no tail to fit
+            return PowerLawFit.failed()
+        return _fit_from(data, start)
     if xmin != "ks":
         raise SpectrakitError(f"xmin={xmin!r}: expected 'ks', 'median' or a number")
     if count < SMALL_N:
