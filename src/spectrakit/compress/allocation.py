@@ -149,10 +149,11 @@ def layer_type(name: str, layer: LayerShape) -> str:
 
 def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[str, float]:
     """Per-layer ratios after SVD-LLM V2: within each type (:func:`layer_type`), a layer's
-    ratio is proportional to ``1 / log(1 + Lᵢ / L̄)``, with ``Lᵢ = (Σ_{j>k} σⱼ²)^{1/2}`` its
-    theoretical truncation loss at the uniform rank ``k`` and ``L̄`` the type's mean loss
-    (the paper normalizes the inverse of the log loss; dividing by ``L̄`` first keeps the
-    logarithm positive for losses below 1), and clipped to what the layer can take: no
+    ratio is proportional to ``1 / log(e · Lᵢ / L_min)``, with ``Lᵢ = (Σ_{j>k} σⱼ²)^{1/2}`` its
+    theoretical truncation loss at the uniform rank ``k`` and ``L_min`` the type's smallest
+    nonzero one (the paper normalizes the inverse of the log loss; scaling by ``e / L_min``
+    first makes every logarithm at least 1, whatever the losses' units, so the spread of the
+    ratios grows only with the log of the losses' spread), and clipped to what the layer can take: no
     less than 0 (dense) and no more than rank 1 — or, for a layer whose loss is zero, the
     rank where its loss stays zero. The clipped ratios are rescaled (a bisection on the
     common factor) so that each type's ratios, weighted by the layers' sizes, average
@@ -184,8 +185,8 @@ def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[st
         sizes = {name: layers[name].dense for name in names}
         target = ratio * sum(sizes.values())
         finite = [loss[n] for n in names if loss[n] > 0]
-        mean = sum(finite) / len(finite) if finite else 1.0
-        score = {n: (math.inf if loss[n] == 0 else 1 / math.log1p(loss[n] / mean)) for n in names}
+        smallest = min(finite) if finite else 1.0
+        score = {n: (math.inf if loss[n] == 0 else 1 / (1 + math.log(loss[n] / smallest))) for n in names}
 
         def spread(scale: float, score: dict[str, float] = score, lowest: dict[str, float] = lowest,
                    highest: dict[str, float] = highest) -> dict[str, float]:
