@@ -205,3 +205,9 @@ def test_fedsvd_clients_train_only_b_and_the_round_is_exact() -> None:
             assert torch.allclose(layer.delta_weight().double(), mean[name], atol=1e-6)
     with pytest.raises(SpectrakitError, match="FedSVD needs 'lora' adapters"):
         federated_round(sk.adapt(gpt2(), "svfit", rank=2), clients)
+
+
+def test_a_bias_changing_adapter_is_refused() -> None:
+    clover = sk.adapt(gpt2(), "clover")
+    with pytest.raises(SpectrakitError, match="clover also changes the bias of layer transformer.h.0.attn.c_attn"):
+        merge_adapters(gpt2(), [clover])

@@ -76,6 +76,9 @@ def task_vector(layer: Any, name: str, config: dict[str, Any], tensors: dict[str
         raise SpectrakitError(f"{label}: base weight of layer {name} differs from the model's "
                               "(adapters of different bases cannot be merged)")
     cls = get_method(config["method"])
+    if cls.method == "clover" and getattr(layer, "bias", None) is not None:
+        raise SpectrakitError(f"{label}: clover also changes the bias of layer {name}, which a weight update "
+                              "cannot carry; merge that adapter with spectrakit.merge instead")
     adapter: Any = cls(copy.deepcopy(layer), name=name, **config["layers"][name])
     for key, target in adapter.trainable().items():
         value = tensors.get(f"{name}.{key}")
