@@ -120,3 +120,31 @@ def test_an_empty_matrix_is_skipped_as_empty():
     reasons = {row["name"]: row["reason"] for row in table}
     assert reasons["empty.weight"] == "empty 0x5 matrix: it has no singular values"
     assert "single singular value" in reasons["row.weight"]
+
+
+class _Tripwire:
+    """Unpickling this creates a file: proof that a loader unpickled it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "plain-pickle"])
+def test_pickle_refusal_says_spectrakit_never_unpickles_and_how_to_convert(tmp_path, capsys, kind):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "evil.pt"
+    payload = {"w": torch.zeros(2, 2), "trap": _Tripwire(str(marker))}
+    if kind == "torch-zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    assert main(["analyze", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never unpickles" in err[0] and "save_file(" in err[0] and "evil.safetensors" in err[0]
+    assert "add_safe_globals" not in err[0] and "Re-running" not in err[0]
+    assert not marker.exists()

@@ -328,9 +328,12 @@ def _torch_load(path: Path) -> object:
             # Zip checkpoints can be memory-mapped: tensor bytes stay on disk until used.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
+        # not torch's advice to load with weights_only=False: spectrakit never does
         raise SpectrakitError(
-            f"{path}: refused to load: not a weights-only checkpoint "
-            f"({_weights_only_reason(error)})"
+            f"{path}: refused to load: it holds more than tensors ({_weights_only_reason(error)}), and "
+            "spectrakit never unpickles other objects. If you trust the file, convert it to safetensors once, "
+            f"in your own Python: safetensors.torch.save_file(torch.load('{path}', weights_only=False), "
+            f"'{path.with_suffix('.safetensors').name}') (a state dict of tensors), then analyze that file"
         ) from error
     except Exception as error:  # RuntimeError, EOFError, ...: corrupt or truncated
         raise SpectrakitError(
@@ -343,9 +346,10 @@ def _weights_only_reason(error: BaseException) -> str:
     text = str(error)
     marker = "WeightsUnpickler error:"
     if marker in text:
-        reason = one_line(ValueError(text.split(marker, 1)[1]))
-        return reason.split(". ", 1)[0]
-    return one_line(error)
+        text = text.split(marker, 1)[1]
+    # the first sentence, without torch's own advice (add_safe_globals, weights_only=False)
+    reason = one_line(ValueError(text)).split(". ", 1)[0]
+    return reason if "weights_only" not in reason else "an object that is not a tensor"
 
 
 def _tensors_of(obj: object, source: str) -> dict[str, torch.Tensor]:
