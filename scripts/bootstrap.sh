@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install spectrakit into it.
 #   scripts/bootstrap.sh [EXTRAS]      e.g. scripts/bootstrap.sh dev
-# A torch that is already importable (for instance a CUDA build in the system
-# site-packages) is kept; otherwise the pinned CPU-friendly torch 2.13.0 is installed.
+# A CUDA torch the system Python already imports is reused: torch and its CUDA runtime
+# (nvidia-*, triton) are linked into the venv by scripts/link_system_torch.py, and nothing
+# else of the system's packages is visible there, so numpy and the rest are installed
+# into the venv (a --system-site-packages venv saw the system's numpy and failed for a
+# non-root user). Otherwise the pinned CPU-friendly torch 2.13.0 is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SPECTRAKIT_VENV:-.venv}"
@@ -10,7 +13,10 @@ PYTHON="${PYTHON:-python3}"
 EXTRAS="${1:-}"
 
 if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv --system-site-packages "$VENV"
+    "$PYTHON" -m venv "$VENV"
+    SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$PYTHON" scripts/link_system_torch.py "$SITE" \
+        || echo "bootstrap: could not link the system torch; installing one" >&2
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
