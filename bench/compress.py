@@ -4,6 +4,7 @@ Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--wi
                                [--repeats 3] [--gpt2-repeats 1] [--llama1b-repeats 1]
                                [--json docs/benchmarks/compress.json]
                                [--plot docs/img/compress_bpb.png] [--timing-only] [--memory-only]
+      python bench/compress.py --second-half [--lora-lr 1e-3] [--ratios …] [--repeats 3]
 
 On the bundled reference model (byte-level Llama pretrained on Python code), in one
 process:
@@ -20,6 +21,12 @@ process:
    ``svd``; ``svd-llm``'s time as the calibration set grows; and the same timings on two
    larger random models (a 768-wide Llama, GPT-2 small's architecture, one layer of
    Llama-3.2-1B's shape).
+3. ``--second-half``: every method of the second half too (``gfwsvd``, ``svd-llm-v2``)
+   with ``uniform`` and ``global`` allocation, each with and without ``lora_update``;
+   svd-llm-v2's ``heterogeneous`` and asvd's ``sensitivity`` allocation; ``monarch`` and
+   ``btt`` at low rank's parameters; and each method's time at ratio 0.3 against its floor
+   (plain svd + the plain forward over the calibration batches, + one backward for
+   fwsvd/gfwsvd), measured round by round.
 """
 
 from __future__ import annotations
@@ -157,6 +164,139 @@ def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats
             for label, times in runs.items()]
 
 
+ALL_METHODS = ("svd", "asvd", "fwsvd", "gfwsvd", "svd-llm", "svd-llm-v2")
+FISHER = ("fwsvd", "gfwsvd")
+
+
+def second_half_configs(ratios: list[float]) -> list[dict]:
+    """Every method × uniform/global × with/without lora_update; svd-llm-v2's heterogeneous and
+    asvd's sensitivity allocation (with and without lora); Monarch and BTT at low rank's budget."""
+    configs = []
+    for ratio in ratios:
+        for method in ALL_METHODS:
+            allocations = [*ALLOCATIONS, *(["heterogeneous"] if method == "svd-llm-v2" else []),
+                           *(["sensitivity"] if method == "asvd" else [])]
+            for allocation in allocations:
+                for lora in (False, True):
+                    configs.append({"method": method, "allocation": allocation, "ratio": ratio, "lora_update": lora})
+        for structure in ("monarch", "btt"):
+            configs.append({"method": structure, "allocation": "uniform", "ratio": ratio, "lora_update": False})
+    return configs
+
+
+def floor_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
+    """Each method at ratio 0.3 (uniform) against its floor, interleaved round by round: plain svd's
+    time plus the plain forward over the calibration batches (plus one backward for fwsvd/gfwsvd)."""
+    from spectrakit.adapt.train import lm_loss
+
+    runs: dict[str, list[float]] = {m: [] for m in ALL_METHODS}
+    runs.update({"forward": [], "forward+backward": []})
+    for _ in range(repeats):
+        for method in ALL_METHODS:
+            runs[method].append(timed_compress(base, method=method, ratio=0.3, calibration=calib,
+                                               allocation="uniform")[2])
+        with torch.no_grad():
+            start = time.perf_counter()
+            for batch in calib:
+                base(batch)
+            runs["forward"].append(time.perf_counter() - start)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        for batch in calib:  # the loss the Fisher methods differentiate, one backward per batch
+            lm_loss(model, torch.cat([batch, batch[:, -1:]], dim=1)).backward()
+        runs["forward+backward"].append(time.perf_counter() - start)
+    best = {label: min(times) for label, times in runs.items()}
+    timing = {}
+    for method in ALL_METHODS:
+        floor = best["svd"] + best["forward+backward" if method in FISHER else "forward"]
+        timing[method] = {"seconds": best[method], "floor_seconds": floor, "vs_floor": best[method] / floor,
+                          "vs_svd": best[method] / best["svd"]}
+    timing["floor"] = {"svd": best["svd"], "forward": best["forward"], "forward+backward": best["forward+backward"]}
+    return timing
+
+
+def second_half(args: argparse.Namespace, ratios: list[float]) -> None:
+    """``--second-half``: the configurations of :func:`second_half_configs` and :func:`floor_timing`."""
+    base = sk.reference_model()
+    calib = calibration(args.calib)
+    windows = {"code": data.eval_windows(data.code_corpus("validation"), SEQ_LEN, args.windows),
+               "docs": data.eval_windows(data.docs_corpus("validation"), SEQ_LEN, args.windows)}
+    dense = {corpus: bits_per_byte(base, w) for corpus, w in windows.items()}
+    print(f"machine: {machine()}\ndense: code {dense['code']:.4f}, docs {dense['docs']:.4f}", flush=True)
+    from spectrakit._atomic import atomic_write
+
+    def save(extra: dict) -> None:
+        with atomic_write(args.json) as handle:
+            json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
+                       "calibration_sequences": args.calib, "eval_windows": args.windows, "lora_lr": args.lora_lr,
+                       "lora_epochs": args.lora_epochs, **extra}, handle, indent=1)
+
+    results: list[dict] = []
+    for config in second_half_configs(ratios):
+        extra = {"lora_lr": args.lora_lr, "lora_epochs": args.lora_epochs} if config["lora_update"] else {}
+        if config["allocation"] == "sensitivity":
+            extra["search_batches"] = 1
+        kwargs = {k: v for k, v in config.items() if k != "lora_update" or v}
+        model, report, seconds, notes = timed_compress(base, calibration=calib, **kwargs, **extra)
+        row = {**config, "achieved_ratio": report.ratio, "parameters_after": report.parameters_after,
+               "seconds": seconds, "lora_seconds": report.lora_seconds,
+               **{f"bpb_{c}": bits_per_byte(model, w) for c, w in windows.items()},
+               "lora_loss_before": report.lora_loss_before, "lora_loss_after": report.lora_loss_after,
+               "ranks": report.ranks, "warnings": notes}
+        results.append(row)
+        print(f"{config['ratio']:.0%} {config['method']:10s} {config['allocation']:13s} "
+              f"{'lora' if config['lora_update'] else '    '} code {row['bpb_code']:.4f} docs {row['bpb_docs']:.4f} "
+              f"removed {report.ratio:.3f} ({seconds:.2f} s)", flush=True)
+        save({"partial": True, "results": results})  # a run cut short keeps what it measured
+    timing = floor_timing(base, calib, args.repeats) if args.repeats else {}
+    if timing:
+        print("\n### time at ratio 0.3 against the floor\n")
+        print(markdown_table(["method", "seconds", "floor", "× floor", "× plain svd"],
+                             [[m, f"{t['seconds']:.3f}", f"{t['floor_seconds']:.3f}", f"{t['vs_floor']:.2f}",
+                               f"{t['vs_svd']:.2f}"] for m, t in timing.items() if m != "floor"]))
+        print(f"floor parts: {timing['floor']}")
+    llama_1b = {}
+    if args.llama1b_repeats:
+        layer, calib16 = llama_1b_layer(), calibration(16)
+        for method in ("svd", "svd-llm"):
+            runs = [timed_compress(layer, method=method, ratio=0.3, calibration=calib16)[2]
+                    for _ in range(args.llama1b_repeats)]
+            llama_1b[method] = min(runs)
+        llama_1b["svd-llm vs svd"] = llama_1b["svd-llm"] / llama_1b["svd"]
+        print(f"Llama-3.2-1B-shaped layer: {llama_1b}")
+    save({"results": results, "timing_vs_floor": timing, "timing_llama_1b_layer": llama_1b})
+    plot_second_half(results, dense, Path(args.plot))
+    print(f"\nwrote {args.json} and {args.plot}")
+
+
+def plot_second_half(results: list[dict], dense: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+    colors = dict(zip((*ALL_METHODS, "monarch", "btt"), ("tab:gray", "tab:orange", "tab:green", "tab:olive",
+                                                          "tab:blue", "tab:purple", "tab:red", "tab:brown")))
+    for ax, lora in zip(axes, (False, True)):
+        for method, color in colors.items():
+            for allocation, style in (("uniform", "--"), ("global", "-"), ("heterogeneous", ":"),
+                                      ("sensitivity", "-.")):
+                rows = [r for r in results if r["method"] == method and r["allocation"] == allocation
+                        and r["lora_update"] == lora]
+                if rows:
+                    ax.plot([100 * r["ratio"] for r in rows], [r["bpb_code"] - dense["code"] for r in rows], style,
+                            marker="o", markersize=3, color=color, label=f"{method} {allocation}")
+        ax.set_title(f"held-out code, {'with' if lora else 'without'} lora_update (dense {dense['code']:.4f})")
+        ax.set_xlabel("targeted weights removed (%)")
+        ax.set_ylabel("bits/byte above the dense model")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2, loc="upper left")
+    fig.suptitle("spectrakit.compress, second half, on the reference model")
+    save_figure(fig, path, dpi=120)
+
+
 def plot(results: list[dict], dense: dict[str, float], path: Path) -> None:
     import matplotlib
 
@@ -197,8 +337,20 @@ def main() -> None:
                         help="only the peak memory growth of each method on GPT-2 small (fresh process each)")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time of each method at ratio 0.3 (interleaved rounds); writes no JSON or plot")
+    parser.add_argument("--second-half", action="store_true",
+                        help="every method with and without lora_update, the new allocations, Monarch/BTT and the "
+                             "time against each method's floor (writes --json, default compress_second.json)")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="lora_update's learning rate (--second-half)")
+    parser.add_argument("--lora-epochs", type=int, default=2, help="lora_update's passes per side (--second-half)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    if args.second_half:
+        if args.json == "docs/benchmarks/compress.json":
+            args.json = "docs/benchmarks/compress_second.json"
+        if args.plot == "docs/img/compress_bpb.png":
+            args.plot = "docs/img/compress_second_bpb.png"
+        second_half(args, ratios)
+        return
 
     if args.memory_only:
         print(f"machine: {machine()}\n")
