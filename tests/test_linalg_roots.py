@@ -185,3 +185,11 @@ def test_sparse_incremental_svd_truncated_matches_brand_update():
     assert torch.allclose(tracker.S, S_brand, atol=1e-11)
     with pytest.raises(SpectrakitError, match="columns: 119 rows"):
         tracker.update(torch.zeros(119, 2, dtype=D))
+
+
+def test_sparse_incremental_svd_all_zero_block_adds_nothing():
+    A = torch.randn(50, 10, dtype=D, generator=torch.Generator().manual_seed(4))
+    tracker = sk.linalg.SparseIncrementalSVD.from_matrix(A, k=30).update(torch.zeros(50, 4, dtype=D))
+    assert tracker.S.shape == (10,)
+    grown = torch.cat([A, torch.zeros(50, 4, dtype=D)], 1)
+    assert torch.allclose(tracker.U * tracker.S @ tracker.Vh, grown, atol=1e-12)

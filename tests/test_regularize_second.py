@@ -364,3 +364,20 @@ def test_sinder_bad_input():
         neighbor_loss(torch.randn(1, 16, 4), (2, 8), torch.randn(4))
     with pytest.raises(SpectrakitError, match="no nn.Linear"):
         sk.regularize.singular_value_finetune([nn.ReLU()])
+
+
+def test_sinder_reads_hugging_face_vit_layers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=8, patch_size=2, num_channels=1)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config).eval()
+    layers = [m for m in model.modules() if type(m).__name__ == "ViTLayer"]
+    with torch.no_grad():
+        hidden = model(torch.randn(2, 1, 8, 8), output_hidden_states=True).hidden_states
+    report = singular_defects(layers, 32, tokens=hidden, samples=512)
+    assert len(report.directions) == 2 and report.defective == []  # a random ViT has no planted defect
+    A = sk.regularize.block_linearization(layers[0], 32, samples=512)
+    assert A.shape == (32, 32)
+    # a pre-norm residual block: the identity path dominates its linearization
+    assert float(torch.linalg.svdvals(A - torch.eye(32, dtype=A.dtype))[0]) < float(torch.linalg.svdvals(A)[-1])

@@ -42,12 +42,20 @@ from ..errors import SpectrakitError
 from ..linalg import svd
 
 
+def _first(output: object) -> torch.Tensor:
+    """A block's hidden states: Hugging Face layers return a tuple whose first entry they are."""
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def block_linearization(block: nn.Module, dim: int, *, samples: int = 4096, seed: int = 0) -> torch.Tensor:
     """``A`` (``dim × dim``) with ``block(x) ≈ A x + c`` in least squares over Gaussian single tokens.
 
     Args:
-        block: maps ``(batch, tokens, dim)`` (or ``(batch, dim)``) to the same shape.
+        block: maps ``(batch, tokens, dim)`` (or ``(batch, dim)``) to the same shape; a tuple
+            output (Hugging Face layers) is read at its first entry.
         dim: the token width.
         samples: how many random tokens.
         seed: the tokens' seed.
@@ -58,11 +66,13 @@ def block_linearization(block: nn.Module, dim: int, *, samples: int = 4096, seed
     X = torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     X = X.to(dtype=dtype, device=device)
     try:
-        Y = block(X[:, None, :])[:, 0, :]
+        Y = _first(block(X[:, None, :]))[:, 0, :]
     except (RuntimeError, IndexError, ValueError):
-        Y = block(X)
-    if Y.shape != X.shape:
-        raise SpectrakitError(f"block_linearization: the block maps {dim}-wide tokens to shape {tuple(Y.shape)}")
+        Y = _first(block(X))
+    if not isinstance(Y, torch.Tensor) or Y.shape != X.shape:
+        shape = tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__
+        raise SpectrakitError(f"block_linearization: the block maps {dim}-wide tokens to {shape}, not to tokens "
+                              "of the same width")
     design = torch.cat([X, torch.ones(samples, 1, dtype=X.dtype, device=X.device)], dim=1).double()
     solution = torch.linalg.lstsq(design, Y.double()).solution  # (dim + 1) × dim
     return solution[:dim].mT.contiguous()
