@@ -339,6 +339,7 @@ def test_sinder_finds_the_planted_block_and_repair_shrinks_the_defect():
     report = singular_defects(list(vit.blocks), 32, tokens=tokens, samples=4096)
     assert report.defective == [1]
     assert abs(float(report.directions[1] @ u.double())) > 0.95
+    assert report.layers[1][0][0] == "fc2" and report.layers[1][0][1] > 0.95  # the planted layer
     assert report.gaps[1] > 3 * max(report.gaps[0], report.gaps[2])
 
     def defect(vit):

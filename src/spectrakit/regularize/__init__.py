@@ -47,6 +47,7 @@ from .sinder import (
     DefectReport,
     SingularValueShift,
     block_linearization,
+    defect_layers,
     neighbor_loss,
     sinder_repair,
     singular_defects,
@@ -60,8 +61,8 @@ from .vne import VNE
 __all__ = [
     "ApproximateOrthonormality", "CauchySchwarzDiscrete", "CauchySchwarzEigenvector", "CompatibleMap",
     "DefectReport", "LDReg", "LambdaOrthogonality", "LowRankLinear", "SingularValueShift",
-    "backward_modulation", "block_linearization", "neighbor_loss", "orthonormal_init_", "orthonormal_modulation",
-    "singular_defects", "singular_value_finetune", "sinder_repair",
+    "backward_modulation", "block_linearization", "defect_layers", "neighbor_loss", "orthonormal_init_",
+    "orthonormal_modulation", "singular_defects", "singular_value_finetune", "sinder_repair",
     "CauchySchwarzOrthogonality", "HypersphericalEnergy", "INTL", "JacobianPenalty", "L2Penalty", "L2ToInit",
     "LipschitzPenalty", "NuclearNormPenalty", "OrthogonalConvPenalty", "Penalty", "SoftOrthogonality",
     "SpectralPenalty", "VICReg", "VNE", "WassersteinToInit", "learnable_multipliers",

@@ -13,7 +13,8 @@ vector of ``A_l ⋯ A_1``, and a block whose own ``A_l`` has a dominant singular
   the accumulated direction, and — given real tokens — how far the block raises the largest token
   norm over the median one and how well the high-norm tokens align with ``u_l``.
   :attr:`DefectReport.defective` lists the blocks that both create outlier tokens and align them
-  with their own leading direction.
+  with their own leading direction; :attr:`DefectReport.layers` ranks each such block's Linear
+  layers by how well their own leading left singular vector matches it (:func:`defect_layers`).
 * :func:`singular_value_finetune` — the paper's repair parametrization: each selected Linear's
   weight becomes ``U diag(σ + ε) Vᵀ`` (SVD from :func:`spectrakit.linalg.svd`) with only ``ε``
   trained (``ε = 0`` at the start, so the model is unchanged).
@@ -88,6 +89,25 @@ class DefectReport:
     outlier_gain: list[float] = field(default_factory=list)  # (max/median token norm) out ÷ in
     alignment: list[float] = field(default_factory=list)     # |cos(u_l, largest output token)|
     defective: list[int] = field(default_factory=list)       # blocks that make the defect
+    # per defective block: (layer name, |cos(u₁(W), u_l)|, σ₁/σ₂ of W) for its Linear layers that
+    # write into the token width, most aligned first — the layer whose leading direction it is
+    layers: dict[int, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+
+def defect_layers(block: nn.Module, direction: torch.Tensor) -> list[tuple[str, float, float]]:
+    """The Linear layers of ``block`` that write ``direction``-wide outputs, ranked by how well
+    their leading left singular vector aligns with ``direction``: ``(name, |cos|, σ₁/σ₂)``.
+
+    Args:
+        block: one transformer block.
+        direction: the block's defect direction (``dim``).
+    """
+    ranked = []
+    for name, layer in block.named_modules():
+        if isinstance(layer, nn.Linear) and layer.out_features == direction.shape[0]:
+            u, gap = _leading(layer.weight.detach().double())
+            ranked.append((name, float((u @ direction.double().to(u.device)).abs()), gap))
+    return sorted(ranked, key=lambda item: -item[1])
 
 
 def _leading(A: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -143,6 +163,7 @@ def singular_defects(blocks: Sequence[nn.Module], dim: int, *, tokens: Sequence[
         report.alignment.append(alignment)
         if gain >= min_gain and alignment >= min_alignment:
             report.defective.append(i)
+            report.layers[i] = defect_layers(blocks[i], u)
     return report
 
 
