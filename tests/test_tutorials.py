@@ -94,3 +94,17 @@ def test_tutorial_compress(tmp_path):
         assert report.ratio == pytest.approx(ratio, abs=0.01), (method, ratio)
         assert bpb < result["dense"] + 0.5
     assert (tmp_path / "compression.png").stat().st_size > 10_000
+
+
+def test_tutorial_optimize(tmp_path):
+    runs = run_tutorial("optimize", tmp_path, steps=30)
+    for name, run in runs.items():
+        assert run["losses"][-1] < run["losses"][0] - 0.5, name
+        assert math.isfinite(run["bits_per_byte"])
+        # One optimizer steps every parameter of the model exactly once.
+        stepped = [p for group in run["optimizer"].param_groups for p in group["params"]]
+        assert len({id(p) for p in stepped}) == len(stepped)
+        assert {id(p) for p in stepped} == {id(p) for p in run["model"].parameters()}
+    muon_groups = [g for g in runs["muon"]["optimizer"].param_groups if not g.get("adamw")]
+    assert muon_groups and all(p.ndim == 2 for g in muon_groups for p in g["params"])
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000

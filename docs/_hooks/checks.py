@@ -4,8 +4,9 @@
   (:mod:`public_api`), and every tutorial script runs, writing its figures and printed
   output under ``docs/tutorials/_output/<name>/`` for its page to show;
 * the nav gets one page per ``docs/benchmarks/*.md`` (in ``scripts/build_benchmarks.py``'s
-  order) and an API page for each documented module that exists, so a new benchmark or
-  verb needs no edit here;
+  order), an API page for each documented module that exists, and every guide or tutorial
+  page that ``mkdocs.yml`` does not list, so a new benchmark, guide or verb needs no edit
+  here;
 * after the build: the API page and a tutorial page are rendered in headless Chromium,
   and the build fails unless the screenshots and the rendered text show real content.
 
@@ -57,7 +58,15 @@ def on_config(config: Any) -> Any:
     benchmarks = sorted((ROOT / "docs" / "benchmarks").glob("*.md"),
                         key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
     api_pages = {f"api/{name.rpartition('.')[2]}.md" for name in public_api.documented_modules()}
+    listed = set(_nav_pages(nav))
+    docs = ROOT / "docs"
+    unlisted = {"Guides": sorted(p for p in docs.glob("*.md") if p.name not in listed),
+                "Tutorials": sorted(p for p in (docs / "tutorials").glob("*.md")
+                                    if f"tutorials/{p.name}" not in listed)}
     for section in nav:
+        for title, pages in unlisted.items():
+            if title in section:
+                section[title] += [{_title(p): p.relative_to(docs).as_posix()} for p in pages]
         if "Benchmarks" in section:
             section["Benchmarks"] = [{_title(p): f"benchmarks/{p.name}"} for p in benchmarks]
         if "API reference" in section:
@@ -77,6 +86,16 @@ def on_files(files: Any, config: Any) -> Any:
             content = f"# {name}\n\n::: {name}\n    options:\n      show_root_heading: false\n"
             files.append(File.generated(config, page, content=content))
     return files
+
+
+def _nav_pages(entry: Any) -> list[str]:
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return [page for value in entry.values() for page in _nav_pages(value)]
+    if isinstance(entry, list):
+        return [page for value in entry for page in _nav_pages(value)]
+    return []
 
 
 def _title(page: Path) -> str:
