@@ -17,13 +17,18 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
 
-def run_tutorial(name: str, out: Path, **kwargs):
+def run_tutorial(name: str, out: Path, capsys: pytest.CaptureFixture[str]):
+    """Run a tutorial's ``main`` with its defaults; hand its page the figures and printout."""
     sys.path.insert(0, str(TUTORIALS))
     try:
         spec = importlib.util.spec_from_file_location(f"tutorial_{name}", TUTORIALS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.main(out, **kwargs)
+        result = module.main(out)
+        import tutorial_output
+
+        tutorial_output.publish(TUTORIALS / f"{name}.py", out, capsys.readouterr().out)
+        return result
     finally:
         sys.path.remove(str(TUTORIALS))
 
@@ -35,10 +40,10 @@ def test_every_tutorial_has_a_page_and_a_test():
     assert scripts == pages == tested
 
 
-def test_tutorial_analyze(tmp_path):
+def test_tutorial_analyze(tmp_path, capsys):
     from safetensors import safe_open
 
-    result = run_tutorial("analyze", tmp_path)
+    result = run_tutorial("analyze", tmp_path, capsys)
     table = result["table"]
     with safe_open(sk.reference.reference_weights_path(), "pt") as handle:
         matrices = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
@@ -52,8 +57,8 @@ def test_tutorial_analyze(tmp_path):
     assert len((tmp_path / "spectra.csv").read_text().splitlines()) == len(matrices) + 1
 
 
-def test_tutorial_regularize(tmp_path):
-    runs = run_tutorial("regularize", tmp_path)
+def test_tutorial_regularize(tmp_path, capsys):
+    runs = run_tutorial("regularize", tmp_path, capsys)
     plain, penalized = runs["plain"], next(v for k, v in runs.items() if k != "plain")
     for run in (plain, penalized):
         exact = max(float(torch.linalg.svdvals(layer.weight.detach().double())[0])
@@ -65,8 +70,8 @@ def test_tutorial_regularize(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
-def test_tutorial_adapt(tmp_path):
-    result = run_tutorial("adapt", tmp_path)
+def test_tutorial_adapt(tmp_path, capsys):
+    result = run_tutorial("adapt", tmp_path, capsys)
     assert result["init_gap"] < 1e-3 and result["merge_gap"] < 1e-3
     assert result["after"] < result["before"] - 0.1
     assert math.isclose(result["log"].evals[-1][1], result["after"], rel_tol=1e-6)
@@ -86,8 +91,8 @@ def test_tutorial_adapt(tmp_path):
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
 
 
-def test_tutorial_compress(tmp_path):
-    result = run_tutorial("compress", tmp_path)
+def test_tutorial_compress(tmp_path, capsys):
+    result = run_tutorial("compress", tmp_path, capsys)
     assert math.isfinite(result["dense"])
     for (method, ratio), (report, bpb, counted) in result["reports"].items():
         assert report.parameters_after == counted, method
@@ -96,8 +101,8 @@ def test_tutorial_compress(tmp_path):
     assert (tmp_path / "compression.png").stat().st_size > 10_000
 
 
-def test_tutorial_optimize(tmp_path):
-    runs = run_tutorial("optimize", tmp_path, steps=30)
+def test_tutorial_optimize(tmp_path, capsys):
+    runs = run_tutorial("optimize", tmp_path, capsys)
     for name, run in runs.items():
         assert run["losses"][-1] < run["losses"][0] - 0.5, name
         assert math.isfinite(run["bits_per_byte"])
