@@ -32,19 +32,35 @@ from torch import nn
 from .base import AdaptedLinear, register
 
 
-def _rotate_pairs(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor, offset: int) -> torch.Tensor:
-    """Apply the 2×2 blocks ``[[c, −s], [s, c]]`` to coordinates ``(offset + 2k, offset + 2k + 1)``."""
-    pairs = c.shape[0]
-    end = offset + 2 * pairs
-    first, second = h[..., offset:end:2], h[..., offset + 1:end:2]
-    mixed = torch.stack((c * first - s * second, s * first + c * second), dim=-1).flatten(-2)
-    return torch.cat((h[..., :offset], mixed, h[..., end:]), dim=-1)
+def _rotate_pairs(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor, offset: int,
+                  partner: torch.Tensor) -> torch.Tensor:
+    """Apply the 2×2 blocks ``[[c, −s], [s, c]]`` to coordinates ``(offset + 2k, offset + 2k + 1)``.
+
+    As one elementwise pass, ``C ⊙ h + S ⊙ h[partner]``, with ``partner`` swapping each pair's
+    two coordinates (slicing and re-interleaving the pairs costs several copies instead).
+    """
+    d, pairs = h.shape[-1], c.shape[0]
+    first = torch.arange(offset, offset + 2 * pairs, 2, device=h.device)
+    scale = torch.ones(d, dtype=c.dtype, device=c.device).index_put((first,), c).index_put((first + 1,), c)
+    shear = torch.zeros(d, dtype=s.dtype, device=s.device).index_put((first,), -s).index_put((first + 1,), s)
+    return scale * h + shear * h.index_select(-1, partner)
+
+
+def _partner(d: int, offset: int) -> torch.Tensor:
+    """The permutation that swaps the coordinates of each pair ``(offset + 2k, offset + 2k + 1)``."""
+    index = torch.arange(d)
+    pairs = (d - offset) // 2
+    first = torch.arange(offset, offset + 2 * pairs, 2)
+    index[first], index[first + 1] = first + 1, first
+    return index
 
 
 @register
 class QGOFTLinear(AdaptedLinear):
     method = "qgoft"
     options = ("quasi",)
+    partner_even: torch.Tensor
+    partner_odd: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", quasi: bool = True,
                  init: dict[str, Any] | None = None) -> None:
@@ -52,6 +68,9 @@ class QGOFTLinear(AdaptedLinear):
         self.quasi = bool(quasi)
         d = self.in_features
         self.even_pairs, self.odd_pairs = d // 2, (d - 1) // 2
+        device = self.base_layer.weight.device
+        self.register_buffer("partner_even", _partner(d, 0).to(device), persistent=False)
+        self.register_buffer("partner_odd", _partner(d, 1).to(device), persistent=False)
         rotations = rank * (d - 1)
         if self.quasi:
             self.cosines = self.new_parameter(torch.ones(rotations))
@@ -83,10 +102,10 @@ class QGOFTLinear(AdaptedLinear):
         layers = self._layers()
         if transpose:  # v ↦ Gᵀ v = L_mᵀ ⋯ L₁ᵀ v: L₁ᵀ first, each block's sine negated
             for c, s, offset in layers:
-                h = _rotate_pairs(h, c, -s, offset)
+                h = _rotate_pairs(h, c, -s, offset, self.partner_odd if offset else self.partner_even)
         else:  # v ↦ G v = L₁ ⋯ L_m v: the last layer first
             for c, s, offset in reversed(layers):
-                h = _rotate_pairs(h, c, s, offset)
+                h = _rotate_pairs(h, c, s, offset, self.partner_odd if offset else self.partner_even)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
