@@ -129,7 +129,7 @@ class SpectralMonitor:
         row = {"step": int(step), **self.measure()}
         self.history.append(row)
         if self.csv_path is not None:
-            self._write_csv()
+            self._write_csv(self.csv_path)
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step":
@@ -137,12 +137,12 @@ class SpectralMonitor:
             self._writer.flush()
         return row
 
-    def _write_csv(self) -> None:
+    def _write_csv(self, path: str | os.PathLike) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(self.history[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.history)
-        with atomic_write(self.csv_path) as handle:
+        with atomic_write(path) as handle:
             handle.write(buffer.getvalue())
 
     def callback(self):

@@ -13,6 +13,8 @@ All three are differentiable with respect to ``W``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import SpectrakitError
@@ -30,7 +32,7 @@ def _normalize(x: torch.Tensor, eps: float = _NORM_FLOOR) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def _normalize_all_(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _normalize_all_(vectors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Scale each 1-D vector to unit length in place (a zero vector stays zero); returns the norms.
 
     Three foreach calls for the whole list instead of three operator calls per vector.
@@ -38,6 +40,13 @@ def _normalize_all_(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
     norms = torch._foreach_norm(vectors)
     torch._foreach_div_(vectors, torch._foreach_clamp_min(norms, _NORM_FLOOR))
     return norms
+
+
+def _kept(vector: torch.Tensor | None) -> torch.Tensor:
+    """A stored power-iteration vector, which :meth:`PowerIteration.prepare` must have made."""
+    if vector is None:
+        raise SpectrakitError("PowerIteration has no vectors yet: call prepare(W) or step(W) first")
+    return vector
 
 
 class PowerIteration:
@@ -78,7 +87,7 @@ class PowerIteration:
 
     @property
     def u(self) -> torch.Tensor | None:
-        if self._u_norm != 1.0:
+        if self._u is not None and self._u_norm != 1.0:
             self._u, self._u_norm = self._u / max(self._u_norm, _NORM_FLOOR), 1.0
         return self._u
 
@@ -88,7 +97,7 @@ class PowerIteration:
 
     @property
     def v(self) -> torch.Tensor | None:
-        if self._v_norm != 1.0:
+        if self._v is not None and self._v_norm != 1.0:
             self._v, self._v_norm = self._v / max(self._v_norm, _NORM_FLOOR), 1.0
         return self._v
 
@@ -99,26 +108,28 @@ class PowerIteration:
     def scaled_vectors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(x, y, s)`` with ``u vᵀ = s · x yᵀ``, without normalizing the stored vectors."""
         norms = self._u_norm * self._v_norm
-        return self._u, self._v, (1 / norms if norms > 0 else 0.0)  # zero vectors: any scale
+        return _kept(self._u), _kept(self._v), (1 / norms if norms > 0 else 0.0)  # zero vectors: any scale
 
     def sized_for(self, W: torch.Tensor) -> bool:
         """Whether vectors are kept and have ``W``'s shape (``u``: rows, ``v``: columns, batch)."""
-        v = self._v
+        u, v = self._u, self._v
         return (v is not None and v.shape[-1] == W.shape[-1] and v.shape[:-1] == W.shape[:-2]
-                and self._u.shape[-1] == W.shape[-2])
+                and u is not None and u.shape[-1] == W.shape[-2])
 
     def prepare(self, W: torch.Tensor) -> None:
         """Vectors for ``W``: fresh (random ``v``) for a new shape, moved to ``W``'s dtype and device."""
         if not self.sized_for(W):
-            self.v = _normalize(gaussian_sketch((*W.shape[:-2], W.shape[-1]), W, self.seed))
-            self.u = _normalize((W @ self.v.unsqueeze(-1)).squeeze(-1))
-        if self._v.dtype != W.dtype or self._v.device != W.device:
-            self._u = self._u.to(device=W.device, dtype=W.dtype)
-            self._v = self._v.to(device=W.device, dtype=W.dtype)
+            v = _normalize(gaussian_sketch((*W.shape[:-2], W.shape[-1]), W, self.seed))
+            self.u, self.v = _normalize((W @ v.unsqueeze(-1)).squeeze(-1)), v
+        u, v = _kept(self._u), _kept(self._v)
+        if v.dtype != W.dtype or v.device != W.device:
+            self._u = u.to(device=W.device, dtype=W.dtype)
+            self._v = v.to(device=W.device, dtype=W.dtype)
 
     def fits(self, W: torch.Tensor) -> bool:
         """Whether the kept vectors can be used for ``W`` as they are (shape, dtype, device)."""
-        return self.sized_for(W) and self._v.dtype == W.dtype and self._v.device == W.device
+        v = self._v
+        return self.sized_for(W) and v is not None and v.dtype == W.dtype and v.device == W.device
 
     def step(self, W: torch.Tensor, n_iter: int | None = None) -> None:
         """Advance the kept vectors ``n_iter`` steps (default :attr:`n_iter`) on ``W``, without
@@ -132,7 +143,7 @@ class PowerIteration:
             if Wd.ndim == 2 and not Wd.is_complex():
                 power_steps([self], [Wd], n_iter)
                 return
-            u, v = self.u, self.v
+            u, v = _kept(self.u), _kept(self.v)
             for _ in range(n_iter):
                 v = _normalize((transpose(Wd) @ u.unsqueeze(-1)).squeeze(-1))
                 u = _normalize((Wd @ v.unsqueeze(-1)).squeeze(-1))
@@ -141,14 +152,15 @@ class PowerIteration:
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
         if self.n_iter or not self.fits(W):  # a read with vectors that fit needs no step
             self.step(W)
-        u, v = self.u, self.v
+        u, v = _kept(self.u), _kept(self.v)
         if W.ndim == 2 and not W.is_complex():
             return torch.dot(u, torch.mv(W, v))
         sigma = (u.conj().unsqueeze(-2) @ W @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
         return sigma.real if sigma.is_complex() else sigma
 
 
-def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_iter: int) -> list[torch.Tensor]:
+def power_steps(states: Sequence[PowerIteration], matrices: Sequence[torch.Tensor],
+                n_iter: int) -> tuple[torch.Tensor, ...]:
     """Advance several persistent power iterations ``n_iter ≥ 1`` steps together (no gradient).
 
     For real 2-D matrices ``W_l`` whose states already :meth:`~PowerIteration.fits` them, each
@@ -159,7 +171,7 @@ def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_it
 
     Returns the 0-dim estimates ``‖W_l v_l‖``, one per matrix; the states hold the new vectors.
     """
-    us = [state.u for state in states]
+    us = [_kept(state.u) for state in states]
     for _ in range(n_iter):
         vs = [torch.mv(W.mT, u) for W, u in zip(matrices, us)]
         _normalize_all_(vs)
@@ -170,7 +182,7 @@ def power_steps(states: list[PowerIteration], matrices: list[torch.Tensor], n_it
     return sigmas
 
 
-def host_floats(scalars: list[torch.Tensor]) -> list[float]:
+def host_floats(scalars: Sequence[torch.Tensor]) -> list[float]:
     """0-dim tensors as Python floats: one ``.item()`` each on the CPU (there is no
     synchronization to save, and stacking costs more), one stacked transfer elsewhere."""
     if scalars[0].device.type == "cpu":
@@ -179,8 +191,8 @@ def host_floats(scalars: list[torch.Tensor]) -> list[float]:
     return torch.stack([x if x.dtype == dtype else x.to(dtype) for x in scalars]).tolist()
 
 
-def power_step_host(states: list[PowerIteration], matrices: list[torch.Tensor],
-                    extra: list[torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
+def power_step_host(states: Sequence[PowerIteration], matrices: Sequence[torch.Tensor],
+                    extra: Sequence[torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
     """One power-iteration step on several real 2-D matrices, with σ₁ read on the host.
 
     For callers that need σ₁ as Python numbers anyway (a penalty checking finiteness):
@@ -201,9 +213,9 @@ def power_step_host(states: list[PowerIteration], matrices: list[torch.Tensor],
 
     Returns ``(sigmas, extra_norms)`` as floats.
     """
-    vectors = []  # a₁, w₁, a₂, w₂, …
+    vectors: list[torch.Tensor] = []  # a₁, w₁, a₂, w₂, …
     for state, W in zip(states, matrices):
-        a = torch.addmv(state._v, W.mT, state._u, beta=0, alpha=1 / max(state._u_norm, _NORM_FLOOR))
+        a = torch.addmv(_kept(state._v), W.mT, _kept(state._u), beta=0, alpha=1 / max(state._u_norm, _NORM_FLOOR))
         vectors += (a, torch.mv(W, a))
     host = host_floats(torch._foreach_norm(vectors + list(extra)) if extra else torch._foreach_norm(vectors))
     sigmas = []

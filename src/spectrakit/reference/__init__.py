@@ -160,4 +160,5 @@ def reference_model(dtype: torch.dtype = torch.float32):
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise SpectrakitError(f"reference weights {path} do not match config.json: {first}") from exc
-    return model.to(dtype=dtype).eval()
+    # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which types it unbound
+    return model.to(dtype=dtype).eval()  # type: ignore[call-arg]

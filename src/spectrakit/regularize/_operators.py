@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class ConvInputShapes:
 
         def record(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                spatial = module.weight.ndim - 2
+                spatial = cast(torch.Tensor, module.weight).ndim - 2  # a conv: its weight is a tensor
                 shapes[name] = tuple(args[0].shape[-spatial:])
         return record
 

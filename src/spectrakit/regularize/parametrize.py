@@ -29,10 +29,12 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import SpectrakitError
 from ..linalg import PowerIteration
@@ -58,12 +60,19 @@ def _target_of(module: nn.Module, name: str, verb: str) -> Target:
     return Target(name, kind, module=module, attr=name, transposed=kind == "linear" and _is_hf_conv1d(module))
 
 
+def _parametrizations(module: nn.Module, name: str) -> nn.ModuleList:
+    """``module.parametrizations[name]``: torch adds that ModuleDict of lists at run time."""
+    return cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[name])
+
+
 def _output_axis(target: Target) -> int:
     return 1 if target.transposed else 0
 
 
 class SpectralNormalization(nn.Module):
     """``W ↦ τ · W / σ₁(W)``; σ₁ of the matrix, or of the conv operator with ``exact_conv``."""
+
+    hook_handle: RemovableHandle  # the forward pre-hook spectral_normalize adds beside it
 
     def __init__(self, target: Target, scale: float, exact_conv: bool, method: str, n_iter: int,
                  input_shape: Sequence[int] | None, seed: int) -> None:
@@ -119,7 +128,7 @@ class SpectralNormalization(nn.Module):
 def _pre_hook(parametrization: SpectralNormalization, name: str):
     def hook(module: nn.Module, args: tuple) -> None:
         if not parametrize.is_parametrized(module, name) or \
-                not any(p is parametrization for p in module.parametrizations[name]):
+                not any(p is parametrization for p in _parametrizations(module, name)):
             return  # removed with torch's own remove_parametrizations: nothing to do
         W = parametrization.last_input
         if W is None:
@@ -246,7 +255,7 @@ def remove_parametrizations(module: nn.Module, name: str = "weight") -> nn.Modul
     """
     if not parametrize.is_parametrized(module, name):
         raise SpectrakitError(f"remove_parametrizations: {type(module).__name__}.{name} is not parametrized")
-    hooks = [p.hook_handle for p in module.parametrizations[name] if getattr(p, "hook_handle", None) is not None]
+    hooks = [handle for p in _parametrizations(module, name) if (handle := getattr(p, "hook_handle", None)) is not None]
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     for handle in hooks:
         handle.remove()

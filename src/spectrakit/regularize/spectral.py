@@ -221,15 +221,16 @@ class SpectralPenalty(Penalty):
         matrices = [t.matrix() for t in self.targets]
         biases = [b for t in self.targets if (b := t.bias()) is not None] if self.bias_weight else []
         checks = []  # (module._parameters, name, the object it must still hold)
+        cacheable = True
         for target, X in zip(self.targets, matrices):
             if target.module is None:
-                checks = None
+                cacheable = False
                 break
             params = target.module._parameters
             checks.append((params, target.attr, X))
             if self.bias_weight and target.attr == "weight":
                 checks.append((params, "bias", target.bias()))
-        cacheable = checks is not None and all(params.get(key) is tensor for params, key, tensor in checks)
+        cacheable = cacheable and all(params.get(key) is tensor for params, key, tensor in checks)
         self.__dict__["_operands"] = (checks, matrices, biases) if cacheable else None
         return matrices, biases
 
@@ -275,8 +276,10 @@ class _SpectralTerms(torch.autograd.Function):
                             for X, (x, y, s), c in zip(ctx.matrices, ctx.vectors, ctx.weight_coef)]
             # c·b as 0 + c·b: add() hands its alpha straight to the kernel, where mul(b, c) first
             # wraps c in a tensor and converts it (two extra operator calls per bias); same bits
-            zero = _zero(biases[0]) if biases else None
-            bias_grads = [torch.add(zero, b, alpha=g * c) for b, c in zip(biases, ctx.bias_coef)]
+            bias_grads = []
+            if biases:
+                zero = _zero(biases[0])
+                bias_grads = [torch.add(zero, b, alpha=g * c) for b, c in zip(biases, ctx.bias_coef)]
         else:  # no host round trip on an accelerator
             weight_grads = [torch.outer(x, y).mul_(grad * (c * s))
                             for (x, y, s), c in zip(ctx.vectors, ctx.weight_coef)]
@@ -315,7 +318,7 @@ def _evaluate_terms(penalty: SpectralPenalty, advance: bool, matrices: Sequence[
         # the Rayleigh quotient uᵀWv on the kept vectors (in between updates: a lower estimate)
         scaled = [state.scaled_vectors() for state in states]
         rayleigh = [torch.dot(x, torch.mv(X, y)) for X, (x, y, _) in zip(matrices, scaled)]
-        host = host_floats(rayleigh + (list(torch._foreach_norm(biases)) if biases else []))
+        host = host_floats(rayleigh + (list(torch._foreach_norm(list(biases))) if biases else []))
         # clamp: a Rayleigh quotient can dip below 0 by rounding, and a fractional power of
         # a negative float would be complex
         sigma = [max(r * s, 0.0) if r == r else r for r, (_, _, s) in zip(host, scaled)]

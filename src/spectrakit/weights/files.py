@@ -260,7 +260,7 @@ def _read_safetensors_tensor(path: str, name: str) -> torch.Tensor:
         if buffer.nbytes != end - start:
             raise SpectrakitError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
         handle.seek(8 + header_size + start)
-        if handle.readinto(memoryview(buffer)) != buffer.nbytes:
+        if handle.readinto(buffer.data) != buffer.nbytes:  # ndarray.data: a writable memoryview
             raise SpectrakitError(f"{path}: file ends inside tensor {name} (truncated?)")
     return tensor
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -127,11 +128,11 @@ def iter_module_matrices(model: nn.Module) -> Iterator[MatrixRecord]:
     for key, names in names_by_param.items():
         param = params[key]
         if key in parametrized:
-            info = parametrized[key]
-            if id(info.module) in emitted_parametrized:
+            owner = parametrized[key]
+            if id(owner.module) in emitted_parametrized:
                 continue  # a second ``original`` of the same parametrization
-            emitted_parametrized.add(id(info.module))
-            yield _parametrized_record(info, names)
+            emitted_parametrized.add(id(owner.module))
+            yield _parametrized_record(owner, names)
             continue
         info = plain.get(key)
         if info is None:
@@ -159,6 +160,12 @@ def _param_loader(param: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: param.detach()
 
 
+def _parametrized_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as its parametrizations compute it (a property torch adds at run time)."""
+    with torch.no_grad():
+        return cast(torch.Tensor, module.weight)
+
+
 def _parametrized_record(info: _Weight, original_names: list[str]) -> MatrixRecord:
     """A record for ``layer.weight`` where ``layer.parametrizations.weight`` holds it."""
     module = info.module
@@ -166,16 +173,13 @@ def _parametrized_record(info: _Weight, original_names: list[str]) -> MatrixReco
     # "a.b.parametrizations.weight.original" -> "a.b.weight"
     prefixes = [n.split("parametrizations.weight.")[0] for n in original_names]
     names = list(dict.fromkeys(prefix + "weight" for prefix in prefixes))
-    with torch.no_grad():
-        # Evaluated once for shape and dtype: a parametrization may change both.
-        value = module.weight
+    value = _parametrized_weight(module)  # evaluated once for shape and dtype: a parametrization may change both
     shape = tuple(value.shape)
     if info.transposed:
         shape = shape[::-1]
 
     def load() -> torch.Tensor:
-        with torch.no_grad():
-            return module.weight
+        return _parametrized_weight(module)
 
     return MatrixRecord(
         name=names[0],
