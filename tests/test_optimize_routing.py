@@ -105,3 +105,11 @@ def test_unknown_option_is_one_line() -> None:
     with pytest.raises(SpectrakitError, match="AdamW has no option 'momentum'"):
         for_model(gpt2(), "adamw", momentum=0.9)
     assert for_model(gpt2(), "adamw", eps=1e-6).param_groups[0]["eps"] == 1e-6
+
+
+def test_headless_hugging_face_model_keeps_its_last_layer_spectral() -> None:
+    model = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100,
+        max_position_embeddings=64))
+    spectral = {n for g in for_model(model, "muon").param_groups if not g.get("adamw") for n in g["param_names"]}
+    assert "pooler.dense.weight" in spectral

@@ -105,7 +105,7 @@ def _excluded_weights(model: nn.Module) -> dict[int, str]:
             head = None
     if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
         excluded.setdefault(id(head.weight), "output head")
-    elif head is None:  # a plain model: its last matrix layer is the head
+    elif not callable(get_output):  # a plain model: its last matrix layer is the head
         last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _is_hf_conv1d(m)]
         if last and len(last) > 1:
             excluded.setdefault(id(last[-1].weight), "output head")
@@ -126,7 +126,8 @@ def for_model(model: nn.Module, method: str, lr: float | None = None, *, adamw_l
 
     Args:
         model: the model (any ``nn.Module``; Hugging Face models' output head is found by
-            ``get_output_embeddings()``, a plain model's by being its last matrix layer).
+            ``get_output_embeddings()`` (a headless one has none), a plain model's by being
+            its last matrix layer).
         method: ``"muon"``, ``"soap"``, ``"shampoo"``, ``"galore"``, ``"multinorm"`` or
             ``"adamw"`` (everything to AdamW).
         lr: the spectral method's learning rate (default: the method's own).
