@@ -88,6 +88,7 @@ class CompatibleMap(nn.Module):
         out_features: the old model's feature size.
         lam: the tolerated distance ``λ ≥ 0`` from orthogonality.
         bias: learn ``b`` as well.
+        dtype: of the map's parameters.
     """
 
     def __init__(self, in_features: int, out_features: int, lam: float = 0.1, *, bias: bool = True,

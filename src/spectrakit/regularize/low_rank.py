@@ -44,6 +44,7 @@ class LowRankLinear(nn.Module):
         in_features, out_features: the layer's sizes.
         rank: ``r``, at most ``min(in_features, out_features)``.
         bias: learn a bias.
+        dtype, device: of the factors.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
@@ -81,6 +82,7 @@ class LowRankLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """``r``, the number of columns of ``U`` and ``V``."""
         return self.S.shape[0]
 
     def weight(self) -> torch.Tensor:

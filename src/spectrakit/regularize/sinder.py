@@ -81,16 +81,25 @@ def block_linearization(block: nn.Module, dim: int, *, samples: int = 4096, seed
 
 @dataclass
 class DefectReport:
-    """What :func:`singular_defects` found, one entry per block."""
+    """What :func:`singular_defects` found, one entry per block.
 
-    directions: list[torch.Tensor]           # leading left singular vector of each block's A_l
-    gaps: list[float]                        # σ₁/σ₂ of A_l
-    accumulated: list[torch.Tensor]          # leading left singular vector of A_l ⋯ A_1
-    outlier_gain: list[float] = field(default_factory=list)  # (max/median token norm) out ÷ in
-    alignment: list[float] = field(default_factory=list)     # |cos(u_l, largest output token)|
-    defective: list[int] = field(default_factory=list)       # blocks that make the defect
-    # per defective block: (layer name, |cos(u₁(W), u_l)|, σ₁/σ₂ of W) for its Linear layers that
-    # write into the token width, most aligned first — the layer whose leading direction it is
+    Args:
+        directions: the leading left singular vector ``u_l`` of each block's linearization ``A_l``.
+        gaps: ``σ₁/σ₂`` of each ``A_l``.
+        accumulated: the leading left singular vector of ``A_l ⋯ A_1``.
+        outlier_gain: how much each block multiplies the (largest ÷ median) token norm (with tokens).
+        alignment: ``|cos(u_l, largest output token)|`` per block (with tokens).
+        defective: the blocks that make the defect.
+        layers: per defective block, ``(layer name, |cos(u₁(W), u_l)|, σ₁/σ₂ of W)`` for its Linear
+            layers that write into the token width, most aligned first (:func:`defect_layers`).
+    """
+
+    directions: list[torch.Tensor]
+    gaps: list[float]
+    accumulated: list[torch.Tensor]
+    outlier_gain: list[float] = field(default_factory=list)
+    alignment: list[float] = field(default_factory=list)
+    defective: list[int] = field(default_factory=list)
     layers: dict[int, list[tuple[str, float, float]]] = field(default_factory=dict)
 
 
