@@ -308,3 +308,59 @@ def test_structured_sizes_that_do_not_factor_are_one_line() -> None:
         sk.compress(llama(), method="btt", ratio=0.5, blocks=5)
     with pytest.raises(SpectrakitError, match="takes ratio= or rank="):
         sk.compress(llama(), method="monarch", energy=0.9)
+
+
+# ---------------------------------------------------------------- modegpt (the MLP pair)
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_modegpt_full_width_reproduces_the_model_and_budgets_add_up(arch: str) -> None:
+    build = {"llama": llama, "gpt2": gpt2}[arch]
+    calib = token_batches()
+    model, reference = build().double(), build().double()
+    width = 64 if arch == "llama" else 128
+    report = sk.compress(model, method="modegpt", rank=width, calibration=calib)
+    ids = calib[0]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    half = build()
+    report = sk.compress(half, method="modegpt", ratio=0.5, calibration=calib)
+    assert report.parameters_after == sum(p.numel() for p in half.parameters())
+    matrices = 3 if arch == "llama" else 2
+    assert report.target_parameters_after == 2 * matrices * (width // 2) * 32  # 2 blocks, k = m/2, hidden 32
+    assert report.target_parameters_before == 2 * matrices * width * 32
+    assert all(layer.rank == width // 2 for layer in report.layers.values())
+
+
+def test_modegpt_down_projection_is_the_least_squares_fit_on_the_kept_neurons() -> None:
+    calib = token_batches()
+    model = llama().double()
+    inputs = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, output: inputs.append(args[0].reshape(-1, args[0].shape[-1]).detach()))
+    with torch.no_grad():
+        for ids in calib:
+            model(input_ids=ids)
+    handle.remove()
+    H = torch.cat(inputs)
+    target = H @ model.model.layers[0].mlp.down_proj.weight.detach().T
+    gate = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    sk.compress(model, method="modegpt", ratio=0.5, calibration=calib)
+    mlp = model.model.layers[0].mlp
+    kept = [int(torch.nonzero((gate == row).all(dim=1))[0]) for row in mlp.gate_proj.weight.detach()]
+    best = torch.linalg.lstsq(H[:, kept], target).solution.T  # ground truth: least squares on the kept neurons
+    assert torch.allclose(mlp.down_proj.weight.detach(), best, rtol=1e-6, atol=1e-8)
+
+
+def test_modegpt_unknown_layout_and_unimplemented_pairs_are_one_line() -> None:
+    with pytest.raises(SpectrakitError, match=r"^modegpt: Sequential has no MLP block of a known layout; supported: "
+                                              r"Llama-style .*GPT-2-style"):
+        sk.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), method="modegpt", ratio=0.3,
+                    calibration=[torch.randn(2, 4)])
+    with pytest.raises(SpectrakitError, match="only \\('mlp',\\) is implemented"):
+        sk.compress(llama(), method="modegpt", ratio=0.3, calibration=token_batches(), modules=("mlp", "qk"))

@@ -227,7 +227,7 @@ def _canonical_weight(name: str, layer: nn.Module) -> torch.Tensor:
 def get_method(method: str, options: dict[str, Any]) -> Method:
     """The :class:`Method` named ``method``, built with ``options`` (one clear line if either is bad)."""
     if method not in METHODS:
-        raise SpectrakitError(f"method={method!r} is not one of {', '.join([*METHODS, *STRUCTURES])}")
+        raise SpectrakitError(f"method={method!r} is not one of {', '.join([*METHODS, 'modegpt', *STRUCTURES])}")
     try:
         return METHODS[method](**options)
     except TypeError as error:
@@ -244,7 +244,9 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
 
     Args:
         model: any module with ``nn.Linear`` or transformers ``Conv1D`` layers.
-        method: ``"svd"``, ``"asvd"``, ``"fwsvd"``, ``"gfwsvd"``, ``"svd-llm"`` or ``"svd-llm-v2"``.
+        method: ``"svd"``, ``"asvd"``, ``"fwsvd"``, ``"gfwsvd"``, ``"svd-llm"`` or ``"svd-llm-v2"``;
+            ``"monarch"``/``"btt"`` (:mod:`~spectrakit.compress.structured_compress`); ``"modegpt"``
+            (its MLP pair only, :mod:`~spectrakit.compress.modegpt`).
         ratio: fraction of the targeted weights' parameters to remove, in (0, 1).
         rank: one rank for every layer (alternative to ``ratio``).
         energy: keep this fraction of each layer's ``Σσᵢ²`` (alternative to ``ratio``).
@@ -280,6 +282,11 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     ({'0': 16, '2': 16}, True)
     """
     start = time.perf_counter()
+    if method == "modegpt":
+        from .modegpt import compress_modegpt  # it builds on this module
+
+        return compress_modegpt(model, ratio=ratio, rank=rank, energy=energy, calibration=calibration,
+                                allocation=allocation, start=start, progress=progress, **options)
     if method in STRUCTURES:
         from .structured_compress import compress_structured  # it builds on this module
 
