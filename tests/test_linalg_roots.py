@@ -95,21 +95,22 @@ def test_inverse_root_whitens_real_features():
 
 # --- projections against cvxpy -------------------------------------------------------------
 
-cp = pytest.importorskip("cvxpy")
-
-
 def nearest(W, constraints, symmetric=False):
+    cp = pytest.importorskip("cvxpy")
     X = cp.Variable(W.shape, symmetric=symmetric)
     cp.Problem(cp.Minimize(cp.sum_squares(X - W.numpy())), constraints(X)).solve(solver=cp.CLARABEL)
     return torch.from_numpy(X.value)
 
 
 def dilation(X, m, n):
+    import cvxpy as cp
+
     return cp.bmat([[np.zeros((m, m)), X], [X.T, np.zeros((n, n))]])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_spectral_projections_are_the_convex_solvers_nearest_points(seed):
+    cp = pytest.importorskip("cvxpy")
     W = torch.randn(6, 4, dtype=D, generator=torch.Generator().manual_seed(seed))
     cases = [
         (sk.linalg.project_nuclear_ball(W, 2.0), lambda X: [cp.normNuc(X) <= 2.0]),
