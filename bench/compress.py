@@ -172,15 +172,23 @@ def second_half_configs(ratios: list[float]) -> list[dict]:
     """Every method × uniform/global × with/without lora_update; svd-llm-v2's heterogeneous and
     asvd's sensitivity allocation (with and without lora); Monarch and BTT at low rank's budget."""
     configs = []
+    # the pairs the goals compare come first (gfwsvd vs fwsvd, v2 vs svd-llm, with vs without
+    # lora), so that a run cut short on a loaded machine still answers them
+    first = ("fwsvd", "gfwsvd", "svd-llm", "svd-llm-v2")
+    order = [*first, *(m for m in ALL_METHODS if m not in first)]
     for ratio in ratios:
-        for method in ALL_METHODS:
-            allocations = [*ALLOCATIONS, *(["heterogeneous"] if method == "svd-llm-v2" else []),
-                           *(["sensitivity"] if method == "asvd" else [])]
-            for allocation in allocations:
+        for allocation in (*ALLOCATIONS, "heterogeneous", "sensitivity"):
+            for method in order:
+                if allocation == "heterogeneous" and method != "svd-llm-v2":
+                    continue
+                if allocation == "sensitivity" and method != "asvd":
+                    continue
                 for lora in (False, True):
                     configs.append({"method": method, "allocation": allocation, "ratio": ratio, "lora_update": lora})
-        for structure in ("monarch", "btt"):
-            configs.append({"method": structure, "allocation": "uniform", "ratio": ratio, "lora_update": False})
+            if allocation == "uniform":
+                for structure in ("monarch", "btt"):
+                    configs.append({"method": structure, "allocation": "uniform", "ratio": ratio,
+                                    "lora_update": False})
     return configs
 
 
@@ -341,9 +349,15 @@ def main() -> None:
                         help="every method with and without lora_update, the new allocations, Monarch/BTT and the "
                              "time against each method's floor (writes --json, default compress_second.json)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="lora_update's learning rate (--second-half)")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only each method's time at ratio 0.3 against its floor (printed as JSON)")
     parser.add_argument("--lora-epochs", type=int, default=2, help="lora_update's passes per side (--second-half)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    if args.floor_only:  # just the time of every method against its floor, printed
+        print(f"machine: {machine()}")
+        print(json.dumps(floor_timing(sk.reference_model(), calibration(args.calib), max(args.repeats, 1)), indent=1))
+        return
     if args.second_half:
         if args.json == "docs/benchmarks/compress.json":
             args.json = "docs/benchmarks/compress_second.json"
