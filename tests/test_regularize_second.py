@@ -382,3 +382,20 @@ def test_sinder_reads_hugging_face_vit_layers():
     assert A.shape == (32, 32)
     # a pre-norm residual block: the identity path dominates its linearization
     assert float(torch.linalg.svdvals(A - torch.eye(32, dtype=A.dtype))[0]) < float(torch.linalg.svdvals(A)[-1])
+
+
+def test_intl_exact_whitening_through_inv_sqrtm():
+    from spectrakit.regularize import INTL
+
+    torch.manual_seed(0)
+    well = torch.randn(400, 6, dtype=D) * torch.linspace(0.8, 1.2, 6, dtype=D)
+    exact = INTL(eps=0.0, whitening="exact")
+    assert torch.allclose(exact.whiten(well), INTL(iterations=40, eps=0.0).whiten(well), atol=1e-8)
+    ill = torch.randn(300, 6, dtype=D) * torch.logspace(0, -3, 6, dtype=D)  # IterNorm needs many steps here
+    W = exact.whiten(ill)
+    assert torch.allclose(W.T @ W / len(ill), torch.eye(6, dtype=D), atol=1e-8)
+    Z = randn(30, 4, seed=20).requires_grad_()
+    exact = INTL(whitening="exact", eps=1e-3)
+    assert gradcheck(lambda z: exact.trace_loss(exact.whiten(z)), (Z,))
+    with pytest.raises(SpectrakitError, match="whitening"):
+        INTL(whitening="svd")

@@ -22,6 +22,11 @@ term (e.g. MSE of the normalized whitened embeddings) is left to the caller, as 
 :class:`VICReg`. ``forward`` returns the summed trace loss of every embedding passed;
 :meth:`INTL.whiten` gives the whitened batch for the invariance term.
 
+``whitening="exact"`` replaces the ``T`` IterNorm steps by the converged root,
+``Ẑ = Z_c Σ^{-1/2}`` through :func:`spectrakit.linalg.inv_sqrtm` (coupled Newton–Schulz, products
+only, differentiable): full whitening, every eigenvalue mapped to 1 — no longer the paper's
+spectral transformation, which is why it is not the default.
+
 >>> import torch, spectrakit as sk
 >>> intl = sk.regularize.INTL(iterations=4)
 >>> z1, z2 = torch.randn(256, 16), torch.randn(256, 16)
@@ -37,7 +42,10 @@ import torch
 from torch import nn
 
 from ..errors import SpectrakitError
+from ..linalg import inv_sqrtm
 from ._features import as_batch
+
+WHITENINGS = ("iternorm", "exact")
 
 
 class INTL(nn.Module):
@@ -47,15 +55,19 @@ class INTL(nn.Module):
         iterations: Newton–Schulz steps T of the IterNorm whitening.
         eps: ridge ``ε·I`` added to the batch covariance Σ before whitening (keeps a rank-deficient
             batch invertible).
+        whitening: ``"iternorm"`` (the paper's ``T`` steps) or ``"exact"`` (``Σ^{-1/2}`` by
+            :func:`spectrakit.linalg.inv_sqrtm`; ``iterations`` is then unused).
     """
 
-    def __init__(self, iterations: int = 4, eps: float = 1e-5) -> None:
+    def __init__(self, iterations: int = 4, eps: float = 1e-5, whitening: str = "iternorm") -> None:
         super().__init__()
         if not isinstance(iterations, int) or iterations < 1:
             raise SpectrakitError(f"INTL: iterations={iterations!r} must be a positive integer")
         if not eps >= 0:
             raise SpectrakitError(f"INTL: eps={eps!r} must be >= 0")
-        self.iterations, self.eps = iterations, float(eps)
+        if whitening not in WHITENINGS:
+            raise SpectrakitError(f"INTL: whitening={whitening!r} is not one of {', '.join(WHITENINGS)}")
+        self.iterations, self.eps, self.whitening = iterations, float(eps), whitening
 
     def whiten(self, Z: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
         """``Ẑ = Z_c P_T / √tr Σ``: the batch (``N × d``) after ``iterations`` IterNorm steps."""
@@ -66,6 +78,8 @@ class INTL(nn.Module):
         trace = sigma.diagonal().sum()
         if not bool(trace > 0):
             raise SpectrakitError(f"INTL: {name} has no variance to whiten (every sample is the same)")
+        if self.whitening == "exact":
+            return centred @ inv_sqrtm(sigma, name=f"INTL: the covariance of {name}")
         normalized = sigma / trace
         P = eye
         for _ in range(self.iterations):
@@ -84,4 +98,4 @@ class INTL(nn.Module):
         return torch.stack(losses).sum()
 
     def extra_repr(self) -> str:
-        return f"iterations={self.iterations}, eps={self.eps}"
+        return f"iterations={self.iterations}, eps={self.eps}, whitening={self.whitening!r}"
