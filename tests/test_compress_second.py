@@ -364,3 +364,14 @@ def test_modegpt_unknown_layout_and_unimplemented_pairs_are_one_line() -> None:
                     calibration=[torch.randn(2, 4)])
     with pytest.raises(SpectrakitError, match="only \\('mlp',\\) is implemented"):
         sk.compress(llama(), method="modegpt", ratio=0.3, calibration=token_batches(), modules=("mlp", "qk"))
+
+
+@pytest.mark.parametrize("method", ["gfwsvd", "svd-llm-v2"])
+def test_full_rank_is_lossless_for_the_new_methods(method: str) -> None:
+    calib = batches()
+    model, reference = mlp(), mlp()
+    sk.compress(model, method=method, rank=16, calibration=calib, loss_fn=target_loss, only_if_smaller=False,
+                allocation="uniform")
+    assert all(isinstance(model[i], LowRankLinear) for i in (0, 2))
+    x = torch.cat(calib)
+    assert torch.allclose(model(x), reference(x), atol=1e-9)
