@@ -50,7 +50,7 @@ def fingerprint(weight: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (bitwise identity of a base weight)."""
     digest = hashlib.sha256(f"{weight.dtype}|{tuple(weight.shape)}|".encode())
     data = weight.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    digest.update(memoryview(data))
+    digest.update(data.data)  # ndarray.data: a memoryview of the bytes
     return digest.hexdigest()
 
 
@@ -134,7 +134,7 @@ class AdaptedLinear(nn.Module):
         self.layer_name = name
         self.rank = int(rank)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        weight = base_layer.weight
+        weight: torch.Tensor = self.base_layer.weight
         if self.fan_in_fan_out:
             self.in_features, self.out_features = weight.shape
         else:

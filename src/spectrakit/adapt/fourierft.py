@@ -31,6 +31,10 @@ from .base import AdaptedLinear, register
 class FourierFTLinear(AdaptedLinear):
     method = "fourierft"
     options = ("n_frequencies", "scaling", "seed")
+    # buffers and parameters, typed here (nn.Module.__getattr__ would give Tensor | Module)
+    rows: torch.Tensor
+    cols: torch.Tensor
+    coefficients: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", n_frequencies: int = 1000,
                  scaling: float = 150.0, seed: int = 0, init: dict[str, Any] | None = None) -> None:

@@ -18,6 +18,8 @@ Trainable parameters per layer: ``r · (in + out)``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from .base import register
 from .pissa import PiSSALinear
 
@@ -25,5 +27,5 @@ from .pissa import PiSSALinear
 @register
 class MiLoRALinear(PiSSALinear):
     method = "milora"
-    options = ("alpha",)
+    options: ClassVar[tuple[str, ...]] = ("alpha",)
     which = "bottom"

@@ -24,7 +24,7 @@ into a plain LoRA on the *original* weight, ``ΔW = s·(B A − B₀ A₀)``, fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,9 +36,11 @@ from .lora import LoRALinear
 @register
 class PiSSALinear(LoRALinear):
     method = "pissa"
-    options = ("alpha", "svd_method")
+    options: ClassVar[tuple[str, ...]] = ("alpha", "svd_method")
     rewrites_base = True
     which = "top"  # MiLoRA takes the bottom triplets instead
+    A0: torch.Tensor  # buffers: the initial factors, subtracted from the base weight
+    B0: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,
                  svd_method: str = "krylov", init: dict[str, Any] | None = None) -> None:

@@ -33,6 +33,14 @@ from .base import AdaptedLinear, register
 class SALTLinear(AdaptedLinear):
     method = "salt"
     options = ("lora_rank", "lora_alpha", "svd_method")
+    # buffers and parameters, typed here (nn.Module.__getattr__ would give Tensor | Module)
+    U: torch.Tensor
+    Vh: torch.Tensor
+    sigma: torch.Tensor
+    scale: nn.Parameter
+    shift: nn.Parameter
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", lora_rank: int | None = None,
                  lora_alpha: float | None = None, svd_method: str = "krylov",

@@ -45,7 +45,7 @@ class SoMALinear(MiLoRALinear):
             raise SpectrakitError(f"freeze_blocks={frozen!r} must be an integer ≥ 0")
         kwargs = {k: v for k, v in options.items() if k != "freeze_blocks"}
         kept = {name: {"rank": rank, **kwargs} for name in layers
-                if (block_index(name) is None or block_index(name) >= frozen)}
+                if (index := block_index(name)) is None or index >= frozen}
         if not kept:
             raise SpectrakitError(f"freeze_blocks={frozen} leaves no layer to adapt")
         return kept

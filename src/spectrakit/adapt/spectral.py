@@ -49,6 +49,14 @@ def cayley(free: torch.Tensor, rank: int) -> torch.Tensor:
 class SpectralLinear(AdaptedLinear):
     method = "spectral"
     options = ("variant", "svd_method")
+    # buffers and parameters, typed here (nn.Module.__getattr__ would give Tensor | Module)
+    U: torch.Tensor
+    sigma: torch.Tensor
+    V: torch.Tensor
+    delta_U: nn.Parameter
+    delta_V: nn.Parameter
+    skew_U: nn.Parameter
+    skew_V: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", variant: str = "additive",
                  svd_method: str = "krylov", init: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,11 @@ from .base import AdaptedLinear, register
 class SVFitLinear(AdaptedLinear):
     method = "svfit"
     options = ("svd_method",)
+    # buffers and parameters, typed here (nn.Module.__getattr__ would give Tensor | Module)
+    U: torch.Tensor
+    Vh: torch.Tensor
+    sigma: torch.Tensor
+    singular_values: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", svd_method: str = "krylov",
                  init: dict[str, Any] | None = None) -> None:

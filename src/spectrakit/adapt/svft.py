@@ -73,6 +73,12 @@ def sparsity_pattern(pattern: str, rank: int, width: int, U: torch.Tensor, Vh: t
 class SVFTLinear(AdaptedLinear):
     method = "svft"
     options = ("pattern", "width", "seed", "svd_method")
+    # buffers and parameters, typed here (nn.Module.__getattr__ would give Tensor | Module)
+    U: torch.Tensor
+    Vh: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: nn.Parameter
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", pattern: str = "diagonal",
                  width: int = 1, seed: int = 0, svd_method: str = "krylov",

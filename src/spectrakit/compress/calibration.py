@@ -164,7 +164,7 @@ class _Collector:
         other layer has read ``x`` in this batch (see ``cache``)."""
         entry = self.cache.get(id(x))
         first = entry is None or not entry.holds(x)
-        if first:
+        if entry is None or first:
             self.check_input(name, flat)
             wide = flat if flat.dtype == torch.float64 else flat.float()
             products = {"gram": linalg.gram(wide)} if self.gram else {}
@@ -177,10 +177,12 @@ class _Collector:
                 self.followers[slot] = 0
             entry = _Input(x._version, products, slot, None if self.batch_index == 0 else self.followers.get(slot))
             if entry.remaining != 0:
-                key = id(x)
-                self.cache[key] = entry
+                x_key = id(x)
+                self.cache[x_key] = entry
                 # the model freeing x ends the entry (its id may then be reused)
-                entry.tensor = weakref.ref(x, lambda _, key=key, entry=entry: self.drop(key, entry))
+                def forget(_: weakref.ref, key: int = x_key, entry: _Input = entry) -> None:
+                    self.drop(key, entry)
+                entry.tensor = weakref.ref(x, forget)
         elif self.batch_index == 0:
             self.followers[entry.slot] += 1
         for key, value in entry.products.items():

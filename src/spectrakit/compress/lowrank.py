@@ -65,10 +65,9 @@ class LowRankLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.method = method
-        factory = {"device": device, "dtype": dtype}
-        self.down = nn.Parameter(torch.empty(rank, in_features, **factory))
-        self.up = nn.Parameter(torch.empty(out_features, rank, **factory))
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         # A fresh layer (e.g. one about to be filled from a checkpoint) gets a small,
         # well-scaled random init rather than uninitialized memory.
         with torch.no_grad():
