@@ -8,7 +8,15 @@ It measures every ``every`` steps with estimators cheap enough to leave on:
 * ``topk_energy`` — the share of ‖W‖_F² in the top ``k`` singular values, from a
   seeded randomized top-``k`` SVD;
 * ``effective_rank`` — exp of the spectral entropy; needs the full spectrum (Gram
-  + eigvalsh), the one costly choice.
+  + eigvalsh), the one costly choice;
+* ``intruders`` — intruder dimensions against the weights at the start of training
+  (copied when the monitor is built), the count :func:`~spectrakit.compare` gives;
+* ``alpha`` — the ESD power-law exponent, as :func:`~spectrakit.analyze` computes it;
+* ``sharpness`` (``λ_max`` of the loss Hessian) and ``alignment`` (share of the gradient
+  in the top-``alignment_k`` Hessian eigenspace), of the loss on fixed ``batches``, every
+  ``curvature_every`` steps (logged as ``loss/sharpness``, ``loss/alignment``; NaN between).
+
+See :mod:`spectrakit.analyze.training_metrics` for the definitions.
 
 Plain loop::
 
@@ -36,8 +44,11 @@ from .._atomic import atomic_write
 from ..errors import SpectrakitError
 from ..weights import iter_matrices
 from .metrics import effective_rank
+from .training_metrics import curvature_metrics, intruder_count, spectrum_alpha
 
-METRICS = ("sigma_max", "frobenius_norm", "stable_rank", "topk_energy", "effective_rank")
+METRICS = ("sigma_max", "frobenius_norm", "stable_rank", "topk_energy", "effective_rank", "intruders", "alpha",
+           "sharpness", "alignment")
+LOSS_METRICS = ("sharpness", "alignment")
 DEFAULT_METRICS = ("sigma_max", "stable_rank")
 _WARMUP_ITERS = 50
 
@@ -49,12 +60,19 @@ class SpectralMonitor:
         model: the module being trained (its weights are read live, never copied).
         every: measure when ``step % every == 0``.
         metrics: any of ``sigma_max``, ``frobenius_norm``, ``stable_rank``,
-            ``topk_energy``, ``effective_rank``.
+            ``topk_energy``, ``effective_rank``, ``intruders``, ``alpha`` (per matrix) and
+            ``sharpness``, ``alignment`` (of the loss; need ``loss_fn`` and ``batches``).
         include, exclude: name patterns selecting the matrices.
         csv_path: rewritten atomically after each measurement.
         tensorboard_dir: also log scalars there (needs ``tensorboard``).
         power_iters: power iterations per measurement (vectors persist between them).
         k: rank for ``topk_energy``.
+        loss_fn, batches, forward: the loss for ``sharpness``/``alignment``, as for
+            :func:`~spectrakit.analyze.hessian` (the batches are fixed, read once).
+        curvature_every: measure the loss metrics every this many steps (default ``every``).
+        curvature_params: parameters of the Hessian (default: all trainable).
+        alignment_k: dimension of the eigenspace for ``alignment``.
+        intruder_k, epsilon: ``k`` and ``epsilon`` of the intruder count (as in ``compare``).
 
     >>> import torch, spectrakit as sk
     >>> model = torch.nn.Linear(32, 16)
@@ -69,7 +87,9 @@ class SpectralMonitor:
     def __init__(self, model: nn.Module, every: int = 100, metrics: Sequence[str] = DEFAULT_METRICS, *,
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                  csv_path: str | os.PathLike | None = None, tensorboard_dir: str | os.PathLike | None = None,
-                 power_iters: int = 2, k: int = 8) -> None:
+                 power_iters: int = 2, k: int = 8, loss_fn: Any = None, batches: Any = None, forward: Any = None,
+                 curvature_every: int | None = None, curvature_params: Any = None, alignment_k: int = 5,
+                 intruder_k: int = 10, epsilon: float = 0.5) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise SpectrakitError(f"metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
@@ -83,6 +103,18 @@ class SpectralMonitor:
         self.power_iters = power_iters
         self._power = {r.name: linalg.PowerIteration(n_iter=power_iters, seed=i) for i, r in enumerate(self.records)}
         self.history: list[dict[str, Any]] = []
+        self.model, self.intruder_k, self.epsilon, self.alignment_k = model, intruder_k, epsilon, alignment_k
+        self.loss_metrics = tuple(m for m in self.metrics if m in LOSS_METRICS)
+        if self.loss_metrics and (loss_fn is None or batches is None):
+            raise SpectrakitError(f"metrics {', '.join(self.loss_metrics)} need loss_fn and batches")
+        self.loss_fn, self.forward, self.curvature_params = loss_fn, forward, curvature_params
+        self.batches = list(batches) if batches is not None else []
+        self.curvature_every = curvature_every or every
+        if self.curvature_every < 1:
+            raise SpectrakitError(f"curvature_every={curvature_every} must be ≥ 1")
+        # the start of training, for the intruder count: a copy, since the weights change in place
+        self._start = ({r.name: r.matrix().detach().clone() for r in self.records}
+                       if "intruders" in self.metrics else {})
         self.csv_path = csv_path
         self._writer = self._tensorboard(tensorboard_dir) if tensorboard_dir else None
 
@@ -114,6 +146,12 @@ class SpectralMonitor:
                         value = fro2 ** 0.5
                     elif metric == "stable_rank":
                         value = fro2 / sigma**2 if sigma > 0 else float("nan")
+                    elif metric in LOSS_METRICS:
+                        continue
+                    elif metric == "intruders":
+                        value = intruder_count(self._start[record.name], W, self.intruder_k, self.epsilon)
+                    elif metric == "alpha":
+                        value = spectrum_alpha(W)
                     elif metric == "topk_energy":
                         top = linalg.svdvals(W, k=min(self.k, min(W.shape)), seed=0).double()
                         value = float(top.square().sum()) / fro2 if fro2 > 0 else float("nan")
@@ -127,6 +165,12 @@ class SpectralMonitor:
         if step % self.every:
             return None
         row = {"step": int(step), **self.measure()}
+        if self.loss_metrics:
+            due = step % self.curvature_every == 0
+            values = (curvature_metrics(self.model, self.loss_fn, self.batches, forward=self.forward,
+                                        params=self.curvature_params, k=self.alignment_k,
+                                        alignment="alignment" in self.loss_metrics) if due else {})
+            row.update({f"loss/{m}": values.get(m, float("nan")) for m in self.loss_metrics})
         self.history.append(row)
         if self.csv_path is not None:
             self._write_csv(self.csv_path)
@@ -144,6 +188,18 @@ class SpectralMonitor:
         writer.writerows(self.history)
         with atomic_write(path) as handle:
             handle.write(buffer.getvalue())
+
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> os.PathLike:
+        """Write the monitored metrics over steps as a self-contained HTML page, atomically
+        (see :mod:`spectrakit.analyze.monitor_report`).
+
+        Args:
+            path: the ``.html`` file.
+            title: the page's title.
+        """
+        from .monitor_report import write_monitor_html
+
+        return write_monitor_html(self.history, path, title=title)
 
     def callback(self):
         """A ``transformers.TrainerCallback`` that calls :meth:`step` at each optimizer step."""

@@ -105,25 +105,30 @@ def lanczos(matvec: MatVec, n: int, steps: int, start: torch.Tensor | None = Non
     if state is None:
         if start is None:
             raise SpectrakitError("internal: lanczos needs a start vector")
-        rows, alphas, betas = [start.reshape(-1)], [], []
-        basis = start.reshape(1, n)
+        done, alphas, betas = 0, [], []
+        first = start.reshape(-1)
     else:
-        rows, alphas, betas = list(state.basis), list(state.alpha), list(state.beta)
-        basis = state.basis
-        following = _following(state.residual, betas[-1], basis, n, generator, allow_restart)
+        done, alphas, betas = state.steps, list(state.alpha), list(state.beta)
+        following = _following(state.residual, betas[-1], state.basis, n, generator, allow_restart)
         if following is None:
             return state
-        rows.append(following)
-        basis = torch.stack(rows)
-    target = min(n, (0 if state is None else state.steps) + steps)
-    eps = torch.finfo(basis.dtype).eps
+        first = following
+    target = min(n, done + steps)
+    # one buffer for the whole basis: rows are written in place, never re-stacked
+    buffer = first.new_empty((target, n))
+    if state is not None:
+        buffer[:done] = state.basis
+    buffer[done] = first
+    count = done + 1
+    eps = torch.finfo(buffer.dtype).eps
     scale = max([float(a.abs()) for a in alphas] + [float(b) for b in betas] + [0.0])
     while True:
-        j = len(rows) - 1
-        q = rows[j]
+        basis = buffer[:count]
+        j = count - 1
+        q = buffer[j]
         w = matvec(q).to(q.dtype)
         if j > 0 and float(betas[j - 1]) > 0:
-            w = w - betas[j - 1] * rows[j - 1]
+            w = w - betas[j - 1] * buffer[j - 1]
         alpha = torch.dot(w, q)
         w = _orthogonalize(w - alpha * q, basis)
         beta = w.norm()
@@ -132,13 +137,14 @@ def lanczos(matvec: MatVec, n: int, steps: int, start: torch.Tensor | None = Non
             beta, w = beta.new_zeros(()), torch.zeros_like(w)
         alphas.append(alpha)
         betas.append(beta)
-        if len(rows) >= target:
+        if count >= target:
             break
         following = _following(w, beta, basis, n, generator, allow_restart)
         if following is None:
             break
-        rows.append(following)
-        basis = torch.stack(rows)
+        buffer[count] = following
+        count += 1
+    basis = buffer[:count]
     return LanczosState(basis=basis, alpha=torch.stack(alphas), beta=torch.stack(betas), residual=w)
 
 
@@ -213,7 +219,7 @@ def top_eigenpairs(matvec: MatVec, n: int, k: int, *, tol: float = 1e-6, which: 
         converged = theta.numel() >= k and bool((residual <= tol * scale).all())
         if converged or state.steps >= limit:
             break
-        steps = min(limit - state.steps, max(8, state.steps // 3))
+        steps = min(limit - state.steps, max(4, state.steps // 8))  # the Ritz check is cheap: look often
     values = theta[wanted].to(device=device, dtype=dtype)
     info = {"steps": float(state.steps), "max_residual": float((residual / scale).max()),
             "converged": 1.0 if converged else 0.0}
