@@ -200,13 +200,19 @@ def train_part(args: argparse.Namespace) -> dict[str, Any]:
     quick = windows[: args.quick_windows]
     chosen = runs(args)
     if args.only:
-        chosen = {k: v for k, v in chosen.items() if k.split(" ")[0] in args.only.split(",") or k in args.only}
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     results = []
     for name, build in chosen.items():
         try:
             results.append(train_one(name, build, args, windows, quick))
         except ImportError as error:  # galore-torch not installed
             print(f"skipped {name}: {error}", flush=True)
+    return finish_train(results)
+
+
+def finish_train(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each run against AdamW: bits/byte at AdamW's training time, and the first
+    evaluated step at which AdamW's final (quick) bits/byte is reached."""
     reference = next((r for r in results if r["name"] == "adamw (torch)"), results[0])
     target = reference["curve"][-1][2]
     for r in results:
@@ -350,7 +356,9 @@ def main() -> None:
     parser.add_argument("--step-repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated run names (first word), e.g. adamw,muon")
+    parser.add_argument("--only", default="", help="comma-separated run names, e.g. 'adamw (torch),muon'")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="only merge the training results of earlier --json files (runs split over processes)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true")
@@ -361,7 +369,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     record: dict[str, Any] = {"machine": machine(), "command": "python bench/optimize.py " + " ".join(sys.argv[1:]),
                               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}}
-    if not args.skip_train:
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        record = {**record, "merged_from": [p.get("command") for p in parts]}
+        merged = [r for p in parts if "train" in p for r in p["train"]["results"]]
+        record["train"] = finish_train(merged)
+        record.update({k: v for p in parts for k, v in p.items() if k in ("step", "ddp")})
+        print(train_table(record["train"], args))
+        plot(record["train"], args.plot)
+    elif not args.skip_train:
         record["train"] = train_part(args)
         print(train_table(record["train"], args))
         plot(record["train"], args.plot)

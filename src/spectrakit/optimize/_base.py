@@ -159,7 +159,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     # -- stepping ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One update of every parameter that has a gradient.
 
         Args:

@@ -39,11 +39,13 @@ def balance(costs: Sequence[float], ranks: int) -> list[int]:
 def spread(inputs: Sequence[torch.Tensor], compute: Callable[[int, torch.Tensor], torch.Tensor],
            costs: Sequence[float], *, process_group: object | None = None,
            enabled: bool = True) -> list[torch.Tensor]:
-    """``[compute(i, x).to(x.dtype) for i, x in enumerate(inputs)]``, each result of the
-    input's shape, computed on one rank and all-gathered when a process group is up."""
+    """``[compute(i, x) for i, x in enumerate(inputs)]``, each result of the input's shape,
+    computed on one rank and all-gathered when a process group is up. Gathered results
+    come back in the input's dtype (the same values: a bf16 result is exact in float32),
+    a local one as it was computed, so one process pays for no cast."""
     rank, ranks = world(process_group, enabled)
     if ranks == 1 or not inputs:
-        return [compute(i, x).to(x.dtype) for i, x in enumerate(inputs)]
+        return [compute(i, x) for i, x in enumerate(inputs)]
     owners = balance(costs, ranks)
     wide = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
     device = inputs[0].device
@@ -56,7 +58,7 @@ def spread(inputs: Sequence[torch.Tensor], compute: Callable[[int, torch.Tensor]
         buffer[offset:offset + result.numel()] = result.reshape(-1).to(wide)
         offset += result.numel()
     gathered = [torch.empty_like(buffer) for _ in range(ranks)]
-    dist.all_gather(gathered, buffer, group=process_group)  # type: ignore[arg-type]
+    dist.all_gather(gathered, buffer, group=process_group)
     outputs: list[torch.Tensor] = [inputs[0]] * len(inputs)
     for r, share in enumerate(shares):
         offset = 0

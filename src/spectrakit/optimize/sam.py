@@ -79,7 +79,7 @@ class SAM(torch.optim.Optimizer):
             result.append((param, epsilon))
         return result
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Both passes and the base optimizer's step.
 
         Args:

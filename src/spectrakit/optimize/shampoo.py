@@ -125,9 +125,9 @@ class Shampoo(MatrixOptimizer):
                     moment = G
                 direction = moment
                 if state["left_root"] is not None:
-                    direction = state["left_root"].to(G.dtype) @ direction
+                    direction = state["left_root"] @ direction
                 if state["right_root"] is not None:
-                    direction = direction @ state["right_root"].to(G.dtype)
+                    direction = direction @ state["right_root"]
                 if group["graft"] is not None:
                     if group["graft"] == "adam":
                         state["exp_avg_sq"].mul_(beta2).addcmul_(G, G, value=1 - beta2)
@@ -148,4 +148,4 @@ class Shampoo(MatrixOptimizer):
                        [s[side].shape[0] ** 3 for s, side in factors],
                        process_group=self.process_group, enabled=self.distributed)
         for (s, side), root in zip(factors, roots):
-            s[f"{side}_root"] = root
+            s[f"{side}_root"] = root.to(s[side].dtype)

@@ -135,4 +135,4 @@ class SOAP(MatrixOptimizer):
                        [s[side].shape[0] ** 3 for s, side in factors],
                        process_group=self.process_group, enabled=self.distributed)
         for (s, side), basis in zip(factors, bases):
-            s[f"{side}_basis"] = basis
+            s[f"{side}_basis"] = basis.to(s[side].dtype)
