@@ -197,11 +197,13 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def gpt2_small():
+def gpt2_small(layers: int = 12, width: int = 768, vocab: int = 50257):
+    """A randomly initialized GPT-2 (GPT-2-small's shape by default; smaller for quick step timing)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config()).eval()
+    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64),
+                                      vocab_size=vocab)).eval()
 
 
 def _quality(originals: dict[str, torch.Tensor], residuals: dict[str, torch.Tensor], rank: int
@@ -274,8 +276,9 @@ def run_step_time(args) -> dict:
 
     warnings.filterwarnings("ignore")
     rank = args.init_rank
-    base = gpt2_small()
-    tokens = torch.randint(0, 50257, (args.step_batch, args.step_seq + 1), generator=torch.Generator().manual_seed(0))
+    base = gpt2_small(args.step_layers, args.step_width, args.step_vocab)
+    tokens = torch.randint(0, args.step_vocab, (args.step_batch, args.step_seq + 1),
+                           generator=torch.Generator().manual_seed(0))
 
     def stepper(model):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -306,7 +309,8 @@ def run_step_time(args) -> dict:
         times[label] = best_of(stepper(build()), args.repeats)[0]
     reference = times["PEFT lora"]
     rows = [[label, round(t, 3), round(t / reference, 3)] for label, t in times.items()]
-    print(markdown_table([f"train step (GPT-2-small shape, r={rank}, batch {args.step_batch}×{args.step_seq})",
+    print(markdown_table([f"train step (GPT-2 shape {args.step_layers}×{args.step_width}, vocab {args.step_vocab}, "
+                          f"r={rank}, batch {args.step_batch}×{args.step_seq})",
                           "seconds (best)", "× PEFT LoRA"], rows))
 
     # merged inference: same modules, same cost as the base model
@@ -334,6 +338,10 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=2)
     parser.add_argument("--step-seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-layers", type=int, default=12, help="part 3's GPT-2 depth (12: GPT-2 small)")
+    parser.add_argument("--step-width", type=int, default=768, help="part 3's GPT-2 width (768: GPT-2 small)")
+    parser.add_argument("--step-vocab", type=int, default=50257, help="part 3's vocabulary (a small one keeps the "
+                        "head from hiding the adapters' cost)")
     parser.add_argument("--step-methods", type=lambda s: s.split(","), default=None,
                         help="spectrakit methods timed in part 3 (default: the LoRA-shaped first-half ones)")
     parser.add_argument("--skip-finetune", action="store_true")
