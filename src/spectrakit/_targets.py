@@ -8,9 +8,10 @@ name it is registered by.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, cast
 
+import torch
 from torch import nn
 
 from .errors import SpectrakitError
@@ -20,7 +21,7 @@ from .weights.record import natural_key
 Layer = TypeVar("Layer")
 
 
-def select_targets(layers: Mapping[str, Layer], targets: str | Sequence[str], *, verb: str,
+def select_targets(layers: Mapping[str, Layer], targets: str | Iterable[str], *, verb: str,
                    all_linear: Callable[[Mapping[str, Layer]], dict[str, Layer]],
                    matches: Callable[[str, str], bool], on_miss: Callable[[str], NoReturn],
                    check_hit: Callable[[str], None] = lambda name: None) -> dict[str, Layer]:
@@ -51,6 +52,15 @@ def select_targets(layers: Mapping[str, Layer], targets: str | Sequence[str], *,
                 check_hit(name)
             selected.update(hits)
     return dict(sorted(selected.items(), key=lambda item: natural_key(item[0])))
+
+
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``weight`` tensor of an ``nn.Linear`` or ``Conv1D`` (``nn.Module`` types an attribute ``Tensor | Module``).
+
+    Args:
+        layer: a linear layer (``nn.Linear`` or transformers' ``Conv1D``).
+    """
+    return cast(torch.Tensor, layer.weight)
 
 
 def check_weight(name: str, layer: Any) -> None:

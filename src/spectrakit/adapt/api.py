@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_save_path
-from .._targets import check_weight, module_sites, replace_module
+from .._targets import check_weight, layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
 
@@ -58,7 +58,7 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     tied = tied_names(model)
     for name, kwargs in plan.items():
         check_weight(name, layers[name])
-        weight = layers[name].weight
+        weight = layer_weight(layers[name])
         if cls.rewrites_base and len(tied.get(id(weight), ())) > 1:
             other = next(n for n in tied[id(weight)] if n != f"{name}.weight")
             raise SpectrakitError(f"layer {name}: its weight is tied to {other}, and {method!r} rewrites the base "
@@ -224,10 +224,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     else:
         modules = dict(model.named_modules())
         for name, expected in fingerprints.items():
-            layer = modules.get(name)
-            if layer is None or not hasattr(layer, "weight"):
+            module = modules.get(name)
+            if module is None or not hasattr(module, "weight"):
                 raise SpectrakitError(f"{path}: the model has no layer {name}")
-            if fingerprint(layer.weight) != expected:
+            if fingerprint(layer_weight(module)) != expected:
                 raise SpectrakitError(f"{path}: base weight of layer {name} differs from the one the adapter "
                                       "was trained on")
         adapt(model, method, targets=list(plan), _plan={n: dict(k) for n, k in plan.items()})
@@ -239,8 +239,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Any) -> None:
     expected: dict[str, torch.Tensor] = {}
     for name, layer in adapted_layers(model).items():
-        for key, value in layer.trainable().items():
-            expected[f"{name}.{key}"] = value
+        for key, param in layer.trainable().items():
+            expected[f"{name}.{key}"] = param
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import linalg
+from .._targets import layer_weight
 from ..errors import SpectrakitError
 from .base import is_conv1d, register
 from .lora import LoRALinear
@@ -71,7 +72,7 @@ class EVALinear(LoRALinear):
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
-    weight = layer.weight
+    weight = layer_weight(layer)
     out_f, in_f = (weight.shape[1], weight.shape[0]) if is_conv1d(layer) else weight.shape
     return int(out_f), int(in_f)
 
@@ -107,7 +108,12 @@ def activation_spectra(model: nn.Module, layers: dict[str, nn.Module], calibrati
         model.train(was_training)
     if seen == 0:
         raise SpectrakitError("eva: calibration yielded no batches")
-    return {name: (t.S, t.Vh, energy[name]) for name, t in trackers.items()}
+    spectra = {}
+    for name, t in trackers.items():
+        if t.S is None or t.Vh is None:
+            raise SpectrakitError(f"eva: layer {name} received no input from the calibration batches")
+        spectra[name] = (t.S, t.Vh, energy[name])
+    return spectra
 
 
 def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, torch.Tensor, float]], budget: int) -> dict[str, int]:

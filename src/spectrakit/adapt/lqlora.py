@@ -42,7 +42,7 @@ from .base import AdaptedLinear, register
 
 def _nf4() -> Any:
     try:
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor  # type: ignore[import-untyped]
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
     except ImportError as error:
         raise SpectrakitError("lq-lora needs torchao for its NF4 quantizer: pip install 'spectrakit[quant]'"
                               ) from error
@@ -75,7 +75,7 @@ class QuantizedResidual:
 
     def moved(self, convert: Any) -> QuantizedResidual:
         """A new holder whose inner tensors are ``convert(t)`` (a copy, a device move)."""
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (  # type: ignore[import-untyped]
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
             construct_nf4_args,
         )
 

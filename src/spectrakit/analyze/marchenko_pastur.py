@@ -238,7 +238,7 @@ def fit_marchenko_pastur_weightwatcher(eigenvalues: torch.Tensor, *, rows: int,
     Needs SciPy for the polish step. About 10–20 ms a matrix (weightwatcher: ~0.7 s).
     """
     try:
-        from scipy.optimize import fmin  # type: ignore[import-untyped]
+        from scipy.optimize import fmin
     except ImportError as error:  # pragma: no cover - scipy ships with the dev/bench extras
         raise SpectrakitError("mp_fit='weightwatcher' needs SciPy (pip install scipy)") from error
     evals = eigenvalues.detach().to(torch.float64).flatten().cpu().numpy()

@@ -91,6 +91,8 @@ def uniform_ranks(layers: dict[str, LayerShape], ratio: float | None, rank: int 
         elif rank is not None:
             k = rank
         else:
+            if energy is None:  # check_budget lets exactly one of the three through
+                raise SpectrakitError("compress: give exactly one of ratio=, rank= or energy=")
             total = float(layer.losses.sum())
             if total <= 0:
                 k = 1

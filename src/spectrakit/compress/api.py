@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import weights as spectrakit_weights
 from .._progress import progress as progress_bar
-from .._targets import check_weight, module_sites, replace_module, select_targets
+from .._targets import check_weight, layer_weight, module_sites, replace_module, select_targets
 from ..errors import SpectrakitError
 from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
@@ -337,7 +337,8 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
         spectra[name] = solver.spectrum(name, matrices[name], statistics.pop(name, None), svd_method=svd_method)
     for message in solver.warnings():
         warnings.warn(message, CompressionWarning, stacklevel=2)
-    shapes = {name: LayerShape(*matrices[name].shape, spectra[name].losses) for name in layers}
+    shapes = {name: LayerShape(matrices[name].shape[0], matrices[name].shape[1], spectra[name].losses)
+              for name in layers}
     sites = module_sites(model)
     if allocation == "sensitivity":
         assert isinstance(calibration, list)
@@ -355,10 +356,12 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
         shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
         replace = not only_if_smaller or shape.cost(k) < shape.dense
         if replace:
-            up, down = spectrum.factors(k, dtype=layer.weight.dtype)
-            bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
-            new = LowRankLinear.from_factors(up, down, bias, method=method, dtype=layer.weight.dtype)
-            replace_module(model, sites[id(layer)], new.to(layer.weight.device))
+            weight = layer_weight(layer)
+            up, down = spectrum.factors(k, dtype=weight.dtype)
+            bias = getattr(layer, "bias", None)
+            new = LowRankLinear.from_factors(up, down, bias.detach() if bias is not None else None, method=method,
+                                             dtype=weight.dtype)
+            replace_module(model, sites[id(layer)], new.to(weight.device))
         losses = shape.losses
         dropped = float(losses[k:].sum()) if replace else 0.0
         report_layers[name] = LayerReport(

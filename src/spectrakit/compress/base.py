@@ -79,6 +79,7 @@ class Spectrum:
             up = self.U[:, :rank] * root[None, :].to(self.U.dtype)
             down = root[:, None].to(self.Vh.dtype) * self.Vh[:rank]
         elif self.U is not None:  # U_k · (Lᵀ U_k)ᵀ W, and L⁻¹ below
+            assert self.weight is not None
             work = torch.float64 if self.precise else self.U.dtype
             up = self.U[:, :rank].to(work)
             if left is None:

@@ -81,8 +81,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, report: Compressi
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "buffer_dtypes": buffers,
             "report": report.to_dict() if report is not None else None}
     if hf_class is not None:
+        config: Any = model.config  # a transformers PretrainedConfig (see _hf_class)
         with atomic_write(folder / HF_CONFIG) as handle:
-            handle.write(model.config.to_json_string(use_diff=False))
+            handle.write(config.to_json_string(use_diff=False))
     with atomic_save_path(folder / WEIGHTS) as tmp:
         # save_model drops the second name of tied tensors and load_model restores them
         save_model(model, str(tmp), metadata={"format": FORMAT})
@@ -120,6 +121,8 @@ def _build_hf(folder: Path, class_name: str) -> nn.Module:
     cls = getattr(transformers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise SpectrakitError(f"{folder / CONFIG}: architecture {class_name!r} is not a transformers model class")
+    if cls.config_class is None:
+        raise SpectrakitError(f"{folder / CONFIG}: architecture {class_name!r} has no transformers config class")
     try:
         config_dict = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
         config = cls.config_class.from_dict(config_dict)

@@ -54,7 +54,7 @@ def compress_structured(model: nn.Module, method: str, *, ratio: float | None, r
     layers = find_layers(model, targets)
     matrices = {name: _canonical_weight(name, layer) for name, layer in layers.items()}
     parameters_before = count_parameters(model)
-    shapes = {name: LayerShape(*W.shape, torch.zeros(min(W.shape), dtype=torch.float64))
+    shapes = {name: LayerShape(W.shape[0], W.shape[1], torch.zeros(min(W.shape), dtype=torch.float64))
               for name, W in matrices.items()}
     ranks = allocate(shapes, ratio=None if ratio is None else float(ratio), rank=None if rank is None else int(rank),
                      allocation="uniform")

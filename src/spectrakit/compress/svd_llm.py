@@ -160,7 +160,7 @@ class TruncationAwareSVD(Method):
             reason = "its output second moment is singular: the calibration inputs reach too few directions"
         else:
             reason = ""
-        if reason and weight_energy > 0:
+        if reason and weight_energy > 0 and weight_gram is not None:  # a reason implies `short`
             ridge = self.damping * energy / weight_energy
             S, U = linalg.gram_spectrum(gram + ridge * weight_gram)
             self.ridges[name] = ridge

@@ -57,13 +57,13 @@ def svd_update(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, *, columns: t
     >>> torch.allclose(S2, torch.linalg.svdvals(torch.cat([A, C], 1)))
     True
     """
-    if (columns is None) == (rows is None):
-        raise SpectrakitError("svd_update: pass exactly one of columns= or rows=")
-    if columns is not None:
+    if columns is not None and rows is None:
         C = as_matrix(columns, U.dtype, name="columns")
         if C.shape[-2] != U.shape[-2]:
             raise SpectrakitError(f"columns: {C.shape[-2]} rows, but the factorized matrix has {U.shape[-2]}")
         return _append_columns(U, S, Vh, C, k)
+    if rows is None or columns is not None:
+        raise SpectrakitError("svd_update: pass exactly one of columns= or rows=")
     B = as_matrix(rows, U.dtype, name="rows")
     if B.shape[-1] != Vh.shape[-1]:
         raise SpectrakitError(f"rows: {B.shape[-1]} columns, but the factorized matrix has {Vh.shape[-1]}")
@@ -95,7 +95,7 @@ class IncrementalSVD:
         """Fold a block of rows ``(b, n)`` (or ``(..., b, n)``) into the factorization."""
         dtype = None if self.Vh is None else self.Vh.dtype
         B = as_matrix(rows, dtype, name="rows")
-        if self.Vh is not None:
+        if self.S is not None and self.Vh is not None:
             if B.shape[-1] != self.Vh.shape[-1]:
                 raise SpectrakitError(f"rows: {B.shape[-1]} columns, expected {self.Vh.shape[-1]}")
             B = torch.cat([self.S.unsqueeze(-1) * self.Vh, B], dim=-2)

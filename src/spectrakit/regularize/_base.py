@@ -46,6 +46,8 @@ class Target:
     def value(self) -> torch.Tensor:
         """The live tensor, as stored (re-read every call: parametrizations recompute it)."""
         raw = getattr(self.module, self.attr) if self.module is not None else self.tensor
+        if raw is None:
+            raise SpectrakitError(f"{self.name}: the target holds no tensor")
         return raw.float() if raw.dtype in _LOW_PRECISION else raw  # fp16/bf16 are computed in fp32
 
     def kernel(self) -> torch.Tensor:
@@ -165,7 +167,8 @@ def select_matrices(source: Any, include: Patterns, exclude: Patterns, kinds: It
         if not chosen:
             raise SpectrakitError(f"{owner}: the source has no {'/'.join(wanted or ('matrix',))} weight to regularize")
     else:
-        chosen, seen = [], set()
+        chosen = []
+        seen: set[str] = set()
         for pattern in include_p:
             hits = [c for c in candidates if matches_any(c[1], [pattern])]
             if not hits:
@@ -178,7 +181,7 @@ def select_matrices(source: Any, include: Patterns, exclude: Patterns, kinds: It
             fitting = [c for c in hits if wanted is None or c[2] in wanted]
             if not fitting:
                 raise SpectrakitError(f"{owner}: parameter {hits[0][0]!r} is a {hits[0][2]} weight; "
-                                      f"{owner} applies to {'/'.join(wanted)} weights")
+                                      f"{owner} applies to {'/'.join(wanted or ())} weights")
             chosen += [c for c in fitting if c[0] not in seen]
             seen.update(c[0] for c in fitting)
     if exclude_p:
@@ -195,7 +198,7 @@ def select_parameters(source: Any, include: Patterns, exclude: Patterns, owner: 
     """Every parameter (matrices, biases, norm scales) the patterns select, each once."""
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
     if isinstance(source, nn.Module):
-        pairs = list(source.named_parameters())  # tied parameters once
+        pairs: list[tuple[str, torch.Tensor]] = list(source.named_parameters())  # tied parameters once
         targets = {n: _module_target(source, n, "parameter") for n, _ in pairs}
     else:
         pairs = _named_tensors(source, owner)
@@ -310,8 +313,8 @@ class Penalty(nn.Module):
         if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
             raise SpectrakitError(f"{owner}: weight={weight!r} must be a finite number ≥ 0")
         inner = optimizer
-        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-            inner = inner.optimizer  # a wrapper such as accelerate's AcceleratedOptimizer: hook what it steps
+        while isinstance(wrapped := getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = wrapped  # a wrapper such as accelerate's AcceleratedOptimizer: hook what it steps
         if not hasattr(inner, "register_step_pre_hook"):
             raise SpectrakitError(f"{owner}: {type(optimizer).__name__} is not a torch optimizer (no "
                                   "register_step_pre_hook); attach to the one it wraps, or add the penalty to the loss")

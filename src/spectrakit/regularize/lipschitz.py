@@ -89,6 +89,8 @@ class LipschitzPenalty(Penalty):
     def forward(self) -> torch.Tensor:
         if self.mode == "layer":
             return super().forward()
+        if self.target is None:
+            raise SpectrakitError("mode='product' needs a target")
         log_product = torch.stack([self.named_term(t, i) for i, t in enumerate(self.targets)]).sum()
         return self.checked(torch.relu(log_product - math.log(self.target)).square())
 

@@ -67,7 +67,7 @@ class OrthogonalConvPenalty(Penalty):
         for part in K.split(K.shape[0] // groups, dim=0):
             # the filters as a batch of images, correlated with the same filters
             self_conv = conv(part, part, stride=stride, padding=padding)
-            centre = (slice(None), slice(None), *(p // s for p, s in zip(padding, stride)))
+            centre: tuple[slice | int, ...] = (slice(None), slice(None), *(p // s for p, s in zip(padding, stride)))
             identity = torch.zeros_like(self_conv)
             identity[centre] = torch.eye(part.shape[0], dtype=K.dtype, device=K.device)
             total = total + (self_conv - identity).square().sum()

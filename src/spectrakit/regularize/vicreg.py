@@ -57,12 +57,11 @@ class VICReg(nn.Module):
     def forward(self, *embeddings: torch.Tensor) -> torch.Tensor:
         if not embeddings:
             raise SpectrakitError("VICReg: pass at least one batch of embeddings")
-        total = None
+        values = []
         for i, Z in enumerate(embeddings):
             Z = as_batch(Z, name=f"embeddings[{i}]", min_rows=2)
-            value = self.variance_weight * self.variance(Z) + self.covariance_weight * self.covariance(Z)
-            total = value if total is None else total + value
-        return total
+            values.append(self.variance_weight * self.variance(Z) + self.covariance_weight * self.covariance(Z))
+        return sum(values[1:], values[0])  # summed left to right from the first value
 
     def extra_repr(self) -> str:
         return (f"variance_weight={self.variance_weight}, covariance_weight={self.covariance_weight}, "
