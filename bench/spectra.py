@@ -73,6 +73,23 @@ def weightwatcher_analyze(model):
         return ww.WeightWatcher(model=model).analyze()
 
 
+def unrefined(run):
+    """``run()`` with σ_min taken from the fp32 spectrum as is (the behaviour before the float64
+    refinement of :mod:`spectrakit.analyze.conditioning`), to time what the refinement costs."""
+    from spectrakit.analyze import run as analyze_run
+
+    def spectrum_only(matrix, spectrum, **_):
+        return {"sigma_min": float(spectrum[-1]), "condition_number": float(spectrum[0] / spectrum[-1]),
+                "sigma_min_method": "spectrum", "sigma_min_bound": None}
+
+    refined = analyze_run.conditioning_metrics
+    analyze_run.conditioning_metrics = spectrum_only
+    try:
+        return run()
+    finally:
+        analyze_run.conditioning_metrics = refined
+
+
 def parity(model, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
     """spectrakit's parity metrics vs weightwatcher's analyze(), on weightwatcher's matrices.
 
@@ -92,6 +109,8 @@ def parity(model, repeats: int) -> tuple[list[list[object]], dict[str, float]]:
         "spectrakit analyze(farms=False)": lambda: tables.append(
             sk.analyze(model, include=names, farms=False, progress=False)),
         "spectrakit analyze() (+ FARMS)": lambda: sk.analyze(model, include=names, progress=False),
+        "spectrakit analyze(farms=False), σ_min unrefined": lambda: unrefined(
+            lambda: sk.analyze(model, include=names, farms=False, progress=False)),
     }
     seconds: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
