@@ -89,7 +89,7 @@ def galore_torch(model: torch.nn.Module, rank: int, update_every: int) -> torch.
     return GaLoreAdamW([{"params": [p for p in model.parameters() if id(p) not in hidden], "lr": ADAMW_LR},
                         {"params": [p for p in model.parameters() if id(p) in hidden], "rank": rank,
                          "update_proj_gap": update_every, "scale": GALORE["scale"], "proj_type": "std",
-                         "lr": GALORE["lr"]}], lr=ADAMW_LR, betas=(0.9, 0.95), weight_decay=0.0)
+                         "lr": GALORE["lr"]}], lr=ADAMW_LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
 
 def runs(args: argparse.Namespace) -> dict[str, Callable[[torch.nn.Module], Any]]:
@@ -216,7 +216,7 @@ def finish_train(results: list[dict[str, Any]]) -> dict[str, Any]:
     reference = next((r for r in results if r["name"] == "adamw (torch)"), results[0])
     target = reference["curve"][-1][2]
     for r in results:
-        r["bpb_at_adamw_time"] = at_time(r["curve"], reference["train_seconds"])
+        r["bpb_at_adamw_time"] = at_time(r["curve"], reference["curve"][-1][1])
         r["step_reaching_adamw_final"] = first_step_reaching(r["curve"], target)
     return {"results": results, "adamw_final_quick_bpb": target}
 
@@ -368,7 +368,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     record: dict[str, Any] = {"machine": machine(), "command": "python bench/optimize.py " + " ".join(sys.argv[1:]),
-                              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}}
+                              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "merge")}}
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         record = {**record, "merged_from": [p.get("command") for p in parts]}
@@ -381,13 +381,13 @@ def main() -> None:
         record["train"] = train_part(args)
         print(train_table(record["train"], args))
         plot(record["train"], args.plot)
-    if not args.skip_step:
+    if not args.skip_step and not args.merge:
         record["step"] = step_part(args)
         step = record["step"]
         print(markdown_table(["optimizer", "median ms/step", "ratio", "best ms/step", "ratio"],
                              [[k, step["ms"][k], step["ratio"][k], step["best_ms"][k], step["best_ratio"][k]]
                               for k in step["ms"]]))
-    if not args.skip_ddp:
+    if not args.skip_ddp and not args.merge:
         record["ddp"] = ddp_part(args)
         print(record["ddp"])
     from spectrakit._atomic import atomic_write
