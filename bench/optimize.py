@@ -244,11 +244,13 @@ def plot(part: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for r in part["results"]:
+    colors = plt.get_cmap("tab20").colors
+    for index, r in enumerate(part["results"]):
         style = "--" if "torch" in r["name"] else "-"
         steps, seconds, bpb = zip(*r["curve"])
-        by_step.plot(steps, bpb, style, label=r["name"], marker=".")
-        by_time.plot(seconds, bpb, style, label=r["name"], marker=".")
+        color = colors[(2 * index) % 20 + (2 * index) // 20]  # 12 runs: one colour each
+        by_step.plot(steps, bpb, style, label=r["name"], marker=".", color=color)
+        by_time.plot(seconds, bpb, style, label=r["name"], marker=".", color=color)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training seconds (shared CPU)")
     by_step.set_ylabel("held-out bits/byte (code)")
