@@ -79,7 +79,15 @@ class AdamWOnly(MatrixOptimizer):
 
 @dataclass
 class Route:
-    """Where :func:`for_model` sent one parameter."""
+    """Where :func:`for_model` sent one parameter.
+
+    Attributes:
+        name: the parameter's name in the model (its first name, when tied).
+        shape: its shape.
+        method: where it went: the spectral method's name, or ``"adamw"``.
+        reason: why it went to AdamW (``"embedding"``, ``"output head"``, ``"bias or norm"``, …).
+        aliases: the parameter's other names (tied weights are stepped once).
+    """
 
     name: str
     shape: tuple[int, ...]
