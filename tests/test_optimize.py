@@ -174,6 +174,17 @@ def test_galore_full_rank_sgd_is_sgd(projection: str) -> None:
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("projection", ["svd", "dct"])
+def test_galore_full_rank_adamw_is_adamw(projection: str) -> None:
+    W, X, Y = regression(rows=8, columns=14)
+    ours, theirs = torch.nn.Parameter(W.clone().double()), torch.nn.Parameter(W.clone().double())
+    X, Y = X.double(), Y.double()
+    train(ours, GaLore([ours], lr=0.01, rank=8, update_every=2, scale=1.0, projection=projection,
+                       base="adamw", weight_decay=0.1), X, Y, 6)
+    train(theirs, torch.optim.AdamW([theirs], lr=0.01, weight_decay=0.1), X, Y, 6)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
 def test_galore_svd_basis_is_the_top_singular_subspace_and_state_is_small() -> None:
     G = torch.randn(10, 30, dtype=torch.float64)
     P = svd_basis(G, 3)

@@ -14,9 +14,10 @@ gradient ``G_t`` and an orthonormal ``m × r`` basis ``P`` (refreshed every
 basis with the largest energy ``‖D_jᵀ G_t‖²`` (the SVD-free variant), which needs no SVD
 and stores only ``r`` indices. The base optimizer's moments are kept across refreshes,
 as in the reference code. State is ``2·r·n`` (+ ``m·r`` for an SVD basis) per matrix,
-against AdamW's ``2·m·n``. With ``rank = min(m, n)``, ``scale=1`` and a fixed basis, the
-SGD base is exactly SGD (``P Pᵀ = I``); the AdamW base is Adam in the rotated
-coordinates, which is not AdamW (Adam is not rotation invariant).
+against AdamW's ``2·m·n``. At full rank (``rank = min(m, n)``) every basis spans the whole
+space, and ``P = I`` is used: a rotated basis would change nothing for SGD but would run
+Adam in rotated coordinates (Adam is not rotation invariant), so with ``scale=1`` a
+full-rank GaLore is exactly its base optimizer, AdamW or SGD.
 
 >>> import torch, spectrakit as sk
 >>> layer = torch.nn.Linear(16, 8, bias=False)
@@ -109,14 +110,17 @@ class GaLore(MatrixOptimizer):
                     state["step"] = 0
                 state["step"] += 1
                 step = state["step"]
-                if (step - 1) % group["update_every"] == 0:
+                full_rank = group["rank"] >= min(G.shape)
+                if full_rank:
+                    pass  # P = I: the small space is the whole space
+                elif (step - 1) % group["update_every"] == 0:
                     if group["projection"] == "svd":
                         state["basis"] = svd_basis(G, group["rank"])
                     else:
                         state["indices"] = dct_indices(G, group["rank"])
-                basis = self._basis(G, state)
+                basis = None if full_rank else self._basis(G, state)
                 left = left_side(G)
-                small = basis.mT @ G if left else G @ basis
+                small = G if basis is None else basis.mT @ G if left else G @ basis
                 if group["base"] == "adamw":
                     if "exp_avg" not in state:
                         state["exp_avg"] = torch.zeros_like(small)
@@ -131,7 +135,7 @@ class GaLore(MatrixOptimizer):
                     else:
                         state["momentum_buffer"].mul_(group["momentum"]).add_(small)
                     direction = state["momentum_buffer"]
-                full = basis @ direction if left else direction @ basis.mT
+                full = direction if basis is None else basis @ direction if left else direction @ basis.mT
                 param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(full.view_as(param), alpha=-group["lr"] * group["scale"])
 
