@@ -10,7 +10,9 @@
 
 Methods (one file each, the formula in its docstring): ``lora`` (and rsLoRA),
 ``pissa``, ``milora``, ``soma``, ``svfit``, ``svft``, ``sorsa``, ``salt``, ``eva``,
-``spectral``, ``hra``, ``fourierft``, ``asymmetric``. Every method is exact at initialization.
+``spectral``, ``hra``, ``fourierft``, and ``asymmetric``, ``lorma``, ``qgoft``, ``ba-lora``,
+``sst``, ``sara``, ``soda``, ``dota``, ``clover``, ``lq-lora``. Every method is exact at
+initialization (``lq-lora``: exactly its own quantized decomposition of W).
 :func:`merge_adapters` combines several saved adapters (linear, task arithmetic, TIES,
 DARE, SVD); :func:`federated_round` is FedSVD's server step.
 
