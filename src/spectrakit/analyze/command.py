@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._argtypes import positive_float, positive_int, unit_fraction
+
+if TYPE_CHECKING:  # the command imports the library lazily, at run time
+    from .table import SpectrumTable
 
 DEFAULT_OUT = "spectrakit-report"
 
@@ -89,7 +93,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(table, out: Path, stem: str, quiet: bool) -> None:
+def _write(table: SpectrumTable, out: Path, stem: str, quiet: bool) -> None:
     # the table first: should the folder turn unwritable during the work, the results still show
     if not quiet:
         print(table.format())

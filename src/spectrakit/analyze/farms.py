@@ -23,6 +23,8 @@ torch.Size([1024])
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import linalg
@@ -61,7 +63,7 @@ def farms_eigenvalues(matrix: torch.Tensor, *, block: int = DEFAULT_BLOCK,
 
 
 def farms_fit(matrix: torch.Tensor, *, xmin: str | float = "median",
-              **options) -> tuple[PowerLawFit, torch.Tensor]:
+              **options: Any) -> tuple[PowerLawFit, torch.Tensor]:
     """The power-law fit of the FARMS ESD of ``matrix``, and that ESD.
 
     ``xmin`` as in :func:`~spectrakit.analyze.powerlaw.fit_power_law`; the other

@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -119,8 +119,8 @@ def analyze_features(model: nn.Module, batches: Iterable[Any], layers: str | Seq
     collected: dict[str, list[torch.Tensor]] = {name: [] for name, _ in targets}
     counts = dict.fromkeys(collected, 0)
 
-    def hook_for(name: str):
-        def hook(_module, _inputs, output):
+    def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is None or counts[name] >= max_samples:
                 return

@@ -55,7 +55,7 @@ def _input_shapes(model: nn.Module, example_input: Any) -> dict[str, tuple[int, 
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            def hook(_module, inputs, _output, name=name):
+            def hook(_module: nn.Module, inputs: tuple, _output: Any, name: str = name) -> None:
                 shapes[name] = tuple(inputs[0].shape[2:])
             handles.append(module.register_forward_hook(hook))
     try:

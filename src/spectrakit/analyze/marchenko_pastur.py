@@ -191,7 +191,7 @@ def _linear_kde(samples: np.ndarray, grid: np.ndarray, bandwidth: float) -> np.n
     return density / (samples.size * bandwidth)
 
 
-def _mp_residual_factory(to_fit: np.ndarray, aspect: float):
+def _mp_residual_factory(to_fit: np.ndarray, aspect: float) -> Callable[[np.ndarray], float]:
     """Sum of squared residuals of the MP (or, at Q = 1, quarter-circle) density against the
     KDE of ``to_fit``, as a function of ``s``; bad bulk edges cost ``1000²`` per grid point."""
     grid = np.linspace(0, np.max(to_fit) + 0.5, _KDE_GRID)
@@ -203,7 +203,7 @@ def _mp_residual_factory(to_fit: np.ndarray, aspect: float):
     peak, right = x[np.argmax(y)], np.max(x)
     inverse_aspect = 1 / aspect
 
-    def residual(p) -> float:
+    def residual(p: np.ndarray) -> float:
         sigma = float(np.asarray(p, dtype=np.float64).ravel()[0])
         with np.errstate(all="ignore"):
             if aspect == 1:

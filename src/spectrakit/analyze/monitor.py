@@ -119,7 +119,7 @@ class SpectralMonitor:
         self._writer = self._tensorboard(tensorboard_dir) if tensorboard_dir else None
 
     @staticmethod
-    def _tensorboard(log_dir: str | os.PathLike):
+    def _tensorboard(log_dir: str | os.PathLike) -> Any:  # a SummaryWriter (tensorboard is optional)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
@@ -201,7 +201,7 @@ class SpectralMonitor:
 
         return write_monitor_html(self.history, path, title=title)
 
-    def callback(self):
+    def callback(self) -> Any:  # a transformers.TrainerCallback (transformers is optional)
         """A ``transformers.TrainerCallback`` that calls :meth:`step` at each optimizer step."""
         try:
             from transformers import TrainerCallback
@@ -210,7 +210,7 @@ class SpectralMonitor:
         monitor = self
 
         class _SpectralCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 monitor.step(state.global_step)
 
         return _SpectralCallback()

@@ -33,12 +33,15 @@ import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._atomic import atomic_write
 from .powerlaw import EVALS_THRESH
+
+if TYPE_CHECKING:  # table.py imports this module
+    from .table import SpectrumTable
 
 #: where a layer earns a warning (the usual weightwatcher reading of alpha: 2–6 is healthy)
 THRESHOLDS = {
@@ -75,7 +78,7 @@ _NOT_CHARTED = {"rows", "cols", "params", "xmin", "xmax", "farms_xmin", "farms_x
                 "log_alpha_norm", "farms_ks_distance"}
 
 
-def write_html_report(table, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def write_html_report(table: SpectrumTable, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Write the HTML report of ``table`` to ``path`` atomically; return the path.
 
     >>> import spectrakit as sk
@@ -204,7 +207,7 @@ def esd_histogram(eigenvalues: torch.Tensor, *, alpha: Any = None, xmin: Any = N
     return plot
 
 
-def _layer_plots(table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _layer_plots(table: SpectrumTable, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     spectra = getattr(table, "spectra", None) or {}
     farms = getattr(table, "farms_spectra", None) or {}
     layers = []
@@ -336,7 +339,7 @@ def _flags(issues: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
 
 # ---------------------------------------------------------------- HTML pieces
 
-def _summary_html(table) -> str:
+def _summary_html(table: SpectrumTable) -> str:
     try:
         summary = table.summary()
     except Exception as error:  # a report must not die on one odd figure
@@ -372,7 +375,8 @@ def _skipped_html(rows: list[dict[str, Any]]) -> str:
     return f'<table class="grid"><tr><th>name</th><th>shape</th><th>reason</th></tr>{body}</table>'
 
 
-def _table_html(table, rows: list[dict[str, Any]], columns: list[str], issues: list[dict[str, Any]]) -> str:
+def _table_html(table: SpectrumTable, rows: list[dict[str, Any]], columns: list[str],
+                issues: list[dict[str, Any]]) -> str:
     display = [key for key, _ in getattr(table, "display", ()) if key in columns]
     headers = dict(getattr(table, "display", ()))
     shown = display or [c for c in columns if c != "reason"]

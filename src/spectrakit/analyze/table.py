@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,7 +132,7 @@ class SpectrumTable:
         summary.update(self.extra_summary)
         return summary
 
-    def to_pandas(self):
+    def to_pandas(self) -> Any:  # a pandas.DataFrame (pandas is optional and untyped)
         """A ``pandas.DataFrame`` (needs the ``report`` extra)."""
         try:
             import pandas as pd
@@ -149,7 +150,7 @@ class SpectrumTable:
         with atomic_save_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
 
-    def to_html(self, path: str | os.PathLike, *, title: str | None = None):
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """Write the self-contained HTML report (see :mod:`spectrakit.analyze.report`)."""
         from .report import write_html_report
 

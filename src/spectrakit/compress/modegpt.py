@@ -33,12 +33,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .._targets import module_sites, replace_module
+from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from .api import CompressionReport, LayerReport, _output_head, count_parameters
 from .calibration import collect_statistics
@@ -64,13 +64,13 @@ def find_mlps(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
 
 def _weight(layer: nn.Module) -> torch.Tensor:
     """``out × in`` of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``in × out``)."""
-    weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+    weight = layer_weight(layer)
     return weight.detach() if isinstance(layer, nn.Linear) else weight.detach().T
 
 
 def _narrowed(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A layer of ``layer``'s kind holding ``weight`` (``out × in``) and ``bias``."""
-    old: torch.Tensor = layer.weight  # type: ignore[assignment]
+    old = layer_weight(layer)
     if isinstance(layer, nn.Linear):
         new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=old.device,
                                    dtype=old.dtype)
@@ -79,9 +79,9 @@ def _narrowed(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None)
         new = type(layer)(weight.shape[0], weight.shape[1]).to(device=old.device, dtype=old.dtype)
         stored = weight.T
     with torch.no_grad():
-        new.weight.copy_(stored)
+        layer_weight(new).copy_(stored)
         if bias is not None:
-            new.bias.copy_(bias)
+            cast(torch.Tensor, new.bias).copy_(bias)  # built with a bias just above
     return new
 
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spectrakit.errors import SpectrakitError
+
+if TYPE_CHECKING:  # transformers is optional: imported where the model is built
+    from transformers import LlamaForCausalLM
 
 __all__ = [
     "REFERENCE_DIR",
@@ -127,7 +130,7 @@ def decode(ids: torch.Tensor | Iterable[int] | int) -> str:
     return bytes(values).decode("utf-8", errors="replace")
 
 
-def reference_model(dtype: torch.dtype = torch.float32):
+def reference_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """The shipped model as a ``transformers.LlamaForCausalLM`` in eval mode.
 
     Built from ``config.json`` and filled from ``model.safetensors`` with

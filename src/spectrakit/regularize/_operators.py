@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -44,7 +44,7 @@ class ConvInputShapes:
             with torch.no_grad():
                 model(**example_input) if isinstance(example_input, dict) else model(example_input)
 
-    def _hook(self, target: Target):
+    def _hook(self, target: Target) -> Callable[[nn.Module, tuple], None]:
         shapes, name = self.shapes, target.name  # no reference to self: the hook must not keep it alive
 
         def record(module: nn.Module, args: tuple) -> None:

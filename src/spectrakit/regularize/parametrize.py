@@ -28,7 +28,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -125,7 +125,7 @@ class SpectralNormalization(nn.Module):
                 f"input_shape={self.input_shape}")
 
 
-def _pre_hook(parametrization: SpectralNormalization, name: str):
+def _pre_hook(parametrization: SpectralNormalization, name: str) -> Callable[[nn.Module, tuple], None]:
     def hook(module: nn.Module, args: tuple) -> None:
         if not parametrize.is_parametrized(module, name) or \
                 not any(p is parametrization for p in _parametrizations(module, name)):

@@ -30,7 +30,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ class Curvature:
         """
         return self.operator.matvec(vector, block)
 
-    def _matvec(self, block: str | None):
+    def _matvec(self, block: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda v: self.operator.matvec(v, block)
 
     def top(self, k: int = 1, tol: float = 1e-6, *, vectors: bool = False, which: str = "LA",
