@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import spectrakit as sk
+from spectrakit.adapt import AdaptedLinear
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
 pytest.importorskip("matplotlib")
@@ -77,7 +78,7 @@ def test_tutorial_adapt(tmp_path, capsys):
     assert math.isclose(result["log"].evals[-1][1], result["after"], rel_tol=1e-6)
     # The merged model is plain nn.Linear again: no adapter parameters remain.
     model = result["model"]
-    assert not any(isinstance(m, sk.adapt.AdaptedLinear) for m in model.modules())
+    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
     # The saved adapter, loaded onto a fresh base model, gives the trained model's outputs.
     fresh = sk.load_adapter(sk.reference_model(), tmp_path / "adapter.safetensors")
     dense = sk.reference_model()
