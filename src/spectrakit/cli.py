@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
-from typing import NoReturn
 
 from ._atomic import check_writable_folder
 from .errors import SpectrakitError, SpectrakitWarning
