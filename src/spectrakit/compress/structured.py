@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import SpectrakitError
+from ..linalg import svd
 
 STRUCTURES = ("monarch", "btt")
 
@@ -98,7 +99,7 @@ class BlockTensorTrainLinear(nn.Module):
                                    device=weight.device, dtype=dtype or weight.dtype)
         outer, inner = out_features // blocks, in_features // blocks
         grid = weight.detach().double().reshape(blocks, outer, blocks, inner).permute(0, 2, 1, 3)  # [c, a, s, p]
-        U, S, Vh = torch.linalg.svd(grid, full_matrices=False)
+        U, S, Vh = svd(grid, method="exact")  # every block's thin SVD in one batched call
         root = S[..., :rank].sqrt()
         left = U[..., :rank] * root[..., None, :]  # [c, a, s, t]
         right = root[..., :, None] * Vh[..., :rank, :]  # [c, a, t, p]

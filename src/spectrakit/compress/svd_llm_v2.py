@@ -44,8 +44,8 @@ class LossOptimizedSVD(Method):
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         """``W S`` with ``S = U_s Λ^{1/2}`` (the first SVD); used by :meth:`spectrum`."""
         assert stats is not None and stats.gram is not None
-        eigenvalues, vectors = torch.linalg.eigh(stats.gram.double())
-        return Transform(right=vectors * eigenvalues.clamp_min(0).sqrt()[None, :])
+        root, vectors = linalg.gram_spectrum(stats.gram.double())  # √Λ and U_s of XXᵀ
+        return Transform(right=vectors * root[None, :])
 
     def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
                  svd_method: str = "auto") -> Spectrum:
