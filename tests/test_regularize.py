@@ -24,13 +24,8 @@ from spectrakit.regularize import (
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: a second intra-op thread only adds contention on the shared 2-core runners.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices: a second intra-op thread only adds contention (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_model(seed=0):

@@ -8,13 +8,8 @@ import spectrakit as sk
 from spectrakit.errors import SpectrakitError
 from spectrakit.regularize import learnable_multipliers, remove_parametrizations, spectral_normalize, weight_normalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices: a second intra-op thread only adds contention (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sigma(W):
