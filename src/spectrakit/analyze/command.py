@@ -108,6 +108,7 @@ def _write(table: SpectrumTable, out: Path, stem: str, quiet: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .._distributed import torchrun_group
     from .run import analyze
 
     source = args.source
@@ -115,11 +116,12 @@ def run(args: argparse.Namespace) -> int:
         from ..reference import reference_weights_path
 
         source = str(reference_weights_path())
-    rank = _join_torchrun()
-    table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
-                    dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
-                    xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input, progress=not args.quiet,
-                    conv=args.conv, conv2d_norm=not args.no_conv2d_norm, workers=args.workers, threads=args.threads)
+    with torchrun_group() as rank:
+        table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
+                        dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
+                        xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input,
+                        progress=not args.quiet, conv=args.conv, conv2d_norm=not args.no_conv2d_norm,
+                        workers=args.workers, threads=args.threads)
     if rank == 0:
         _write(table, Path(args.out), "spectra", args.quiet)
         if not args.no_html:
@@ -127,16 +129,3 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"report: {html}")
     return 0
-
-
-def _join_torchrun() -> int:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; returns this rank."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return 0
-    if not dist.is_initialized():
-        dist.init_process_group(backend=os.environ.get("SPECTRAKIT_BACKEND", "gloo"))
-    return dist.get_rank()

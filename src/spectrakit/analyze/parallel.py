@@ -4,8 +4,9 @@ Matrices are dealt out by size (largest first, each to the least-loaded share), 
 shares finish at about the same time. Local workers are *spawned* (GNU OpenMP is
 not fork-safe): for a file or folder each worker opens the source itself and
 streams its own tensors; an in-memory model's matrices travel through shared
-memory. Under ``torch.distributed`` every rank analyzes its share and
-``all_gather_object`` gives each rank the full result.
+memory. Under ``torch.distributed`` every rank analyzes its share
+(:func:`spectrakit._distributed.partition`) and ``all_gather_object`` gives each rank the
+full result.
 
 Results do not depend on ``threads`` or ``workers``: LAPACK's eigensolvers (and large
 products) round differently with different intra-op thread counts, so each matrix is
@@ -22,20 +23,10 @@ from typing import Any
 
 import torch
 
+from .._distributed import agree, distributed_group, partition
 from .._progress import progress as progress_bar
 from ..weights import MatrixRecord, iter_matrices
 from .run import AnalyzeOptions, MatrixResult, analyze_record, matrix_metrics, skip_reason_before_load
-
-
-def partition(sizes: Sequence[int], parts: int) -> list[list[int]]:
-    """Indices of ``sizes`` dealt into ``parts`` shares of about equal total (LPT rule)."""
-    shares: list[list[int]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = loads.index(min(loads))
-        shares[target].append(index)
-        loads[target] += sizes[index]
-    return [sorted(share) for share in shares]
 
 
 def _cost(record: MatrixRecord) -> int:
@@ -177,27 +168,13 @@ def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions,
 
 # --- torch.distributed -----------------------------------------------------------------------
 
-def _distributed_group(distributed: bool | None) -> tuple[int, int] | None:
-    import torch.distributed as dist
-
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed is None:
-        distributed = active
-    if not distributed:
-        return None
-    if not active:
-        from ..errors import SpectrakitError
-
-        raise SpectrakitError("distributed=True needs an initialized torch.distributed group (e.g. torchrun)")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _gathered(records: Sequence[MatrixRecord], options: AnalyzeOptions, rank: int, world: int,
               progress: bool) -> dict[str, MatrixResult]:
     import torch.distributed as dist
 
     share = partition([_cost(r) for r in records], world)[rank]
-    mine = _serial([records[i] for i in share], options, progress and rank == 0, desc=f"spectra (rank {rank})")
+    mine = agree(lambda: _serial([records[i] for i in share], options, progress and rank == 0,
+                                 desc=f"spectra (rank {rank})"), "analyze")
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     results: dict[str, MatrixResult] = {}
@@ -210,7 +187,7 @@ def run_records(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOp
                 exclude: Any = None, workers: int = 1, threads: int | None = None, distributed: bool | None = None,
                 progress: bool = True) -> dict[str, MatrixResult]:
     """Results for every record, computed serially, by threads, by local workers or across ranks."""
-    group = _distributed_group(distributed)
+    group = distributed_group(distributed)
     if group is not None:
         return _gathered(records, options, *group, progress)
     if workers > 1 and len(records) > 1:

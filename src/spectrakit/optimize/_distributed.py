@@ -16,24 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .._distributed import owners as balance
+
 
 def world(process_group: object | None, enabled: bool) -> tuple[int, int]:
     """``(rank, world_size)`` of the group the work is spread over; ``(0, 1)`` when off."""
     if not enabled or not dist.is_available() or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(process_group), dist.get_world_size(process_group)  # type: ignore[arg-type]
-
-
-def balance(costs: Sequence[float], ranks: int) -> list[int]:
-    """The owner rank of each item: largest cost first, each to the least-loaded rank
-    (ties to the lower rank, so every rank computes the same assignment)."""
-    loads = [0.0] * ranks
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        owner = min(range(ranks), key=lambda r: (loads[r], r))
-        owners[index] = owner
-        loads[owner] += costs[index]
-    return owners
 
 
 def spread(inputs: Sequence[torch.Tensor], compute: Callable[[int, torch.Tensor], torch.Tensor],
