@@ -2,7 +2,6 @@
 
 Run:  python bench/scale.py generate [--size-gb 8.6]
       python bench/scale.py run [--size-gb 8.6] [--only analyze,analyze-2,...] [--timeout 600] [--json out.json]
-      python bench/scale.py layer [--size-gb 0.5]   # one decoder block of each path, to size the full runs
 
 ``generate`` writes, once, a Llama-architecture checkpoint of random float32 weights (seeded, each
 tensor from its own generator, so a tensor's values do not depend on the order of writing) as
@@ -307,6 +306,21 @@ def join_group() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def unavailable(reason: str) -> None:
+    """End a child whose path is not in the library (yet): the report says so instead of a figure."""
+    print("SCALE_RESULT " + json.dumps({"unavailable": reason}), flush=True)
+    raise SystemExit(3)
+
+
+def missing(function: Any, *names: str) -> None:
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    absent = [n for n in names if n not in parameters]  # named parameters: **options would take anything
+    if absent:
+        unavailable(f"{function.__module__}.{function.__name__} takes no {', '.join(absent)}")
+
+
 def child(task: str, folder: Path, out: Path | None, cache: Path | None, include: str | None,
           calibration: tuple[int, int]) -> None:
     """One measured path, run in its own interpreter; prints ``SCALE_RESULT {json}``."""
@@ -335,6 +349,7 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, include
             frame = ww.WeightWatcher(model=str(folder)).analyze()
         info["rows"] = len(frame)
     elif task in ("compress-svd", "compress-svd-llm"):
+        missing(sk.compress, "low_memory", "cache", "out")
         method = task.removeprefix("compress-")
         options: dict[str, Any] = {"ratio": RATIO, "out": str(out), "low_memory": True}
         if cache is not None:
@@ -344,7 +359,12 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, include
         report = sk.compress(str(folder), method, **options)
         info["parameters_after"] = getattr(report, "parameters_after", None)
     elif task == "pissa":
-        from spectrakit.adapt import init_from_checkpoint
+        import spectrakit.adapt
+
+        init_from_checkpoint = getattr(spectrakit.adapt, "init_from_checkpoint", None)
+        if init_from_checkpoint is None:
+            unavailable("spectrakit.adapt.init_from_checkpoint does not exist yet")
+        missing(init_from_checkpoint, "cache", "out", "rank")
 
         init_from_checkpoint(str(folder), "pissa", rank=RANK, out=str(out), cache=None if cache is None else str(cache))
     else:
@@ -356,9 +376,9 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, include
 
 # --- the measured paths -----------------------------------------------------------------------
 
-RUNS = ("baseline-cli", "baseline", "baseline-ww", "analyze", "analyze-2", "weightwatcher", "compress-svd",
-        "compress-svd-2", "compress-svd-warm", "pissa", "pissa-2", "pissa-warm", "compress-svd-llm",
-        "compress-svd-llm-2")
+RUNS = ("baseline-cli", "baseline-cli-2", "baseline", "baseline-2", "baseline-ww", "analyze", "analyze-2",
+        "weightwatcher", "compress-svd", "compress-svd-2", "compress-svd-warm", "pissa", "pissa-2", "pissa-warm",
+        "compress-svd-llm", "compress-svd-llm-2")
 
 
 def run_command(name: str, folder: Path, scratch: Path, include: str | None,
@@ -380,6 +400,25 @@ def run_command(name: str, folder: Path, scratch: Path, include: str | None,
     return launcher + command
 
 
+def deadline_of(text: str | None) -> float | None:
+    """``HH:MM`` (UTC, today) as a Unix time, or ``None``."""
+    if not text:
+        return None
+    import datetime as dt
+
+    hours, minutes = (int(v) for v in text.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
+
+
+def read_through(folder: Path) -> None:
+    """Read every shard once, so each run starts with the checkpoint in the page cache (memory allowing)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
 def run(args: argparse.Namespace) -> None:
     folder = checkpoint(args.size_gb)
     facts = sizes(folder)
@@ -391,13 +430,24 @@ def run(args: argparse.Namespace) -> None:
     path = Path(args.json) if args.json else None
     if path and path.is_file() and args.resume:
         results = json.loads(path.read_text())["runs"]
+    unknown = [name for name in names if name not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    deadline = deadline_of(args.deadline)
     for name in names:
-        if name not in RUNS:
-            raise SystemExit(f"unknown run {name!r}; one of {', '.join(RUNS)}")
         command = run_command(name, folder, scratch, args.include, calibration)  # type: ignore[arg-type]
         print(f"{name}: {' '.join(command)}", flush=True)
-        result = measure(command, args.timeout)
+        left = deadline - time.time() if deadline else math.inf
+        if left < 30:
+            results[name] = {"command": command, "skipped": f"not run: the time window ended ({args.deadline} UTC)"}
+            print("  " + results[name]["skipped"], flush=True)
+            continue
+        read_through(folder)
+        result = measure(command, min(args.timeout, left))
+        result["threads_per_process"] = 1
         results[name] = result
+        for output in scratch.glob(f"out-{name}"):
+            shutil.rmtree(output, ignore_errors=True)  # the outputs are several GB; the caches stay
         print(f"  wall {result['wall_s']:.1f} s, peak tree {result['peak_rss_tree'] / 1e6:.0f} MB, "
               f"largest process {result['peak_rss_process'] / 1e6:.0f} MB, rc {result['returncode']}"
               f"{' TIMED OUT' if result['timed_out'] else ''} {result['result']}\n{result['tail']}", flush=True)
@@ -421,14 +471,49 @@ def report(results: dict[str, Any], facts: dict[str, Any]) -> str:
     block = facts["largest_block_bytes"]
     rows = []
     for name, r in results.items():
+        if "skipped" in r:
+            rows.append([name, r["skipped"]] + [""] * 7)
+            continue
         peak = r["peak_rss_process"]
         base = results.get(baseline_of(name), {}).get("peak_rss_process", 0)
+        if "unavailable" in r["result"]:
+            rows.append([name, "not available: " + r["result"]["unavailable"]] + [""] * 7)
+            continue
         rows.append([name, "timed out" if r["timed_out"] else ("failed" if r["returncode"] else "ok"),
                      round(r["wall_s"], 1), r["result"].get("work_s", math.nan), round(r["peak_rss_tree"] / 1e6),
                      round(peak / 1e6), round(peak / block, 2), round((peak - base) / 1e6),
                      round((peak - base) / block, 2)])
-    return markdown_table(["run", "status", "wall s", "work s", "peak tree MB", "peak process MB",
-                           "process ÷ block", "process − baseline MB", "(process − baseline) ÷ block"], rows)
+    table = markdown_table(["run", "status", "wall s", "work s", "peak tree MB", "peak process MB",
+                            "process ÷ block", "process − baseline MB", "(process − baseline) ÷ block"], rows)
+    return table + "\n\n" + markdown_table(["ratio", "wall", "without start-up"], ratios(results))
+
+
+RATIOS = (("analyze-2", "analyze", "2 ranks ÷ 1 rank"), ("compress-svd-2", "compress-svd", "2 ranks ÷ 1 rank"),
+          ("pissa-2", "pissa", "2 ranks ÷ 1 rank"), ("compress-svd-llm-2", "compress-svd-llm", "2 ranks ÷ 1 rank"),
+          ("compress-svd", "compress-svd-warm", "cold ÷ warm"), ("pissa", "pissa-warm", "cold ÷ warm"),
+          ("weightwatcher", "analyze", "weightwatcher ÷ analyze"))
+
+
+def startup(results: dict[str, Any], name: str) -> float:
+    """Seconds an empty run of the same launcher takes (interpreter, imports, torchrun's rendezvous)."""
+    ranks = "-2" if name.endswith("-2") else ""
+    reference = ("baseline-cli" if name.startswith("analyze") else baseline_of(name)) + ranks
+    run = results.get(reference, {})
+    return run["wall_s"] if run.get("returncode") == 0 else 0.0
+
+
+def ratios(results: dict[str, Any]) -> list[list[object]]:
+    def ok(name: str) -> bool:
+        run = results.get(name, {})
+        return run.get("returncode") == 0 and not run.get("timed_out")
+
+    rows: list[list[object]] = []
+    for top, bottom, label in RATIOS:
+        if ok(top) and ok(bottom):
+            a, b = results[top]["wall_s"], results[bottom]["wall_s"]
+            a_net, b_net = a - startup(results, top), b - startup(results, bottom)
+            rows.append([f"{top} ÷ {bottom} ({label})", round(a / b, 3), round(a_net / b_net, 3)])
+    return rows
 
 
 def main() -> None:
@@ -441,6 +526,8 @@ def main() -> None:
     parser.add_argument("--include", help="analyze only: matrices matching this pattern (for sizing runs)")
     parser.add_argument("--calibration", default="8x256", help="svd-llm calibration: batches x tokens (default 8x256)")
     parser.add_argument("--json", help="write every figure to this JSON file (after each run)")
+    parser.add_argument("--deadline", help="HH:MM UTC: runs that would start later are reported as not run, "
+                        "and each run's timeout ends there")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json")
     parser.add_argument("--scratch", help="folder for outputs and caches (default: a fresh one under bench/.cache)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
