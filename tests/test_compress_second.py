@@ -324,12 +324,12 @@ def test_modegpt_full_width_reproduces_the_model_and_budgets_add_up(arch: str) -
     calib = token_batches()
     model, reference = build().double(), build().double()
     width = 64 if arch == "llama" else 128
-    report = sk.compress(model, method="modegpt", rank=width, calibration=calib)
+    report = sk.compress(model, method="modegpt", rank=width, calibration=calib, modules=("mlp",))
     ids = calib[0]
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
     half = build()
-    report = sk.compress(half, method="modegpt", ratio=0.5, calibration=calib)
+    report = sk.compress(half, method="modegpt", ratio=0.5, calibration=calib, modules=["mlp"])
     assert report.parameters_after == sum(p.numel() for p in half.parameters())
     matrices = 3 if arch == "llama" else 2
     assert report.target_parameters_after == 2 * matrices * (width // 2) * 32  # 2 blocks, k = m/2, hidden 32
@@ -350,20 +350,20 @@ def test_modegpt_down_projection_is_the_least_squares_fit_on_the_kept_neurons() 
     H = torch.cat(inputs)
     target = H @ model.model.layers[0].mlp.down_proj.weight.detach().T
     gate = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
-    sk.compress(model, method="modegpt", ratio=0.5, calibration=calib)
+    sk.compress(model, method="modegpt", ratio=0.5, calibration=calib, modules="mlp")
     mlp = model.model.layers[0].mlp
     kept = [int(torch.nonzero((gate == row).all(dim=1))[0]) for row in mlp.gate_proj.weight.detach()]
     best = torch.linalg.lstsq(H[:, kept], target).solution.T  # ground truth: least squares on the kept neurons
     assert torch.allclose(mlp.down_proj.weight.detach(), best, rtol=1e-6, atol=1e-8)
 
 
-def test_modegpt_unknown_layout_and_unimplemented_pairs_are_one_line() -> None:
+def test_modegpt_unknown_layout_and_unknown_pairs_are_one_line() -> None:
     with pytest.raises(SpectrakitError, match=r"^modegpt: Sequential has no MLP block of a known layout; supported: "
                                               r"Llama-style .*GPT-2-style"):
         sk.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), method="modegpt", ratio=0.3,
                     calibration=[torch.randn(2, 4)])
-    with pytest.raises(SpectrakitError, match="only \\('mlp',\\) is implemented"):
-        sk.compress(llama(), method="modegpt", ratio=0.3, calibration=token_batches(), modules=("mlp", "qk"))
+    with pytest.raises(SpectrakitError, match="^modegpt: modules=\\('mlp', 'kq'\\): choose among 'mlp', 'qk', 'vo'$"):
+        sk.compress(llama(), method="modegpt", ratio=0.3, calibration=token_batches(), modules=("mlp", "kq"))
 
 
 @pytest.mark.parametrize("method", ["gfwsvd", "svd-llm-v2"])

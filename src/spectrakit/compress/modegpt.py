@@ -1,9 +1,12 @@
-"""MoDeGPT's type-I module (Lin et al., 2024): the MLP pair by Nyström approximation.
+"""MoDeGPT (Lin et al., 2024): module-level decomposition of Llama- and GPT-2-style blocks.
 
-**Only the MLP pair is implemented.** MoDeGPT also compresses the Q·K pair by CR
-decomposition and the V·O pair by SVD; both change the attention heads' widths, which
-needs an attention forward of our own, and are not done: ``modules=`` accepts only
-``("mlp",)`` and the attention layers are left dense.
+Each block is split into three pairs of matrices that meet at one hidden width, and each
+pair's width is shrunk so that the pair's output on the calibration data is rebuilt: the
+MLP pair (type I) by a Nyström approximation (below), the Q·K pair (type II) by CR
+decomposition and the V·O pair (type III) by SVD (both in
+:mod:`spectrakit.compress.modegpt_attention`; the attention layer becomes a
+:class:`~spectrakit.compress.narrow_attention.NarrowAttention`). ``modules=`` picks the pairs
+(default ``("mlp", "qk", "vo")``). No layer becomes two: every matrix just gets narrower.
 
 An MLP computes ``y = h(x) W_dᵀ`` with ``h(x) = σ(x W_gᵀ) ⊙ (x W_uᵀ)`` (Llama-style, gated)
 or ``h(x) = σ(x W_fcᵀ + b)`` (GPT-2-style); each of its ``m`` intermediate neurons is one
@@ -18,14 +21,17 @@ neurons of the largest ridge leverage scores and rebuild the down-projection fro
 down-projection from the kept neurons on the calibration tokens, so at ``k = m`` the MLP
 is reproduced (up to the tiny ``ε = 1e-10 · mean diag C``). ``λ = damping · mean diag C``
 (default ``1e-2``). With ``ratio=ρ``, every MLP keeps ``k = ⌊(1 − ρ)·m⌋`` neurons, which
-removes the fraction ρ of its three (two) matrices' weights up to rounding.
+removes the fraction ρ of its three (two) matrices' weights up to rounding; the Q·K and
+V·O pairs keep ``⌊(1 − ρ)·d⌋`` of each head's ``d`` dimensions (Q·K an even number with
+rotary embeddings), so every pair, and the whole, loses the fraction ρ up to rounding.
+``rank=k`` keeps ``min(k, width)`` dimensions of every pair instead.
 
 >>> import torch, spectrakit as sk, transformers
 >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32,
 ...     intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, vocab_size=100))
 >>> report = sk.compress(model, method="modegpt", ratio=0.25, calibration=[torch.randint(0, 100, (4, 16))])
->>> report.layers["model.layers.0.mlp.down_proj"].rank
-48
+>>> report.layers["model.layers.0.mlp.down_proj"].rank, report.layers["model.layers.0.self_attn.q_proj"].rank
+(48, 12)
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from .api import CompressionReport, LayerReport, _output_head, count_parameters
 from .calibration import collect_statistics
+from .modegpt_attention import (
+    ATTENTION_SUPPORTED,
+    OutputSquares,
+    find_attention,
+    narrow,
+    out_in,
+    query_key_selection,
+    value_output_factors,
+)
 
 LAYOUTS = {"gated": ("gate_proj", "up_proj", "down_proj"), "gpt2": ("c_fc", "c_proj")}
 SUPPORTED = ("Llama-style MLPs (gate_proj, up_proj, down_proj: Llama, Mistral, Qwen2) and GPT-2-style MLPs "
@@ -62,12 +77,6 @@ def find_mlps(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return blocks
 
 
-def _weight(layer: nn.Module) -> torch.Tensor:
-    """``out × in`` of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``in × out``)."""
-    weight = layer_weight(layer)
-    return weight.detach() if isinstance(layer, nn.Linear) else weight.detach().T
-
-
 def _narrowed(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A layer of ``layer``'s kind holding ``weight`` (``out × in``) and ``bias``."""
     old = layer_weight(layer)
@@ -82,6 +91,7 @@ def _narrowed(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None)
         layer_weight(new).copy_(stored)
         if bias is not None:
             cast(torch.Tensor, new.bias).copy_(bias)  # built with a bias just above
+    new.narrowed_by = "modegpt"  # type: ignore[assignment]  # save_compressed records its width (the model's config states the dense one)
     return new
 
 
@@ -105,64 +115,96 @@ def nystrom_selection(correlation: torch.Tensor, keep: int, damping: float = 1e-
     return selected, mapping
 
 
+PAIRS = ("mlp", "qk", "vo")
+
+
+def _keep(width: int, ratio: float | None, rank: int | None, step: int = 1) -> int:
+    """The dimensions a pair of width ``width`` keeps: ``⌊(1 − ratio)·width⌋`` or ``min(rank, width)``,
+    rounded down to a multiple of ``step`` (2 for rotary pairs), at least ``step``."""
+    wanted = math.floor((1 - ratio) * width) if ratio is not None else min(int(rank or 1), width)
+    return max(step, min(width, wanted) // step * step)
+
+
+def _pair_reports(name: str, children: dict[str, tuple[torch.Tensor, int]], rank: int, width: int,
+                  loss: float = 0.0, total: float = 0.0) -> dict[str, LayerReport]:
+    """One :class:`LayerReport` per matrix of a pair: ``{child: (dense out × in weight, weights after)}``."""
+    return {f"{name}.{child}" if name else child: LayerReport(
+        out_features=W.shape[0], in_features=W.shape[1], rank=rank, full_rank=width, replaced=True,
+        parameters_before=W.numel(), parameters_after=after, truncation_loss=loss,
+        relative_loss=loss / total if total > 0 else 0.0) for child, (W, after) in children.items()}
+
+
 def compress_modegpt(model: nn.Module, *, ratio: float | None, rank: int | None, energy: float | None,
                      calibration: Iterable[Any] | None, allocation: str | None, start: float,
-                     modules: tuple[str, ...] = ("mlp",), damping: float = 1e-2, progress: bool = False,
+                     modules: tuple[str, ...] = PAIRS, damping: float = 1e-2, progress: bool = False,
                      **options: Any) -> CompressionReport:
     """``method="modegpt"`` for :func:`~spectrakit.compress.compress` (the module docstring).
 
     Args:
-        model: a model with Llama- or GPT-2-style MLP blocks.
-        ratio: the fraction of each MLP's weights to remove (``rank=k``: keep ``k`` neurons).
-        rank, energy, allocation: ``energy`` and non-uniform allocations are refused.
+        model: a model with Llama- or GPT-2-style blocks.
+        ratio: the fraction of each pair's weights to remove.
+        rank: keep ``min(rank, width)`` dimensions of every pair (neurons, head dimensions).
+        energy, allocation: ``energy`` and non-uniform allocations are refused.
         calibration: batches the model is run on.
         start: ``time.perf_counter()`` when the call began.
-        modules: the pairs to compress; only ``("mlp",)`` is implemented.
-        damping: the leverage scores' ridge, relative to ``mean diag C``.
+        modules: the pairs to compress, any of ``"mlp"``, ``"qk"``, ``"vo"`` (default all three).
+        damping: the MLP leverage scores' ridge, relative to ``mean diag C``.
         progress: a progress bar over the calibration batches.
         options: anything else, refused.
     """
     if options:
         raise SpectrakitError(f"method 'modegpt': bad option ({', '.join(options)})")
-    if tuple(modules) != ("mlp",):
-        raise SpectrakitError(f"modegpt: modules={tuple(modules)!r}: only ('mlp',) is implemented "
-                              "(the Q·K and V·O pairs are not)")
+    modules = (modules,) if isinstance(modules, str) else tuple(modules)
+    if not modules or any(m not in PAIRS for m in modules):
+        raise SpectrakitError(f"modegpt: modules={modules!r}: choose among {', '.join(map(repr, PAIRS))}")
     if energy is not None or allocation not in (None, "uniform"):
         raise SpectrakitError("method 'modegpt' takes ratio= or rank= with allocation='uniform'")
     if (ratio is None) == (rank is None):
         raise SpectrakitError("compress: give exactly one of ratio= or rank= for method 'modegpt'")
     if ratio is not None and not 0 < ratio < 1:
         raise SpectrakitError(f"ratio={ratio!r} must be in (0, 1): the fraction of the targeted weights to remove")
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise SpectrakitError(f"modegpt: rank={rank!r} must be an integer >= 1")
     if not damping > 0:
         raise SpectrakitError(f"modegpt: damping={damping!r} must be > 0")
-    blocks = find_mlps(model)
-    if not blocks:
+    blocks = find_mlps(model) if "mlp" in modules else {}
+    attention = find_attention(model) if {"qk", "vo"} & set(modules) else {}
+    if "mlp" in modules and not blocks:
         raise SpectrakitError(f"modegpt: {type(model).__name__} has no MLP block of a known layout; "
                               f"supported: {SUPPORTED}")
+    if {"qk", "vo"} & set(modules) and not attention:
+        raise SpectrakitError(f"modegpt: {type(model).__name__} has no attention layer of a known layout; "
+                              f"supported: {ATTENTION_SUPPORTED}; or pass modules=('mlp',)")
     if calibration is None:
         raise SpectrakitError("method 'modegpt' needs calibration=batches (inputs the model is run on)")
-    downs = {f"{name}.{LAYOUTS[layout][-1]}": getattr(block, LAYOUTS[layout][-1])
-             for name, (layout, block) in blocks.items()}
+    hooked = {f"{name}.{LAYOUTS[layout][-1]}": getattr(block, LAYOUTS[layout][-1])
+              for name, (layout, block) in blocks.items()}
+    hooked.update({f"{name}#input": dense.reads for name, dense in attention.items()})
+    squares = OutputSquares({f"{name}.{side}": part for name, dense in attention.items()
+                             for side, part in dense.outputs.items()} if "qk" in modules else {})
     parameters_before = count_parameters(model)
     calibration_start = time.perf_counter()
-    statistics = collect_statistics(model, downs, calibration, gram=True, head=_output_head(model), progress=progress)
+    try:
+        statistics = collect_statistics(model, hooked, calibration, gram=True, head=_output_head(model),
+                                        progress=progress)
+    finally:
+        squares.remove()
     calibration_seconds = time.perf_counter() - calibration_start
     sites = module_sites(model)
     layers: dict[str, LayerReport] = {}
     for name, (layout, block) in blocks.items():
         children = LAYOUTS[layout]
         down_name = f"{name}.{children[-1]}"
-        down = getattr(block, children[-1])
-        width = _weight(down).shape[1]
-        keep = max(1, min(width, math.floor((1 - ratio) * width) if ratio is not None else int(rank or 1)))
-        stats = statistics[down_name]
-        assert stats.gram is not None
-        if not float(stats.gram.diagonal().sum()) > 0:
+        width = out_in(getattr(block, children[-1])).shape[1]
+        keep = _keep(width, ratio, rank)
+        gram = statistics[down_name].gram
+        assert gram is not None
+        if not float(gram.diagonal().sum()) > 0:
             raise SpectrakitError(f"modegpt: the MLP neurons of {name} never fire on the calibration data")
-        selected, mapping = nystrom_selection(stats.gram, keep, damping)
+        selected, mapping = nystrom_selection(gram, keep, damping)
         for child in children:
             layer = getattr(block, child)
-            W = _weight(layer)
+            W = out_in(layer)
             bias = getattr(layer, "bias", None)
             bias = bias.detach() if isinstance(bias, torch.Tensor) else None
             if child == children[-1]:  # the down-projection: W_d M
@@ -171,14 +213,36 @@ def compress_modegpt(model: nn.Module, *, ratio: float | None, rank: int | None,
                 new_weight = W[selected.to(W.device)]
                 new_bias = None if bias is None else bias[selected.to(bias.device)]
             replace_module(model, sites[id(layer)], _narrowed(layer, new_weight, new_bias))
-            out_features, in_features = W.shape
-            layers[f"{name}.{child}"] = LayerReport(
-                out_features=out_features, in_features=in_features, rank=keep, full_rank=width, replaced=True,
-                parameters_before=W.numel(), parameters_after=new_weight.numel(), truncation_loss=0.0,
-                relative_loss=0.0)
+            layers.update(_pair_reports(name, {child: (W, new_weight.numel())}, keep, width))
+    config = getattr(model, "config", None)
+    for name, dense in attention.items():
+        d = dense.head_dim
+        qk_index = None
+        if "qk" in modules:
+            keep_qk = _keep(d, ratio, rank, step=2 if dense.rotary else 1)
+            qk_index = query_key_selection(dense, squares.sums[f"{name}.q"], squares.sums[f"{name}.k"], keep_qk)
+        vo = None
+        if "vo" in modules:
+            gram = statistics[f"{name}#input"].gram
+            assert gram is not None
+            if not float(gram.diagonal().sum()) > 0:
+                raise SpectrakitError(f"modegpt: the attention input of {name} is all zero on the calibration data")
+            keep_vo = _keep(d, ratio, rank)
+            values, outputs, spectra = value_output_factors(dense, gram, keep_vo)
+            vo = (values.to(dense.v.dtype), outputs.to(dense.o.dtype))
+            dropped, total = float(spectra[:, keep_vo:].sum()), float(spectra.sum())
+        new = narrow(dense, qk_index, vo, config)
+        replace_module(model, sites[id(dense.module)], new)
+        if "qk" in modules:
+            layers.update(_pair_reports(name, {"q_proj": (dense.q, new.q_proj.weight.numel()),
+                                               "k_proj": (dense.k, new.k_proj.weight.numel())}, new.qk_dim, d))
+        if "vo" in modules:
+            layers.update(_pair_reports(name, {"v_proj": (dense.v, new.v_proj.weight.numel()),
+                                               "o_proj": (dense.o, new.o_proj.weight.numel())}, new.vo_dim, d,
+                                        dropped, total))
     target_before = sum(layer.parameters_before for layer in layers.values())
     target_after = sum(layer.parameters_after for layer in layers.values())
-    budget = {"ratio": ratio, "rank": rank, "damping": damping}
+    budget = {"ratio": ratio, "rank": rank, "damping": damping, "modules": list(modules)}
     return CompressionReport(
         method="modegpt", allocation="uniform", budget={k: v for k, v in budget.items() if v is not None},
         parameters_before=parameters_before, parameters_after=count_parameters(model),

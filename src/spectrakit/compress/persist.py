@@ -4,7 +4,8 @@ A folder written by :func:`save_compressed` holds:
 
 * ``model.safetensors`` — the whole state dict (tied tensors stored once);
 * ``compress.json`` — the format tag, each :class:`LowRankLinear`'s name, shape, rank,
-  bias and method (and each structured layer's structure and blocks), the compression
+  bias and method (each structured layer's structure and blocks; each layer MoDeGPT
+  narrowed, with its new widths, which the model's config no longer states), the compression
   report when given, and how to rebuild the model: a Hugging Face class name from
   ``transformers`` (no remote code) or ``"module"``;
 * ``config.json`` — the Hugging Face config, for a Hugging Face model.
@@ -25,11 +26,12 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_save_path, atomic_write
-from .._targets import module_sites, replace_module
+from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from ..weights.files import safetensors_dtypes
 from .api import CompressionReport
 from .lowrank import LowRankLinear
+from .narrow_attention import NarrowAttention
 from .structured import BlockTensorTrainLinear, MonarchLinear
 
 FORMAT = "spectrakit-compressed"
@@ -48,6 +50,14 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         elif isinstance(m, BlockTensorTrainLinear):
             layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
                             "bias": m.bias is not None, "method": m.kind, "structure": m.kind, "blocks": m.blocks}
+        elif isinstance(m, NarrowAttention):
+            layers[name] = {"kind": "narrow-attention", "method": "modegpt", **m.spec()}
+        elif getattr(m, "narrowed_by", None) is not None:  # an MLP layer modegpt made narrower
+            weight = layer_weight(m)
+            out_features, in_features = weight.shape if isinstance(m, nn.Linear) else weight.shape[::-1]
+            layers[name] = {"kind": "linear" if isinstance(m, nn.Linear) else "conv1d", "in_features": in_features,
+                            "out_features": out_features, "bias": getattr(m, "bias", None) is not None,
+                            "method": m.narrowed_by}
     return layers
 
 
@@ -132,6 +142,30 @@ def _build_hf(folder: Path, class_name: str) -> nn.Module:
         return cls(config)
 
 
+def _narrow_layer(folder: Path, name: str, old: nn.Module, spec: dict[str, Any], model: nn.Module,
+                  device: torch.device, dtypes: dict[str, torch.dtype]) -> nn.Module:
+    """A layer MoDeGPT narrowed, rebuilt empty from its ``compress.json`` entry."""
+    kind = spec["kind"]
+    try:
+        if kind == "narrow-attention":
+            arguments = {k: v for k, v in spec.items() if k not in ("kind", "method")}
+            new: nn.Module = nn.utils.skip_init(NarrowAttention, **arguments, config=getattr(model, "config", None),
+                                                device=device, dtype=dtypes.get(f"{name}.q_proj.weight"))
+        elif kind == "linear":
+            new = nn.utils.skip_init(nn.Linear, spec["in_features"], spec["out_features"], bias=spec["bias"],
+                                     device=device, dtype=dtypes.get(f"{name}.weight"))
+        elif kind == "conv1d":  # transformers' Conv1D(nf=out, nx=in), the class the model had there
+            new = type(old)(spec["out_features"], spec["in_features"]).to(device=device,
+                                                                          dtype=dtypes.get(f"{name}.weight"))
+        else:
+            raise SpectrakitError(f"unknown kind {kind!r}")
+    except (KeyError, TypeError, SpectrakitError) as error:
+        raise SpectrakitError(f"{folder / CONFIG}: layer {name}: cannot rebuild it ({error})") from None
+    if kind != "narrow-attention":
+        new.narrowed_by = spec.get("method", "modegpt")  # saved again as narrowed
+    return new
+
+
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed`, in eval mode.
 
@@ -162,18 +196,20 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             old = model.get_submodule(name)
         except AttributeError:
             raise SpectrakitError(f"{folder / CONFIG}: layer {name} does not exist in the model") from None
-        weight = getattr(old, "weight", None)
-        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        parameter = next(iter(old.parameters()), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
         # no random init: every factor is loaded below (strict)
-        structure = spec.get("structure")
-        if structure is not None:
+        new: nn.Module
+        structure, kind = spec.get("structure"), spec.get("kind")
+        if kind is not None:
+            new = _narrow_layer(folder, name, old, spec, model, device, dtypes)
+        elif structure is not None:
             cls = {"monarch": MonarchLinear, "btt": BlockTensorTrainLinear}.get(structure)
             if cls is None:
                 raise SpectrakitError(f"{folder / CONFIG}: layer {name} has an unknown structure {structure!r}")
             try:
-                new: nn.Module = nn.utils.skip_init(cls, spec["in_features"], spec["out_features"], spec["blocks"],
-                                                    spec["rank"], bias=spec["bias"], device=device,
-                                                    dtype=dtypes.get(f"{name}.left"))
+                new = nn.utils.skip_init(cls, spec["in_features"], spec["out_features"], spec["blocks"], spec["rank"],
+                                         bias=spec["bias"], device=device, dtype=dtypes.get(f"{name}.left"))
             except SpectrakitError as error:
                 raise SpectrakitError(f"{folder / CONFIG}: layer {name}: {error}") from None
         else:
