@@ -309,3 +309,59 @@ def test_clover_per_head_factors_reproduce_qk_and_vo_with_gqa() -> None:
         # merged Q·Kᵀ = W_qᵀ T⁻¹ diag(λ) T W_k: the original form with its singular values tuned
         expected = W[q].T @ torch.linalg.inv(T) @ torch.diag(lam) @ T @ W[k]
         assert torch.allclose(merged[q].T @ merged[k], expected, atol=1e-10)
+
+
+FAST_PATHS = [("qgoft", {"rank": 2}), ("qgoft", {"rank": 2, "quasi": False}), ("sst", {}), ("soda", {}),
+              ("dota", {}), ("sara", {"fraction": 0.3}), ("lorma", {}), ("lq-lora", {}), ("asymmetric", {}),
+              ("ba-lora", {})]
+
+
+@pytest.mark.parametrize(("method", "options"), FAST_PATHS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(FAST_PATHS)])
+def test_forward_and_its_gradients_equal_the_merged_weight_formula(method: str, options: dict) -> None:
+    """The forwards avoid forming ΔW (or fold it, or use a hand-written backward); outputs and every
+    gradient must still be those of ``x (W + ΔW)ᵀ + b`` built by autograd from ``merged_weight``."""
+    if method == "lq-lora":
+        pytest.importorskip("torchao")
+    options = dict(options)
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(16, 12).double()
+    model = perturbed(sk.adapt(torch.nn.Sequential(layer), method, rank=options.pop("rank", 3), **options), 0.2)
+    adapted = model[0]
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *params], g)
+    expected = x @ adapted.merged_weight().T + layer.bias
+    expected_grads = torch.autograd.grad(expected, [x, *params], g)
+    assert torch.allclose(y, expected, atol=1e-10)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_hand_written_backwards_pass_gradcheck() -> None:
+    from spectrakit.adapt.qgoft import _PairRotation, _partner
+    from spectrakit.adapt.sst import _SpectralProduct
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    scale = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    shear = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    for offset in (0, 1):  # odd width: each layout leaves a coordinate alone
+        assert torch.autograd.gradcheck(_PairRotation.apply, (h, scale, shear, _partner(7, offset)))
+    x = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    U, V = torch.randn(4, 4, dtype=torch.float64, generator=g), torch.randn(7, 4, dtype=torch.float64, generator=g)
+    index = torch.tensor([1, 3])
+    values = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    U_sel = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    V_sel = torch.randn(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_SpectralProduct.apply, (x, values, U_sel, V_sel, U, V, index))
+
+
+def test_fast_nf4_decode_is_torchaos_bitwise() -> None:
+    pytest.importorskip("torchao")
+    from spectrakit.adapt.lqlora import QuantizedResidual, quantize_nf4
+
+    for shape in ((48, 20), (64, 6)):
+        quantized = quantize_nf4(torch.randn(*shape, generator=torch.Generator().manual_seed(2)))
+        assert torch.equal(QuantizedResidual(quantized).dequantize(), quantized.get_original_weight())

@@ -31,6 +31,7 @@ from torch import nn
 from .. import linalg
 from ..errors import SpectrakitError
 from .base import AdaptedLinear, register
+from .lora import add_low_rank
 
 
 @functools.lru_cache(maxsize=32)
@@ -70,9 +71,7 @@ class AsymmetricLinear(AdaptedLinear):
                                   f"orthogonal slots of rank {kwargs['rank']} (in={in_features})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
-        update = (self.adapter_input(x) @ self.lora_A.T) @ self.lora_B.T
-        return base + (self.scaling * update).to(base.dtype)
+        return add_low_rank(self.base_layer(x), self.adapter_input(x), self.lora_A.T, self.lora_B.T, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)

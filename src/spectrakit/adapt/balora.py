@@ -35,7 +35,7 @@ from torch import nn
 from .. import linalg
 from ..errors import SpectrakitError
 from .base import register
-from .lora import LoRALinear
+from .lora import LoRALinear, add_low_rank
 
 
 def balora_terms(adapted: torch.Tensor, frozen: torch.Tensor,
@@ -84,8 +84,7 @@ class BALoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
-        update = self.scaling * ((self.adapter_input(x) @ self.lora_A.T) @ self.lora_B.T)
-        out = base + update.to(base.dtype)
+        out = add_low_rank(base, self.adapter_input(x), self.lora_A.T, self.lora_B.T, self.scaling)
         # only a training forward feeds the penalty; evaluation keeps nothing alive
         self._outputs = (out, base) if torch.is_grad_enabled() else None
         return out

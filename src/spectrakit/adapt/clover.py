@@ -19,8 +19,9 @@ initialization, i.e. the singular values ``s ⊙ λ``:
     k = λ ⊙ (T (W_k x + b_k)),   q = T^{-T}(W_q x + b_q),
     v = λ ⊙ (T (W_v x + b_v)),   o = W_o (blockdiag(T^{-1}) z) + b_o.
 
-The transforms are applied to each head's slice at run time (``d_head²`` per head and
-token, small beside the projection) and saved with the adapter. Exact at initialization
+The transforms never train: each forward folds them into the projection's weight
+(``d_head·out·in`` work, no weight gradient) and ``λ`` scales the output channels; they are
+saved with the adapter. Exact at initialization
 up to rounding (``T^{-1} T = I``). Merges exactly: the transforms and ``λ`` are written into
 the weights and biases (the merged model is a re-parametrization of the base, then tuned).
 
@@ -181,11 +182,28 @@ class CLOVERLinear(AdaptedLinear):
         mixed = torch.einsum("...bi,bji->...bj" if not transpose else "...bi,bij->...bj", picked, maps)
         return h.index_copy(-1, self.channels, mixed.flatten(-2))
 
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W`` and ``b`` with the frozen transforms applied (``λ`` left out), without a graph."""
+        with torch.no_grad():
+            W = self.base_weight().to(self.adapter_dtype)
+            bias = self.base_layer.bias
+            bias = None if bias is None else bias.to(self.adapter_dtype)
+            if self.side == "input":
+                return self._mix(W, self.transforms, transpose=True), bias
+            return self._mix(W.T, self.transforms).T, None if bias is None else self._mix(bias, self.transforms)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.side == "input":
+        if self.side == "input" and self.tuned:  # λ between the transform and W: mix the input itself
             return self.base_layer(self._mix(self.adapter_input(x), self._slice_maps()).to(x.dtype))
-        out = self.base_layer(x)
-        return self._mix(out.to(self.adapter_dtype), self._slice_maps()).to(out.dtype)
+        # the transforms never train, so they are folded into the weight (d_head·out·in work, no
+        # weight gradient) and only λ acts on the output: M_b y_b = λ_b ⊙ (T_b y_b)
+        weight, bias = self._folded()
+        out = nn.functional.linear(self.adapter_input(x), weight, bias)
+        if self.tuned:
+            factor = torch.ones(self.out_features, dtype=out.dtype, device=out.device)
+            tuned_channels = self.channels.unflatten(0, (len(self.blocks), self.head_dim))[self.tuned_slots]
+            out = out * factor.index_copy(0, tuned_channels.flatten(), self.scales.flatten())
+        return out.to(x.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         W = self.base_weight().to(self.adapter_dtype)

@@ -12,7 +12,7 @@ train, starting at that decomposition ``G⁰``, and the frozen part absorbs the 
     W' = W − MPO(G⁰) + MPO(G),     y = x Wᵀ + b + x (MPO(G) − MPO(G⁰))ᵀ,
 
 exact at initialization. The update is formed densely each step (one contraction,
-``O(out·in·χ)``) and applied as one matmul. Trainable parameters per layer:
+``O(out·in·χ)``) and applied as one matmul with ``W + ΔW``. Trainable parameters per layer:
 ``Σ_k χ_{k−1} o_k i_k χ_k`` (``χ₀ = χ_n = 1``, each ``χ_k`` capped by its unfolding's rank).
 Merges exactly.
 
@@ -118,8 +118,14 @@ class DoTALinear(AdaptedLinear):
         return [getattr(self, f"initial_{k}") for k in range(self.cores)]
 
     def delta_weight(self) -> torch.Tensor:
-        return mpo_contract(list(self.mpo)) - mpo_contract(self.initial_cores())
+        with torch.no_grad():  # the initial cores are frozen: their contraction needs no graph
+            initial = mpo_contract(self.initial_cores())
+        return mpo_contract(list(self.mpo)) - initial
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
-        return base + (self.adapter_input(x) @ self.delta_weight().T).to(base.dtype)
+        # ΔW is dense, so its gradient is a full gᵀx anyway: one product with W + ΔW (and one
+        # input gradient in the backward) instead of a base product plus a ΔW product
+        weight = self.base_weight().to(self.adapter_dtype) + self.delta_weight()
+        bias = self.base_layer.bias
+        out = nn.functional.linear(self.adapter_input(x), weight, None if bias is None else bias.to(weight.dtype))
+        return out.to(x.dtype)

@@ -25,6 +25,24 @@ from torch import nn
 from .base import AdaptedLinear, register
 
 
+def add_low_rank(base: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                 scale: float = 1.0) -> torch.Tensor:
+    """``base + scale · (h @ down) @ up`` over the last dimension, the sum fused into one ``addmm``.
+
+    Args:
+        base: the base layer's output, ``… × out`` (any float dtype).
+        h: the adapter's input, ``… × in``, in the adapter dtype.
+        down: ``in × r``.
+        up: ``r × out``.
+        scale: the factor on the low-rank term.
+    """
+    inner = h.reshape(-1, h.shape[-1]) @ down
+    flat = base.reshape(-1, base.shape[-1])
+    if flat.dtype == inner.dtype:
+        return torch.addmm(flat, inner, up, alpha=scale).reshape(base.shape)
+    return base + (scale * (inner @ up)).to(base.dtype).reshape(base.shape)
+
+
 @register
 class LoRALinear(AdaptedLinear):
     method = "lora"

@@ -7,7 +7,7 @@ additive-identity form:
 
 The update acts on the layer's *output* space: it mixes the rows of W rather than adding
 a new low-rank matrix, so ``ΔW``'s row space stays inside W's. ``B = 0`` makes the layer
-exact at initialization. The forward reuses the base output (``x Wᵀ = base(x) − b``): one
+exact at initialization. The forward reuses the base output (``(x Wᵀ) Aᵀ = base(x) Aᵀ − A b``): one
 base matmul plus two thin ones, the cost of a LoRA whose input is ``out``-wide.
 Trainable parameters per layer: ``2 · r · out``. Merges exactly (``W ← W + s·B A W``).
 
@@ -47,10 +47,15 @@ class LoRMALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
+        flat = self.adapter_input(base).reshape(-1, self.out_features)
+        inner = flat @ self.lora_A.T
         bias = self.base_layer.bias
-        projected = base if bias is None else base - bias  # x Wᵀ without a second base matmul
-        update = (self.adapter_input(projected) @ self.lora_A.T) @ self.lora_B.T
-        return base + (self.scaling * update).to(base.dtype)
+        if bias is not None:  # (x Wᵀ) Aᵀ = (base − b) Aᵀ = base Aᵀ − A b: the bias leaves on r entries, not out
+            inner = inner - self.lora_A @ bias.to(inner.dtype)
+        if base.dtype == inner.dtype:
+            return torch.addmm(base.reshape(-1, self.out_features), inner, self.lora_B.T,
+                               alpha=self.scaling).reshape(base.shape)
+        return base + (self.scaling * (inner @ self.lora_B.T)).reshape(base.shape).to(base.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ (self.lora_A @ self.base_weight().to(self.adapter_dtype)))

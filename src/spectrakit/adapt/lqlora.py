@@ -38,6 +38,7 @@ from torch import nn
 from .. import linalg
 from ..errors import SpectrakitError
 from .base import AdaptedLinear, register
+from .lora import add_low_rank
 
 
 def _nf4() -> Any:
@@ -72,6 +73,7 @@ class QuantizedResidual:
 
     def __init__(self, tensor: Any) -> None:
         self.tensor = tensor
+        self._pairs: torch.Tensor | None = None  # decoded (high, low) code of every byte value
 
     def moved(self, convert: Any) -> QuantizedResidual:
         """A new holder whose inner tensors are ``convert(t)`` (a copy, a device move)."""
@@ -87,7 +89,17 @@ class QuantizedResidual:
         return self.moved(lambda t: t.clone())
 
     def dequantize(self) -> torch.Tensor:
-        return self.tensor.get_original_weight()
+        """The float32 matrix, bitwise what torchao's ``get_original_weight`` returns, about 4× faster:
+        one gather from a 256-row table of code pairs (a byte holds two codes) instead of
+        unpacking, two gathers and an interleaving stack."""
+        q = self.tensor
+        table = self._pairs
+        if table is None or table.device != q.nf4.device:
+            byte = torch.arange(256, device=q.nf4.device)
+            table = self._pairs = torch.stack([q.nf4[byte >> 4], q.nf4[byte & 0b1111]], dim=-1)
+        scalers = q.dequantize_scalers(q.quantized_scalers, q.quantization_factor, q.scaler_block_size)
+        codes = table.index_select(0, q.quantized_data.to(torch.long))  # (bytes, 2): the interleaved pairs
+        return (codes.reshape(scalers.shape[0], -1) * scalers[:, None]).reshape(q.shape)
 
     def nbytes(self) -> int:
         return sum(getattr(self.tensor, name).numel() * getattr(self.tensor, name).element_size()
@@ -121,6 +133,24 @@ def lq_decompose(weight: torch.Tensor, rank: int,
             best = (error, (U, S, Vh, quantized))
     assert best is not None
     return best[1]
+
+
+class _ResidualProduct(torch.autograd.Function):
+    """``x deq(Q)ᵀ`` that keeps no dense weight between forward and backward: the backward
+    dequantizes again (as QLoRA does), so a training step holds one layer's dense residual
+    at a time, not every layer's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, residual: QuantizedResidual) -> torch.Tensor:
+        ctx.residual = residual
+        return x @ residual.dequantize().to(x).T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return g @ ctx.residual.dequantize().to(g), None
 
 
 @register
@@ -178,10 +208,13 @@ class LQLoRALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.adapter_input(x)
+        flat = h.reshape(-1, h.shape[-1])
+        base = _ResidualProduct.apply(flat, self.residual)
         bias = self.base_layer.bias
-        base = nn.functional.linear(h, self.residual_weight(), None if bias is None else bias.to(h.dtype))
-        update = (h @ self.lora_A.T) @ self.lora_B.T
-        return (base + self.scaling * update).to(x.dtype)
+        if bias is not None:
+            base = base + bias.to(base.dtype)
+        out = add_low_rank(base, flat, self.lora_A.T, self.lora_B.T, self.scaling)
+        return out.reshape(*h.shape[:-1], -1).to(x.dtype)
 
     def base_weight(self) -> torch.Tensor:
         if self.base_layer.weight.numel() == 0:  # after __init__: the quantized residual stands in for W

@@ -32,9 +32,36 @@ from torch import nn
 from .base import AdaptedLinear, register
 
 
+class _PairRotation(torch.autograd.Function):
+    """``y = scale ⊙ h + shear ⊙ h[:, partner]`` on 2-D ``h`` with a hand-written backward.
+
+    Autograd's version spends a scatter on the gather's backward and a separate product for
+    each of the two coefficient gradients; here ``partner`` being an involution gives
+    ``∂h = scale ⊙ g + shear[partner] ⊙ g[:, partner]`` (a gather, not a scatter) and the shear
+    gradient reuses the same gathered ``g``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, scale: torch.Tensor, shear: torch.Tensor,
+                partner: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, scale, shear, partner)
+        return torch.addcmul(h * scale, h.index_select(-1, partner), shear)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, scale, shear, partner = ctx.saved_tensors
+        need_h, need_scale, need_shear = ctx.needs_input_grad[:3]
+        swapped = g.index_select(-1, partner)
+        grad_h = torch.addcmul(g * scale, swapped, shear.index_select(0, partner)) if need_h else None
+        grad_scale = (g * h).sum(0) if need_scale else None
+        grad_shear = (swapped * h).sum(0).index_select(0, partner) if need_shear else None
+        return grad_h, grad_scale, grad_shear, None
+
+
 def _rotate_pairs(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor, offset: int,
                   partner: torch.Tensor) -> torch.Tensor:
-    """Apply the 2×2 blocks ``[[c, −s], [s, c]]`` to coordinates ``(offset + 2k, offset + 2k + 1)``.
+    """Apply the 2×2 blocks ``[[c, −s], [s, c]]`` to coordinates ``(offset + 2k, offset + 2k + 1)`` of 2-D ``h``.
 
     As one elementwise pass, ``C ⊙ h + S ⊙ h[partner]``, with ``partner`` swapping each pair's
     two coordinates (slicing and re-interleaving the pairs costs several copies instead).
@@ -43,7 +70,7 @@ def _rotate_pairs(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor, offset: int
     first = torch.arange(offset, offset + 2 * pairs, 2, device=h.device)
     scale = torch.ones(d, dtype=c.dtype, device=c.device).index_put((first,), c).index_put((first + 1,), c)
     shear = torch.zeros(d, dtype=s.dtype, device=s.device).index_put((first,), -s).index_put((first + 1,), s)
-    return scale * h + shear * h.index_select(-1, partner)
+    return _PairRotation.apply(h, scale, shear, partner)
 
 
 def _partner(d: int, offset: int) -> torch.Tensor:
@@ -100,13 +127,15 @@ class QGOFTLinear(AdaptedLinear):
     def rotate(self, h: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``h Gᵀ`` (each row ``v`` becomes ``G v``), or ``h G`` with ``transpose=True``."""
         layers = self._layers()
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])  # a gather along the last dim of a 3-D tensor is ~10× slower than of 2-D
         if transpose:  # v ↦ Gᵀ v = L_mᵀ ⋯ L₁ᵀ v: L₁ᵀ first, each block's sine negated
             for c, s, offset in layers:
                 h = _rotate_pairs(h, c, -s, offset, self.partner_odd if offset else self.partner_even)
         else:  # v ↦ G v = L₁ ⋯ L_m v: the last layer first
             for c, s, offset in reversed(layers):
                 h = _rotate_pairs(h, c, s, offset, self.partner_odd if offset else self.partner_even)
-        return h
+        return h.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(self.rotate(self.adapter_input(x)).to(x.dtype))

@@ -66,9 +66,18 @@ class SaRALinear(AdaptedLinear):
         flat = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
         return flat.index_put((self.positions,), self.values).reshape(self.out_features, self.in_features)
 
+    def updated_weight(self) -> torch.Tensor:
+        """``W + ΔW`` as one scatter-add of ``δ`` into a copy of W (differentiable in ``δ``)."""
+        flat = self.base_weight().to(self.adapter_dtype).reshape(-1)
+        return flat.index_put((self.positions,), self.values, accumulate=True).reshape(self.out_features,
+                                                                                      self.in_features)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.updated_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one matmul with W + ΔW: the sparse update costs an elementwise pass, not a second product
-        weight = self.base_weight().to(self.adapter_dtype) + self.delta_weight()
+        weight = self.updated_weight()
         bias = self.base_layer.bias
         out = nn.functional.linear(self.adapter_input(x), weight, None if bias is None else bias.to(weight.dtype))
         return out.to(x.dtype)

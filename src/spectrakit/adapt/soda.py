@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .base import AdaptedLinear, register
+from .lora import add_low_rank
 from .spectral import cayley
 
 
@@ -79,15 +80,12 @@ class SODALinear(AdaptedLinear):
                 kronecker_apply(self.V.T, *self.rotations("in")).T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
-        h = self.adapter_input(x)
-        Q_in1, Q_in2 = self.rotations("in")
-        Q_out1, Q_out2 = self.rotations("out")
-        # x (Q_in V) = (x Q_in) V with x Q_in = (Q_inᵀ xᵀ)ᵀ, and likewise on the way out
-        rotated_in = kronecker_apply(h, Q_in1.T, Q_in2.T)
-        tuned = kronecker_apply(((rotated_in @ self.V) * self.singular_values) @ self.U.T, Q_out1, Q_out2)
-        update = tuned - ((h @ self.V) * self.sigma) @ self.U.T
-        return base + update.to(base.dtype)
+        # the rotations act on the r basis vectors (r·d·(a + b) work, independent of the batch), and
+        # the tuned and the removed parts go through one rank-2r product: x [Ṽ V] diag(s, −σ) [Ũ U]ᵀ
+        U, V = self.bases()
+        down = torch.cat([V, self.V], dim=1)
+        up = torch.cat([U * self.singular_values, self.U * -self.sigma], dim=1)
+        return add_low_rank(self.base_layer(x), self.adapter_input(x), down, up.T)
 
     def delta_weight(self) -> torch.Tensor:
         U, V = self.bases()

@@ -48,6 +48,37 @@ def _draw(values: torch.Tensor, rank: int, seed: int, round_: int) -> torch.Tens
     return torch.multinomial(weights, rank, replacement=False, generator=generator).sort().values
 
 
+class _SpectralProduct(torch.autograd.Function):
+    """``y = ((x Ṽ) ⊙ s) Ũᵀ`` for 2-D ``x``, where ``Ũ, Ṽ`` are the frozen bases with the columns
+    ``index`` replaced by the trained ``U_I, V_I``.
+
+    Autograd through ``index_copy`` would form the gradient of the whole bases (two more
+    products of the size of W) only to keep ``r`` columns of it; this backward forms the ``r``
+    columns directly: ``∂U_I = gᵀ (z_I ⊙ s_I)``, ``∂V_I = xᵀ ((g Ũ) ⊙ s)_I``, with ``z = x Ṽ``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, U_selected: torch.Tensor, V_selected: torch.Tensor,
+                U: torch.Tensor, V: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        U_full, V_full = U.index_copy(1, index, U_selected), V.index_copy(1, index, V_selected)
+        z = x @ V_full
+        ctx.save_for_backward(x, z, values, U_full, V_full, index)
+        return (z * values) @ U_full.T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z, values, U_full, V_full, index = ctx.saved_tensors
+        need_x, need_values, need_U, need_V = ctx.needs_input_grad[:4]
+        gu = g @ U_full
+        gz = gu * values
+        grad_x = gz @ V_full.T if need_x else None
+        grad_values = (gu * z).sum(0) if need_values else None
+        grad_U = g.T @ (z.index_select(1, index) * values[index]) if need_U else None
+        grad_V = x.T @ gz.index_select(1, index) if need_V else None
+        return grad_x, grad_values, grad_U, grad_V, None, None, None
+
+
 @register
 class SSTLinear(AdaptedLinear):
     method = "sst"
@@ -97,8 +128,9 @@ class SSTLinear(AdaptedLinear):
                 self.V.index_copy(1, self.selected, self.V_selected))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, V = self.bases()
-        h = ((self.adapter_input(x) @ V) * self.singular_values) @ U.T
+        h = self.adapter_input(x)
+        h = _SpectralProduct.apply(h.reshape(-1, h.shape[-1]), self.singular_values, self.U_selected,
+                                   self.V_selected, self.U, self.V, self.selected).reshape(*h.shape[:-1], -1)
         bias = self.base_layer.bias
         out = h if bias is None else h + bias.to(h.dtype)
         return out.to(x.dtype)
