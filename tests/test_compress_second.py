@@ -103,6 +103,10 @@ def test_gfwsvd_without_a_gradient_is_one_line() -> None:
                     loss_fn=lambda m, x: m[1](m[0](x)).square().mean() + 0 * m[2](m[1](m[0](x))).detach().sum())
     with pytest.raises(SpectrakitError, match="factors="):
         sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches(), loss_fn=target_loss, factors="full")
+    with pytest.raises(SpectrakitError, match=r"^calibration batch 0: the gfwsvd loss does not depend on the targeted"):
+        sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches(), loss_fn=lambda m, x: m(x).sum().detach())
+    with pytest.raises(SpectrakitError, match=r"^no default calibration loss \(fwsvd, gfwsvd, allocation='sensitivity'"):
+        sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches())
 
 
 # ---------------------------------------------------------------- svd-llm-v2

@@ -96,6 +96,11 @@ class _Collector:
     output_gram: Mapping[str, torch.Tensor] = field(default_factory=dict)  # layer -> its out × in weight
     stats: dict[str, LayerStatistics] = field(default_factory=dict)
     kronecker: bool = False  # also the row and column factors of each batch's weight gradient (gfwsvd)
+
+    @property
+    def method(self) -> str:
+        """The method the gradient pass serves, for its messages."""
+        return "gfwsvd" if self.kronecker else "fwsvd"
     # Products are formed once per input tensor and added to every layer that reads it. Peak
     # memory stays near the accumulators themselves: in the first batch the first reader's
     # float64 accumulator doubles as the cached product (later readers copy it; it is copied
@@ -275,8 +280,8 @@ class _Collector:
                     # the weights are frozen, so autograd does not keep X for us and would not
                     # notice the model overwriting it in place after this layer
                     if saved._version != version:
-                        raise SpectrakitError(f"fwsvd: the input of layer {name} was modified in place after the "
-                                              "layer used it, so its Fisher cannot be formed from it")
+                        raise SpectrakitError(f"{self.method}: the input of layer {name} was modified in place after "
+                                              "the layer used it, so its Fisher cannot be formed from it")
                     weight_grad = grad.reshape(-1, grad.shape[-1]).to(compute).T @ saved  # out × in
                     if self.calls[name] == 1:
                         self.add_fisher(name, weight_grad)
@@ -296,7 +301,7 @@ class _HeadReached(BaseException):
 
 
 @contextlib.contextmanager
-def _model_errors_named(index: int, fisher: bool) -> Iterator[None]:
+def _model_errors_named(index: int, fisher: bool, method: str = "fwsvd") -> Iterator[None]:
     """An error raised inside the model, its loss or autograd (e.g. a model writing in place
     into a tensor FWSVD differentiates) as one line naming the batch."""
     try:
@@ -306,7 +311,7 @@ def _model_errors_named(index: int, fisher: bool) -> Iterator[None]:
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if fisher and isinstance(error, RuntimeError):
-            raise SpectrakitError(f"calibration batch {index}: fwsvd cannot differentiate this model: "
+            raise SpectrakitError(f"calibration batch {index}: {method} cannot differentiate this model: "
                                   f"{first or type(error).__name__}") from None
         raise SpectrakitError(f"calibration batch {index}: the model raised {type(error).__name__}"
                               f"{': ' + first if first else ''}") from None
@@ -365,8 +370,8 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     if (isinstance(logits, torch.Tensor) and isinstance(ids, torch.Tensor) and not ids.is_floating_point()
             and logits.ndim == 3 and logits.shape[:2] == ids.shape and ids.shape[1] > 1):
         if not _predicts_next_token(model):
-            raise SpectrakitError(f"method 'fwsvd': {type(model).__name__} does not predict the next token; "
-                                  "pass batches with labels, or loss_fn=lambda model, batch: ...")
+            raise SpectrakitError(f"the default calibration loss: {type(model).__name__} does not predict the next "
+                                  "token; pass batches with labels, or loss_fn=lambda model, batch: ...")
         targets = ids[:, 1:]
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
@@ -374,8 +379,9 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
             targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=-100)
-    raise SpectrakitError("method 'fwsvd' needs a loss: pass loss_fn=lambda model, batch: ... "
-                          "(calibration batches are not token ids of a language model)")
+    raise SpectrakitError("no default calibration loss (fwsvd, gfwsvd, allocation='sensitivity' and lora_update "
+                          "need one): pass loss_fn=lambda model, batch: ... (the calibration batches are not token "
+                          "ids of a language model)")
 
 
 def _predicts_next_token(model: nn.Module) -> bool:
@@ -444,13 +450,13 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             _check_finite(batch, index)
             collector.mask = _padding_mask(model, batch)
             if fisher:
-                with torch.enable_grad(), _model_errors_named(index, fisher=True):
+                with torch.enable_grad(), _model_errors_named(index, fisher=True, method=collector.method):
                     loss = loss_fn(model, batch)
                     if not bool(torch.isfinite(loss)):
                         raise SpectrakitError(f"calibration batch {index}: the loss is {float(loss)}")
                     if not loss.requires_grad:
-                        raise SpectrakitError(f"calibration batch {index}: the fwsvd loss does not depend on the "
-                                              "targeted layers (computed under no_grad, or detached?)")
+                        raise SpectrakitError(f"calibration batch {index}: the {collector.method} loss does not depend "
+                                              "on the targeted layers (computed under no_grad, or detached?)")
                     differentiate = collector.roots + collector.outputs
                     if differentiate:  # none: no targeted layer ran (reported below)
                         torch.autograd.grad(loss, differentiate, allow_unused=True)
