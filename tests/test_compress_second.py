@@ -105,7 +105,7 @@ def test_gfwsvd_without_a_gradient_is_one_line() -> None:
         sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches(), loss_fn=target_loss, factors="full")
     with pytest.raises(SpectrakitError, match=r"^calibration batch 0: the gfwsvd loss does not depend on the targeted"):
         sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches(), loss_fn=lambda m, x: m(x).sum().detach())
-    with pytest.raises(SpectrakitError, match=r"^no default calibration loss \(fwsvd, gfwsvd, allocation='sensitivity'"):
+    with pytest.raises(SpectrakitError, match=r"^no default calibration loss \(fwsvd, gfwsvd, allocation="):
         sk.compress(mlp(), method="gfwsvd", rank=2, calibration=batches())
 
 
