@@ -4,6 +4,7 @@ against explicit constructions in float64."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -211,3 +212,26 @@ def test_a_bias_changing_adapter_is_refused() -> None:
     clover = sk.adapt(gpt2(), "clover")
     with pytest.raises(SpectrakitError, match="clover also changes the bias of layer transformer.h.0.attn.c_attn"):
         merge_adapters(gpt2(), [clover])
+
+
+def test_the_issues_spelling_sk_adapt_dot_helpers_resolves() -> None:
+    """``sk.adapt`` is the verb; ``sk.adapt.federated_round`` (the spelling of the docs) is FedSVD's
+    server step itself, and the verb still adapts."""
+    package = importlib.import_module("spectrakit.adapt")  # `import spectrakit.adapt as` gives the function
+
+    assert sk.adapt.federated_round is federated_round and sk.adapt.federated_client is federated_client
+    assert sk.adapt.merge_adapters is merge_adapters is sk.merge_adapters
+    for name in set(package.__all__) - {"adapt"}:
+        assert getattr(sk.adapt, name) is getattr(package, name), name
+    server = sk.adapt(gpt2(), "lora", rank=2)
+    clients = [sk.adapt.federated_client(server) for _ in range(2)]
+    with torch.no_grad():
+        for seed, client in enumerate(clients):
+            for layer in client.modules():
+                if isinstance(layer, AdaptedLinear):
+                    layer.lora_B.normal_(generator=torch.Generator().manual_seed(seed))
+    sk.adapt.federated_round(server, clients)
+    for layer in server.modules():
+        if isinstance(layer, AdaptedLinear):
+            A = layer.lora_A.double()
+            assert torch.allclose(A @ A.T, torch.eye(2, dtype=torch.float64), atol=1e-6)

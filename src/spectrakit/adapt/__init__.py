@@ -16,6 +16,10 @@ initialization (``lq-lora``: exactly its own quantized decomposition of W).
 :func:`merge_adapters` combines several saved adapters (linear, task arithmetic, TIES,
 DARE, SVD); :func:`federated_round` is FedSVD's server step.
 
+``spectrakit.adapt`` at the top level is the function; every other public name of this
+package rides on it as an attribute, so ``sk.adapt.federated_round(global_model, clients)``
+and ``from spectrakit.adapt import federated_round`` are the same function.
+
 Importing this package needs only torch; ``export_peft`` imports peft-free code, and
 ``safetensors`` is loaded when saving or loading.
 """
@@ -40,3 +44,10 @@ from .peft_export import export_peft
 __all__ = ["AdaptedLinear", "adapt", "adapter_config", "adapter_penalty", "combine_updates", "export_peft",
            "federated_client", "federated_round", "find_targets", "load_adapter", "merge", "merge_adapters",
            "methods", "read_adapter", "save_adapter", "trainable_parameters"]
+
+# `import spectrakit as sk` binds sk.adapt to the function (the verb); the package's other
+# public names hang on it so that the dotted spelling of the docs, sk.adapt.<name>, resolves
+for _name in __all__:
+    if _name != "adapt":
+        setattr(adapt, _name, globals()[_name])
+del _name
