@@ -147,7 +147,8 @@ def test_trace_density_and_per_layer_on_mlp(tmp_path):
         assert abs(estimate.value - exact_trace) <= 3 * estimate.stderr
         plain = h.trace(probes=40, method="hutchinson", seed=seed)
         assert abs(plain.value - exact_trace) <= 3 * plain.stderr
-    density = h.density(steps=40, probes=30, seed=0)
+    density = h.density(steps=40, probes=30, seed=0, method="slq")  # "auto" would take the exact path here
+    assert density.method == "slq" and density.nodes.shape == (30, 10 + 40)  # 10 deflated pairs + 40 nodes
     grid, rho = density.grid, density.density
     assert float(torch.trapezoid(rho, grid)) == pytest.approx(1.0, abs=1e-6)
     first, second = float(torch.trapezoid(grid * rho, grid)), float(torch.trapezoid(grid**2 * rho, grid))
@@ -169,6 +170,72 @@ def test_trace_density_and_per_layer_on_mlp(tmp_path):
     table.to_json(tmp_path / "h.json")
     frame = table.to_pandas()
     assert list(frame["name"]) == ["0", "2"] and (tmp_path / "h.csv").read_text().startswith("name,")
+
+
+def density_moments_on_grid(density):
+    grid, rho = density.grid, density.density
+    return [float(torch.trapezoid(grid**p * rho, grid)) for p in range(3)]
+
+
+def test_density_moments_on_untrained_indefinite_hessians():
+    """Untrained: tr/n is small beside the spread, the case where a handful of probes miss by ~10%."""
+    model, batches = mlp(sizes=(5, 8, 3)), regression_batches()
+    H, _ = explicit_hessian(model, F.mse_loss, batches)
+    n = H.shape[0]
+    first, second = float(H.trace()) / n, float(H.square().sum()) / n
+    assert float(torch.linalg.eigvalsh(H)[0]) < -0.1 * float(torch.linalg.eigvalsh(H)[-1])  # indefinite
+    h = sk.analyze.hessian(model, F.mse_loss, batches)
+    # defaults: n = 75 ≤ steps · probes = 480 products, so the n columns are cheaper than SLQ: exact
+    density = h.density()
+    assert density.method == "exact" and density.moment_stderr(1) == 0.0
+    mass, m1, m2 = density_moments_on_grid(density)
+    assert mass == pytest.approx(1.0, abs=1e-6)
+    assert m1 == pytest.approx(first, rel=1e-6)
+    assert m2 == pytest.approx(second + density.sigma**2, rel=1e-6)  # the smoothing adds σ² to the second
+    torch.testing.assert_close(density.nodes[0], torch.linalg.eigvalsh(H), atol=1e-10, rtol=0)
+    # SLQ: a complete orthonormal frame of the sampled space gives both moments exactly,
+    # with and without the deflated pairs (Gauss quadrature is exact to degree 2·steps − 1)
+    for deflate in (0, 7):
+        full = h.density(steps=3, probes=n - deflate, deflate=deflate, method="slq")
+        assert full.moment(1) == pytest.approx(first, rel=1e-9)
+        assert full.moment(2) == pytest.approx(second, rel=1e-9)
+        assert full.moment_stderr(1) == 0.0
+    # fewer probes: unbiased, the error within 4 of its (without-replacement) standard errors
+    for seed in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            partial = h.density(steps=15, probes=10, seed=seed, method="slq")
+        mass, m1, _ = density_moments_on_grid(partial)
+        assert mass == pytest.approx(1.0, abs=1e-6) and m1 == pytest.approx(partial.moment(1), rel=1e-9)
+        assert abs(partial.moment(1) - first) <= 4 * partial.moment_stderr(1)
+        assert abs(partial.moment(2) - second) <= 4 * partial.moment_stderr(2)
+        noisy = partial.moment_stderr(1) > 0.05 * abs(partial.moment(1))
+        assert noisy == any("first moment" in str(w.message) for w in caught)
+    with pytest.raises(SpectrakitError, match="method="):
+        h.density(method="dense")
+
+
+def test_density_moments_on_tiny_transformer():
+    model, ids = tiny_gpt2()
+    names = [n for n, _ in model.named_parameters() if n.startswith("transformer.h.0.attn.")]
+
+    def forward(call, batch):
+        return lm_loss(call(input_ids=batch).logits, batch)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        H, _ = explicit_hessian(model, None, [ids], names, forward)
+    n = H.shape[0]
+    first, second = float(H.trace()) / n, float(H.square().sum()) / n
+    h = sk.analyze.hessian(model, lm_loss, [ids], params="transformer.h.0.attn.*", forward=lm_forward)
+    density = h.density()
+    assert density.method == "exact"
+    mass, m1, m2 = density_moments_on_grid(density)
+    assert mass == pytest.approx(1.0, abs=1e-6)
+    assert m1 == pytest.approx(first, rel=0.05) and m2 == pytest.approx(second, rel=0.05)
+    # SLQ with the default deflation: the outlying pairs taken exactly, the bulk sampled
+    slq = h.density(steps=15, probes=8, method="slq")
+    assert abs(slq.moment(1) - first) <= 4 * slq.moment_stderr(1)
+    assert slq.moment(2) == pytest.approx(second, rel=0.05)
 
 
 def test_ggn_equals_explicit_jthj_and_fisher_equals_gradient_outer_products():

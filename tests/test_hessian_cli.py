@@ -28,6 +28,7 @@ def test_writes_table_density_and_summary(tiny_folder, tmp_path, capsys):
     summary = json.loads((out / "hessian.json").read_text())
     assert summary["parameters"] == 3 * 16 * 32 and len(summary["top_eigenvalues"]) == 2
     assert summary["top_eigenvalues"][0] >= summary["top_eigenvalues"][1]
+    assert summary["density_method"] == "slq" and summary["density_moment1_stderr"] > 0  # n = 1536 > 6 × 2
     rows = json.loads((out / "per_layer.json").read_text())["rows"]
     assert [row["name"] for row in rows] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
                                              "model.layers.0.mlp.down_proj"]

@@ -10,11 +10,12 @@ alignment, and the training Jacobian.
 """
 
 from .alignment import gradient_alignment
-from .estimators import Density, TraceEstimate, hutch_plus_plus, hutchinson, slq_density
+from .density import Density, exact_density, slq_density
+from .estimators import TraceEstimate, hutch_plus_plus, hutchinson
 from .operators import CurvatureOperator
 from .spectra import Curvature, TopEigen, hessian
 from .training_jacobian import TrainingJacobian, sgd_train_step, training_jacobian
 
-__all__ = ["Curvature", "CurvatureOperator", "Density", "TopEigen", "TraceEstimate", "gradient_alignment",
-           "hessian", "hutch_plus_plus", "hutchinson", "sgd_train_step", "slq_density", "TrainingJacobian",
-           "training_jacobian"]
+__all__ = ["Curvature", "CurvatureOperator", "Density", "TopEigen", "TraceEstimate", "exact_density",
+           "gradient_alignment", "hessian", "hutch_plus_plus", "hutchinson", "sgd_train_step", "slq_density",
+           "TrainingJacobian", "training_jacobian"]

@@ -40,7 +40,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tol", type=positive_float, default=1e-3, help="Lanczos relative residual (default 1e-3)")
     parser.add_argument("--trace", action="store_true", help="estimate the trace (Hutch++)")
     parser.add_argument("--probes", type=int_at_least(3), default=30, help="trace products (default 30)")
-    parser.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
+    parser.add_argument("--density", action="store_true",
+                        help="spectral density (Lanczos quadrature; exact when n ≤ steps × probes)")
     parser.add_argument("--steps", type=positive_int, default=40, help="Lanczos steps per density probe (default 40)")
     parser.add_argument("--density-probes", type=positive_int, default=4, help="density probes (default 4)")
     parser.add_argument("--per-layer", action="store_true", help="top eigenvalue and trace of every layer's block")
@@ -143,8 +144,10 @@ def run(args: argparse.Namespace) -> int:
             result.update(trace=estimate.value, trace_stderr=estimate.stderr, trace_probes=estimate.probes)
         elif task == "density":
             density = curvature.density(args.steps, args.density_probes, seed=args.seed)
-            result.update(density_moment1=density.moment(1), density_moment2=density.moment(2),
-                          density_steps=args.steps, density_probes=args.density_probes)
+            result.update(density_method=density.method, density_moment1=density.moment(1),
+                          density_moment1_stderr=density.moment_stderr(1), density_moment2=density.moment(2),
+                          density_moment2_stderr=density.moment_stderr(2), density_steps=args.steps,
+                          density_probes=args.density_probes)
         else:
             table = curvature.per_layer(tol=max(args.tol, 1e-3), trace_probes=args.probes, trace=args.trace,
                                         seed=args.seed, progress=not args.quiet)

@@ -41,7 +41,8 @@ from ..._progress import progress as progress_bar
 from ...errors import SpectrakitError
 from ..table import SpectrumTable
 from .alignment import gradient_alignment
-from .estimators import Density, TraceEstimate, estimate_trace, slq_density
+from .density import DENSITY_METHODS, EXACT_LIMIT, Density, exact_density, slq_density
+from .estimators import TraceEstimate, estimate_trace
 from .lanczos import top_eigenpairs
 from .operators import CurvatureOperator, Forward, LossFn
 
@@ -146,8 +147,9 @@ class Curvature:
                               dtype=self.operator.dtype, device=self.operator.device)
 
     def density(self, steps: int = 60, probes: int = 8, *, seed: int = 0, grid_points: int = 2000,
-                sigma: float | None = None, deflate: int | None = None, block: str | None = None) -> Density:
-        """The eigenvalue density by stochastic Lanczos quadrature.
+                sigma: float | None = None, deflate: int | None = None, method: str = "auto",
+                block: str | None = None) -> Density:
+        """The eigenvalue density: stochastic Lanczos quadrature, or exact for small blocks.
 
         Args:
             steps: Lanczos steps per probe.
@@ -155,15 +157,23 @@ class Curvature:
             seed: seed of the probes.
             grid_points: points of the returned grid.
             sigma: Gaussian smoothing width (default 0.2% of the spectrum's spread).
-            deflate: outlying eigenpairs taken exactly, the probes sampling the rest
+            deflate: largest-magnitude eigenpairs taken exactly, the probes sampling the rest
                 (default ``min(10, n // 10)``; 0 is plain SLQ).
+            method: ``"slq"``; ``"exact"`` (all ``n`` eigenvalues from the ``n`` columns); or
+                ``"auto"`` (default): exact when that costs no more products than the
+                quadrature (``n ≤ steps · probes``) and ``n ≤ 4096``, else SLQ
+                (:mod:`.density`).
             block: restrict to one block's diagonal block.
         """
+        if method not in DENSITY_METHODS:
+            raise SpectrakitError(f"method={method!r} must be one of {', '.join(DENSITY_METHODS)}")
         n = self.operator.block_size(block)
+        if method == "exact" or (method == "auto" and n <= min(steps * probes, EXACT_LIMIT)):
+            return exact_density(self._matvec(block), n, grid_points=grid_points, sigma=sigma,
+                                 dtype=self.operator.dtype, device=self.operator.device)
         deflate = min(10, n // 10) if deflate is None else deflate
         return slq_density(self._matvec(block), n, steps, probes, seed=seed, grid_points=grid_points, sigma=sigma,
-                           deflate=deflate, dtype=self.operator.dtype,
-                           device=self.operator.device)
+                           deflate=deflate, dtype=self.operator.dtype, device=self.operator.device)
 
     def gradient(self, block: str | None = None) -> torch.Tensor:
         """The loss gradient averaged over the batches (flat).
