@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .._distributed import agree, distributed_group, partition
+from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from ..weights import MatrixRecord, iter_matrices
 from .run import AnalyzeOptions, MatrixResult, analyze_record, matrix_metrics, skip_reason_before_load
@@ -39,6 +40,9 @@ def _threads_for(record: MatrixRecord, large_threads: int) -> int:
     return 1 if _cost(record) <= _SMALL_COST else large_threads
 
 
+_IN_MEMORY = ("module", "state_dict")  # record sources whose tensors are not loaded per record
+
+
 def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: bool,
             desc: str = "spectra", large_threads: int | None = None) -> dict[str, MatrixResult]:
     before = torch.get_num_threads()
@@ -50,6 +54,8 @@ def _serial(records: Sequence[MatrixRecord], options: AnalyzeOptions, progress: 
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
             results[record.name] = analyze_record(record, options)
+            if record.source not in _IN_MEMORY:
+                release_freed_memory()  # streamed: else the heap grows around each freed tensor (_memory)
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
@@ -97,7 +103,7 @@ def default_threads(records: Sequence[MatrixRecord]) -> int:
     for matrices already in this process's CPU memory; 1 for files, which stream one tensor at
     a time, and for accelerators. (``torch.set_num_threads(1)`` before the call keeps it serial.)"""
     cores = min(4, torch.get_num_threads())
-    if cores < 2 or len(records) < 2 or any(r.source not in ("module", "state_dict") for r in records):
+    if cores < 2 or len(records) < 2 or any(r.source not in _IN_MEMORY for r in records):
         return 1
     loadable = [r for r in records if skip_reason_before_load(r) is None]
     return cores if loadable and all(r.load().device.type == "cpu" for r in loadable) else 1
@@ -127,7 +133,9 @@ def _work(name: str) -> MatrixResult:
     if name in _WORKER_MATRICES:
         matrix, kernel = _WORKER_MATRICES[name]
         return MatrixResult(name, *matrix_metrics(matrix, _WORKER_OPTIONS, kernel))
-    return analyze_record(_WORKER_RECORDS[name], _WORKER_OPTIONS)
+    result = analyze_record(_WORKER_RECORDS[name], _WORKER_OPTIONS)
+    release_freed_memory()
+    return result
 
 
 def _pool(source: Any, records: Sequence[MatrixRecord], options: AnalyzeOptions, include: Any, exclude: Any,
