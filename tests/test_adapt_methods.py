@@ -365,3 +365,41 @@ def test_fast_nf4_decode_is_torchaos_bitwise() -> None:
     for shape in ((48, 20), (64, 6)):
         quantized = quantize_nf4(torch.randn(*shape, generator=torch.Generator().manual_seed(2)))
         assert torch.equal(QuantizedResidual(quantized).dequantize(), quantized.get_original_weight())
+
+
+def test_sara_progressive_reselection_freezes_the_grown_entries_and_round_trips(tmp_path) -> None:
+    from spectrakit.adapt.sara import reselect_parameters
+
+    layer = linear(6, 9)
+    W = layer.weight.detach().clone()
+    model = sk.adapt(torch.nn.Sequential(layer), "sara", rank=2, fraction=0.3)
+    adapted = model[0]
+    k = adapted.values.numel()
+    threshold = W.abs().reshape(-1)[adapted.positions].max()
+    with torch.no_grad():  # half of the entries grow past τ, half stay below it
+        adapted.values.copy_(torch.where(torch.arange(k) % 2 == 0, 3 * threshold, 0.1 * threshold))
+    optimizer = torch.optim.Adam(adapted.parameters(), lr=1e-2)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    model(x).square().sum().backward()
+    optimizer.step()
+    before_delta, before = adapted.delta_weight().detach().clone(), model(x).detach()
+    current = W.reshape(-1)[adapted.positions] + adapted.values.detach()
+    expected_kept = torch.nonzero(current.abs() <= threshold).reshape(-1)
+    kept = reselect_parameters(model, optimizer)
+    assert kept == len(expected_kept) == sk.trainable_parameters(model) and 0 < kept < k
+    assert torch.equal(adapted.slots, expected_kept)
+    assert torch.equal(model(x), before) and torch.equal(adapted.delta_weight(), before_delta)
+    # only the kept entries train on; the frozen ones keep their values through an Adam step
+    frozen = adapted.positions[~torch.isin(torch.arange(k), expected_kept)]
+    optimizer.zero_grad()
+    model(x).square().sum().backward()
+    optimizer.step()
+    after = adapted.delta_weight().detach().reshape(-1)
+    assert torch.equal(after[frozen], before_delta.reshape(-1)[frozen])
+    training = adapted.positions[expected_kept]
+    assert not torch.equal(after[training], before_delta.reshape(-1)[training])
+    # save / load: the split is part of the adapter
+    sk.save_adapter(model, tmp_path / "sara.safetensors")
+    fresh = sk.load_adapter(torch.nn.Sequential(linear(6, 9)), tmp_path / "sara.safetensors")
+    assert sk.trainable_parameters(fresh) == kept and torch.equal(fresh(x), model(x))
+    assert torch.equal(sk.merge(fresh)[0].weight, sk.merge(model)[0].weight)
