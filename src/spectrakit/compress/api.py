@@ -10,6 +10,7 @@ layer of the method's transformed weight; allocate ranks under the budget; swap 
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -234,16 +235,19 @@ def get_method(method: str, options: dict[str, Any]) -> Method:
         raise SpectrakitError(f"method {method!r}: bad option ({error})") from None
 
 
-def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None = None, rank: int | None = None,
+def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm", *, ratio: float | None = None,
+             rank: int | None = None,
              energy: float | None = None, calibration: Iterable[Any] | None = None, allocation: str | None = None,
              targets: str | Iterable[str] = "all-linear", loss_fn: LossFn | None = None,
              only_if_smaller: bool = True, svd_method: str = "auto", progress: bool = False,
              lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 1,
+             sequential: bool = False, low_memory: bool = False, out: str | os.PathLike[str] | None = None,
              search_batches: int | None = None, **options: Any) -> CompressionReport:
     """Compress ``model``'s linear layers in place with a truncated-SVD ``method``.
 
     Args:
-        model: any module with ``nn.Linear`` or transformers ``Conv1D`` layers.
+        model: any module with ``nn.Linear`` or transformers ``Conv1D`` layers; or, with
+            ``low_memory=True``, a Hugging Face checkpoint folder (:mod:`spectrakit.compress.low_memory`).
         method: ``"svd"``, ``"asvd"``, ``"fwsvd"``, ``"gfwsvd"``, ``"svd-llm"`` or ``"svd-llm-v2"``;
             ``"monarch"``/``"btt"`` (:mod:`~spectrakit.compress.structured_compress`); ``"modegpt"``
             (its MLP pair only, :mod:`~spectrakit.compress.modegpt`).
@@ -269,6 +273,12 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
         lora_lr, lora_epochs: Adam's learning rate and the passes over the batches per side.
         search_batches: ``allocation="sensitivity"`` measures the loss on this many of the
             calibration batches (default all).
+        sequential: compress the decoder blocks in order, each calibrated on the outputs of
+            the compressed blocks before it (:mod:`spectrakit.compress.blockwise`; uniform
+            allocation; svd, asvd, svd-llm, svd-llm-v2).
+        low_memory: ``model`` is a checkpoint folder, compressed block by block into ``out``
+            with one block in memory at a time; the same result as ``sequential=True``.
+        out: the output folder of ``low_memory=True`` (``load_compressed(out)`` reads it).
         options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm and
             gfwsvd; ``factors`` for gfwsvd).
 
@@ -282,6 +292,15 @@ def compress(model: nn.Module, method: str = "svd-llm", *, ratio: float | None =
     ({'0': 16, '2': 16}, True)
     """
     start = time.perf_counter()
+    if sequential or low_memory or out is not None or isinstance(model, (str, os.PathLike)):
+        from .low_memory import dispatch  # block by block (it builds on this module)
+
+        return dispatch(model, method, sequential=sequential, low_memory=low_memory, out=out, ratio=ratio, rank=rank,
+                        energy=energy, calibration=calibration, allocation=allocation, targets=targets,
+                        only_if_smaller=only_if_smaller, svd_method=svd_method, progress=progress,
+                        lora_update=lora_update, options=options)
+    if not isinstance(model, nn.Module):
+        raise SpectrakitError(f"model: expected a torch.nn.Module or a checkpoint folder, got {type(model).__name__}")
     if method == "modegpt":
         from .modegpt import compress_modegpt  # it builds on this module
 

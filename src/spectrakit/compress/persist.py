@@ -2,7 +2,8 @@
 
 A folder written by :func:`save_compressed` holds:
 
-* ``model.safetensors`` — the whole state dict (tied tensors stored once);
+* ``model.safetensors`` — the whole state dict (tied tensors stored once), or shards and
+  ``model.safetensors.index.json`` when ``compress(folder, low_memory=True)`` wrote it;
 * ``compress.json`` — the format tag, each :class:`LowRankLinear`'s name, shape, rank,
   bias and method (each structured layer's structure and blocks; each layer MoDeGPT
   narrowed, with its new widths, which the model's config no longer states), the compression
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_save_path, atomic_write
+from .._shards import INDEX, load_shards, shard_files
 from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from ..weights.files import safetensors_dtypes
@@ -183,9 +185,12 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             raise SpectrakitError(f"{folder}: a plain torch model; pass model= (the dense architecture) to rebuild it")
         model = _build_hf(folder, meta["architecture"])
     weights = folder / WEIGHTS
-    if not weights.is_file():
+    if not weights.is_file() and not (folder / INDEX).is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
-    dtypes = {name: dtype for name, dtype in safetensors_dtypes(weights).items() if dtype.is_floating_point}
+    # one file, or shards and their index (as low_memory=True writes them)
+    files = [weights] if weights.is_file() else shard_files(folder / INDEX)
+    dtypes = {name: dtype for file in files for name, dtype in safetensors_dtypes(file).items()
+              if dtype.is_floating_point}
     recorded = meta.get("buffer_dtypes")
     for name, dtype in (recorded if isinstance(recorded, dict) else {}).items():
         if name not in dtypes and isinstance(getattr(torch, str(dtype), None), torch.dtype):
@@ -224,7 +229,12 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
             if key in dtypes and tensor.dtype != dtypes[key]:
                 tensor.data = tensor.data.to(dtypes[key])
     try:
-        load_model(model, str(weights), strict=True)
+        if weights.is_file():
+            load_model(model, str(weights), strict=True)
+        else:
+            load_shards(model, files)
+    except SpectrakitError:
+        raise
     except Exception as error:  # safetensors and load_state_dict raise their own types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpectrakitError(f"{weights}: does not match {CONFIG} ({first})") from None

@@ -57,7 +57,7 @@ from safetensors import safe_open
 from spectrakit.errors import SpectrakitError
 from spectrakit.weights.record import MatrixRecord, matches_any, natural_key, one_line
 
-__all__ = ["path_records", "safetensors_dtypes", "state_dict_records"]
+__all__ = ["path_records", "safetensors_dtypes", "state_dict_records", "stored_tensors"]
 
 #: ``model_type`` values whose linear layers are transformers ``Conv1D``.
 CONV1D_MODEL_TYPES = frozenset(
@@ -290,6 +290,24 @@ def _safetensors_entries(path: Path, only: set[str] | None = None) -> list[_Entr
             _Entry(name, shape, dtype, source, _safetensors_reader(source, name))
         )
     return entries
+
+
+def stored_tensors(path: str | os.PathLike[str]) -> dict[str, _Entry]:
+    """Every tensor of a checkpoint file or folder, not only its matrices, by stored name.
+
+    Each entry has the ``name``, ``shape`` and ``dtype`` from the header (safetensors) or
+    memory map (torch) and a ``read()`` that loads that one tensor as stored (no
+    transposition, no dtype change); nothing else is read. The block-by-block verbs
+    (:mod:`spectrakit.weights.checkpoint`) load norms and biases through it as well.
+
+    Args:
+        path: a checkpoint file, an ``*.index.json`` or a Hugging Face model folder.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SpectrakitError(f"{path}: no such file or directory")
+    entries = _folder_entries(path) if path.is_dir() else _file_entries(path)
+    return {entry.name: entry for entry in entries}
 
 
 def safetensors_dtypes(path: str | os.PathLike) -> dict[str, torch.dtype]:
