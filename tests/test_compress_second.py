@@ -379,3 +379,45 @@ def test_full_rank_is_lossless_for_the_new_methods(method: str) -> None:
     assert all(isinstance(model[i], LowRankLinear) for i in (0, 2))
     x = torch.cat(calib)
     assert torch.allclose(model(x), reference(x), atol=1e-9)
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_passes_the_second_half_options(tmp_path, capsys) -> None:
+    import json
+
+    from spectrakit import data
+    from spectrakit.cli import main
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(  # a tiny byte-level model: the options, not the time
+        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=256, max_position_embeddings=64)).save_pretrained(tmp_path / "src")
+    (tmp_path / "code.txt").write_bytes(data.code_corpus("train", max_bytes=20_000))
+    small = [str(tmp_path / "src"), "--calib", "4", "--seq-len", "32", "--batch-size", "2", "--quiet",
+             "--calib-text", str(tmp_path / "code.txt")]
+    out = tmp_path / "modegpt"
+    assert main(["compress", "--method", "modegpt", "--modules", "mlp,vo", "--ratio", "0.25", *small,
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["modules"] == ["mlp", "vo"] and report["method"] == "modegpt"
+    loaded = sk.load_compressed(out)
+    assert report["parameters_after"] == sum(p.numel() for p in loaded.parameters())
+    out = tmp_path / "lora"
+    assert main(["compress", "--method", "svd", "--lora-update", "--lora-lr", "1e-3", "--lora-epochs", "2",
+                 "--allocation", "global", *small, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["lora_epochs"] == 2 and report["lora_loss_after"] < report["lora_loss_before"]
+    assert report["allocation"] == "global"
+    out = tmp_path / "sensitivity"
+    assert main(["compress", "--method", "asvd", "--allocation", "sensitivity", "--search-batches", "1",
+                 "--alpha", "0.5", *small, "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["allocation"] == "sensitivity"
+    assert main(["compress", "--method", "gfwsvd", "--factors", "row-diagonal", *small,
+                 "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    assert main(["compress", "--method", "svd-llm", "--factors", "kronecker", *small,
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "method 'svd-llm': bad option" in capsys.readouterr().err
+    assert main(["compress", "--method", "modegpt", "--lora-update", *small, "--out", str(tmp_path / "bad")]) == 2
+    assert "lora_update and search_batches apply to the low-rank methods" in capsys.readouterr().err

@@ -250,7 +250,7 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
             ``low_memory=True``, a Hugging Face checkpoint folder (:mod:`spectrakit.compress.low_memory`).
         method: ``"svd"``, ``"asvd"``, ``"fwsvd"``, ``"gfwsvd"``, ``"svd-llm"`` or ``"svd-llm-v2"``;
             ``"monarch"``/``"btt"`` (:mod:`~spectrakit.compress.structured_compress`); ``"modegpt"``
-            (its MLP pair only, :mod:`~spectrakit.compress.modegpt`).
+            (MLP, Q·K and V·O pairs made narrower, :mod:`~spectrakit.compress.modegpt`).
         ratio: fraction of the targeted weights' parameters to remove, in (0, 1).
         rank: one rank for every layer (alternative to ``ratio``).
         energy: keep this fraction of each layer's ``Σσᵢ²`` (alternative to ``ratio``).
@@ -301,6 +301,10 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
                         lora_update=lora_update, options=options)
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module or a checkpoint folder, got {type(model).__name__}")
+    if (method == "modegpt" or method in STRUCTURES) and (lora_update or search_batches is not None):
+        # their layers are not two factors, and they allocate no ranks
+        raise SpectrakitError(f"method {method!r}: lora_update and search_batches apply to the low-rank methods "
+                              f"({', '.join(METHODS)})")
     if method == "modegpt":
         from .modegpt import compress_modegpt  # it builds on this module
 

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import int_at_least, nonneg_int, open_fraction, positive_int, unit_fraction
+from .._argtypes import int_at_least, nonneg_int, open_fraction, positive_float, positive_int, unit_fraction
 
 DEFAULT_OUT = "spectrakit-compressed"
 
@@ -29,13 +29,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "compress", help="compress a model's linear layers with a truncated-SVD method",
         description="Replace linear layers by low-rank factors under one parameter budget.")
     parser.add_argument("source", nargs="?", help="Hugging Face model folder (default: the bundled reference model)")
-    parser.add_argument("--method", default="svd-llm", help="svd, asvd, fwsvd or svd-llm (default: svd-llm)")
+    parser.add_argument("--method", default="svd-llm",
+                        help="svd, asvd, fwsvd, gfwsvd, svd-llm, svd-llm-v2, modegpt, monarch or btt "
+                             "(default: svd-llm)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=open_fraction, help="fraction of the targeted weights to remove (default: 0.3)")
     budget.add_argument("--rank", type=positive_int, help="one rank for every layer")
     budget.add_argument("--energy", type=unit_fraction, help="keep this fraction of each layer's Σσ²")
-    parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
-                        help="rank allocation (default: uniform)")
+    parser.add_argument("--allocation", choices=("uniform", "global", "heterogeneous", "sensitivity"),
+                        help="rank allocation (default: the method's own, heterogeneous for svd-llm-v2 and "
+                             "uniform otherwise)")
+    parser.add_argument("--search-batches", type=positive_int, metavar="N",
+                        help="--allocation sensitivity: measure the loss on the first N calibration batches "
+                             "(default: all)")
+    parser.add_argument("--lora-update", action="store_true",
+                        help="after truncation, fine-tune each layer's two factors on the calibration batches")
+    parser.add_argument("--lora-lr", type=positive_float, default=1e-4, help="--lora-update's learning rate "
+                        "(default: 1e-4)")
+    parser.add_argument("--lora-epochs", type=positive_int, default=1,
+                        help="--lora-update's passes over the batches per factor (default: 1)")
+    options = parser.add_argument_group("method options (each passed only when given)")
+    options.add_argument("--alpha", type=float, help="asvd: the activation-scaling exponent (default 0.5)")
+    options.add_argument("--damping", type=positive_float,
+                         help="svd-llm, gfwsvd: the ridge of a singular statistic; modegpt: the leverage ridge")
+    options.add_argument("--factors", choices=("kronecker", "row-diagonal"),
+                         help="gfwsvd: both Kronecker factors, or the row diagonal only (fwsvd)")
+    options.add_argument("--modules", help="modegpt: the pairs to compress, comma-separated, of mlp, qk, vo "
+                         "(default: all three)")
+    options.add_argument("--blocks", type=positive_int, help="monarch, btt: the number of blocks")
     parser.add_argument("--calib", type=positive_int, default=32, metavar="N",
                         help="calibration sequences (default: 32)")
     parser.add_argument("--seq-len", type=int_at_least(2), default=256,
@@ -116,9 +137,11 @@ def run(args: argparse.Namespace) -> int:
     from .api import METHODS, compress
     from .base import CompressionWarning
     from .persist import save_compressed
+    from .structured import STRUCTURES
 
-    if args.method not in METHODS:
-        raise SpectrakitError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
+    methods = [*METHODS, "modegpt", *STRUCTURES]
+    if args.method not in methods:
+        raise SpectrakitError(f"--method {args.method!r} is not one of {', '.join(methods)}")
     if args.calib < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise SpectrakitError(f"--calib, --seq-len and --batch-size must be ≥ 1 (seq-len ≥ 2), got "
                               f"{args.calib}, {args.seq_len} and {args.batch_size}")
@@ -128,9 +151,19 @@ def run(args: argparse.Namespace) -> int:
     budget = {"ratio": args.ratio, "rank": args.rank, "energy": args.energy}
     if all(value is None for value in budget.values()):
         budget["ratio"] = 0.3
-    model, tokenizer = _load_source(args.source, needs_text=args.method != "svd")
+    options: dict[str, Any] = {name: getattr(args, name) for name in ("alpha", "damping", "factors", "blocks")
+                               if getattr(args, name) is not None}
+    if args.modules is not None:
+        options["modules"] = tuple(part.strip() for part in args.modules.split(",") if part.strip())
+    if args.lora_update:
+        options.update(lora_update=True, lora_lr=args.lora_lr, lora_epochs=args.lora_epochs)
+    if args.search_batches is not None:
+        options["search_batches"] = args.search_batches
+    # calibration text is read for every method but plain svd, and for what measures a loss on it
+    calibrates = args.method != "svd" or args.lora_update or args.allocation == "sensitivity"
+    model, tokenizer = _load_source(args.source, needs_text=calibrates)
     calibration = None
-    if args.method != "svd":
+    if calibrates:
         if args.calib_text:
             try:
                 text = Path(args.calib_text).read_bytes()
@@ -145,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
-                          targets=args.targets or "all-linear", progress=not args.quiet, **budget)
+                          targets=args.targets or "all-linear", progress=not args.quiet, **budget, **options)
     for warning in caught:
         print(f"spectrakit: warning: {warning.message}", file=sys.stderr)
     if not args.quiet:  # before the writes: should they fail, the report still shows
