@@ -44,6 +44,31 @@ def test_intruders_alpha_sharpness_alignment_match_their_definitions(tmp_path):
     page = monitor.to_html(tmp_path / "monitor.html")
     text = page.read_text()
     assert text.count("<svg") == 4 and "loss/sharpness" in text
+    # the same charts as a section of the analyze report, which keeps all of its own sections
+    report = monitor.to_html(tmp_path / "report.html", table=analyzed, title="trained MLP")
+    text = report.read_text()
+    for anchor in ("summary", "warnings", "depth", "layers", "skipped", "table", "training"):
+        assert f'id="{anchor}"' in text
+    section = text[text.index('id="training"'):text.index('id="skipped"')]
+    assert section.count("<svg") == 4 and 'href="#training"' in text
+    assert f"{last['loss/sharpness']:.4g}" in section and f"{last['2/alpha']:.4g}" in section  # last points
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # written atomically
+
+
+def test_report_sections_are_checked_and_escaped(tmp_path):
+    from spectrakit.analyze.report import ReportSection
+
+    table = sk.analyze(torch.nn.Linear(16, 8), progress=False, farms=False)
+    section = ReportSection(anchor="notes", heading="<b>mine</b>", body="<p>extra</p>")
+    text = table.to_html(tmp_path / "r.html", sections=[section]).read_text()
+    assert '<section id="notes" class="extra"><h2>&lt;b&gt;mine&lt;/b&gt;</h2><p>extra</p></section>' in text
+    assert text.index('id="layers"') < text.index('id="notes"') < text.index('id="skipped"')
+    for anchor in ("table", "bad id", ""):
+        with pytest.raises(SpectrakitError, match="report section anchor"):
+            table.to_html(tmp_path / "s.html", sections=[ReportSection(anchor=anchor, heading="x", body="")])
+    assert not (tmp_path / "s.html").exists()
+    with pytest.raises(SpectrakitError, match="no measurement yet"):
+        sk.SpectralMonitor(torch.nn.Linear(4, 4)).report_section()
 
 
 def test_training_metrics_need_a_loss():

@@ -189,14 +189,31 @@ class SpectralMonitor:
         with atomic_write(path) as handle:
             handle.write(buffer.getvalue())
 
-    def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> os.PathLike:
-        """Write the monitored metrics over steps as a self-contained HTML page, atomically
+    def report_section(self, *, heading: str = "Training: metrics over steps") -> Any:
+        """The metrics over steps as a section of the analyze HTML report: pass it as
+        ``sk.analyze(model).to_html(path, sections=[monitor.report_section()])``
+        (a :class:`~spectrakit.analyze.report.ReportSection`).
+
+        Args:
+            heading: the section's title.
+        """
+        from .monitor_report import monitor_section
+
+        return monitor_section(self.history, heading=heading)
+
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None, table: Any = None) -> os.PathLike:
+        """Write the monitored metrics over steps as self-contained HTML, atomically
         (see :mod:`spectrakit.analyze.monitor_report`).
 
         Args:
             path: the ``.html`` file.
             title: the page's title.
+            table: a :class:`~spectrakit.analyze.table.SpectrumTable` (e.g. ``sk.analyze(model)``
+                at the end of training): write its analyze report with the metrics as a
+                section of it. ``None``: the metrics alone on a page.
         """
+        if table is not None:
+            return table.to_html(path, title=title, sections=[self.report_section()])
         from .monitor_report import write_monitor_html
 
         return write_monitor_html(self.history, path, title=title)

@@ -1,15 +1,20 @@
-"""The monitored metrics over training steps as one self-contained HTML page.
+"""The monitored metrics over training steps: a section of the analyze HTML report, or a page.
 
 One chart per metric (``sigma_max``, ``alpha``, ``intruders``, ``loss/sharpness`` …), one
-line per matrix, drawn as inline SVG: the page has no script and opens offline. Steps
-where a metric was not measured (NaN, e.g. curvature between its ``curvature_every``)
-are left out of its line.
+line per matrix, drawn as inline SVG: it needs no script and opens offline. Steps where a
+metric was not measured (NaN, e.g. curvature between its ``curvature_every``) are left
+out of its line. :func:`monitor_section` is the
+:class:`~spectrakit.analyze.report.ReportSection` that ``table.to_html(path,
+sections=[…])`` places in the analyze report; :func:`monitor_html` is the same charts
+alone on a page.
 
 >>> history = [{"step": 0, "fc/alpha": 3.0, "loss/sharpness": 1.0}, {"step": 10, "fc/alpha": 2.5,
 ...            "loss/sharpness": float("nan")}]
 >>> page = monitor_html(history)
 >>> page.count("<svg"), "alpha" in page
 (2, True)
+>>> monitor_section(history).anchor
+'training'
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from .._atomic import atomic_write
 from ..errors import SpectrakitError
+from .report import ReportSection
 
 _WIDTH, _HEIGHT, _PAD = 560, 220, 44
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -75,6 +81,27 @@ def _chart(metric: str, lines: dict[str, list[tuple[float, float]]]) -> str:
     return f'<figure>{"".join(parts)}<figcaption>{legend}</figcaption></figure>'
 
 
+def _charts(history: Sequence[dict[str, Any]]) -> str:
+    if not history:
+        raise SpectrakitError("the monitor has no measurement yet: nothing to plot")
+    charts = "\n".join(_chart(metric, lines) for metric, lines in _series(history).items())
+    return (f'<p class="note">{len(history)} measurements, steps {history[0]["step"]}–{history[-1]["step"]}; '
+            f"one chart per metric, one line per matrix (hover a line for its name).</p>\n"
+            f'<div class="monitor-charts">{charts}</div>')
+
+
+def monitor_section(history: Sequence[dict[str, Any]], *, heading: str = "Training: metrics over steps",
+                    anchor: str = "training") -> ReportSection:
+    """The charts of ``history`` as a section of the analyze HTML report.
+
+    Args:
+        history: rows ``{"step": t, "<matrix>/<metric>": value, …}`` (:attr:`SpectralMonitor.history`).
+        heading: the section's title.
+        anchor: its ``id``.
+    """
+    return ReportSection(anchor=anchor, heading=heading, body=_charts(history))
+
+
 def monitor_html(history: Sequence[dict[str, Any]], *, title: str | None = None) -> str:
     """The page's HTML for ``history`` (rows of :attr:`SpectralMonitor.history`).
 
@@ -82,15 +109,11 @@ def monitor_html(history: Sequence[dict[str, Any]], *, title: str | None = None)
         history: rows ``{"step": t, "<matrix>/<metric>": value, …}``.
         title: the page's title.
     """
-    if not history:
-        raise SpectrakitError("the monitor has no measurement yet: nothing to plot")
     title = title or "spectrakit: monitored metrics"
-    charts = "\n".join(_chart(metric, lines) for metric, lines in _series(history).items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0}"
             "figcaption{font-size:12px;max-width:560px}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{len(history)} measurements, steps {history[0]['step']}–"
-            f"{history[-1]['step']}.</p>\n{charts}\n</body></html>\n")
+            f"<h1>{html.escape(title)}</h1>\n{_charts(history)}\n</body></html>\n")
 
 
 def write_monitor_html(history: Sequence[dict[str, Any]], path: str | os.PathLike, *,

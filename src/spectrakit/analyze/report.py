@@ -15,7 +15,10 @@ across depth (one per numeric column present), a summary, plain-language warning
 Everything numeric is computed here; the inline script only draws it. Data travel as JSON
 inside the page; CSS, script and SVG are inline, so the file opens anywhere, offline.
 Missing columns or spectra only remove the parts that need them: any
-:class:`~spectrakit.analyze.table.SpectrumTable` renders.
+:class:`~spectrakit.analyze.table.SpectrumTable` renders. Callers may add sections of their
+own (:class:`ReportSection`, e.g. :meth:`SpectralMonitor.report_section
+<spectrakit.analyze.monitor.SpectralMonitor.report_section>`'s metrics over training steps);
+they come after the spectra, with a link in the header.
 
 >>> import torch, spectrakit as sk
 >>> table = sk.analyze(torch.nn.Linear(64, 32), progress=False)
@@ -30,7 +33,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._atomic import atomic_write
+from ..errors import SpectrakitError
 from .powerlaw import EVALS_THRESH
 
 if TYPE_CHECKING:  # table.py imports this module
@@ -78,8 +83,46 @@ _NOT_CHARTED = {"rows", "cols", "params", "xmin", "xmax", "farms_xmin", "farms_x
                 "log_alpha_norm", "farms_ks_distance"}
 
 
-def write_html_report(table: SpectrumTable, path: str | os.PathLike, *, title: str | None = None) -> Path:
+@dataclass(frozen=True)
+class ReportSection:
+    """An extra section of the report: a heading over a self-contained HTML fragment.
+
+    Args:
+        anchor: the section's ``id`` (letters, digits, ``-`` and ``_``), linked from the header.
+        heading: its title (plain text; escaped here).
+        body: its HTML, inserted as it is: the producer escapes whatever text it embeds,
+            and the fragment must work offline (inline SVG, no external resources).
+    """
+
+    anchor: str
+    heading: str
+    body: str
+
+
+def _extra_sections(sections: Sequence[ReportSection]) -> tuple[str, str]:
+    """The header links and the ``<section>`` elements of the extra sections."""
+    taken = {"summary", "warnings", "depth", "layers", "skipped", "table"}
+    links, blocks = [], []
+    for section in sections:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", section.anchor) or section.anchor in taken:
+            raise SpectrakitError(f"report section anchor {section.anchor!r} must be a new id of letters, digits, "
+                                  "'-' or '_'")
+        taken.add(section.anchor)
+        heading = html.escape(section.heading)
+        links.append(f'<a href="#{section.anchor}">{heading}</a>')
+        blocks.append(f'<section id="{section.anchor}" class="extra"><h2>{heading}</h2>{section.body}</section>')
+    return "".join(links), "\n".join(blocks)
+
+
+def write_html_report(table: SpectrumTable, path: str | os.PathLike, *, title: str | None = None,
+                      sections: Sequence[ReportSection] = ()) -> Path:
     """Write the HTML report of ``table`` to ``path`` atomically; return the path.
+
+    Args:
+        table: the analysis.
+        path: the ``.html`` file.
+        title: the page's title (default from the table's source).
+        sections: extra :class:`ReportSection` s, shown after the spectra in this order.
 
     >>> import spectrakit as sk
     >>> from spectrakit.analyze.report import write_html_report
@@ -92,6 +135,7 @@ def write_html_report(table: SpectrumTable, path: str | os.PathLike, *, title: s
     rows = list(table.rows)
     columns = _columns(rows)
     issues = find_issues(rows)
+    extra_links, extra_sections = _extra_sections(sections)
     data = {
         "names": [str(row.get("name", "")) for row in rows],
         "depth": _depth_series(rows, columns),
@@ -105,6 +149,8 @@ def write_html_report(table: SpectrumTable, path: str | os.PathLike, *, title: s
         "SKIPPED": _skipped_html(rows),
         "TABLE": _table_html(table, rows, columns, issues),
         "DATA": _script_json(data),
+        "EXTRANAV": extra_links,
+        "EXTRA": extra_sections,
     }
     text = re.sub(r"\{\{([A-Z]+)\}\}", lambda match: parts[match.group(1)], _template())
     with atomic_write(path) as handle:

@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,11 +150,18 @@ class SpectrumTable:
         with atomic_save_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
 
-    def to_html(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
-        """Write the self-contained HTML report (see :mod:`spectrakit.analyze.report`)."""
+    def to_html(self, path: str | os.PathLike, *, title: str | None = None, sections: Sequence[Any] = ()) -> Path:
+        """Write the self-contained HTML report (see :mod:`spectrakit.analyze.report`).
+
+        Args:
+            path: the ``.html`` file.
+            title: the page's title.
+            sections: extra :class:`~spectrakit.analyze.report.ReportSection` s, e.g. a
+                monitor's ``report_section()``.
+        """
         from .report import write_html_report
 
-        return write_html_report(self, path, title=title)
+        return write_html_report(self, path, title=title, sections=sections)
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write every row to ``path`` as CSV, atomically."""
