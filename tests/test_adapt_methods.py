@@ -25,6 +25,46 @@ def linear(out_f: int = 6, in_f: int = 9) -> torch.nn.Linear:
     return torch.nn.Linear(in_f, out_f).double()
 
 
+@pytest.mark.parametrize("task", ["nlg", "nlu"])
+def test_balora_output_penalty_is_the_papers_terms_on_the_model_outputs(task: str) -> None:
+    from spectrakit.adapt.balora import adapters_off, output_penalty
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).eval()
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(tokens).logits
+    perturbed(sk.adapt(model, "ba-lora", rank=2, consistency=0.5, diversity=2.0, svd=3.0, svd_k=3, task=task), 0.05)
+    Z = model(tokens).logits
+    with torch.no_grad(), adapters_off(model):
+        Z0 = model(tokens).logits
+    assert torch.equal(Z0, reference)  # the pretrained model, from the same modules
+    assert not torch.allclose(Z, Z0, atol=1e-4)
+    z, z0 = Z.reshape(-1, 50).double(), Z0.reshape(-1, 50).double()
+    if task == "nlg":
+        consistency = torch.nn.functional.kl_div(z.log_softmax(-1), z0.softmax(-1), reduction="batchmean")
+        p = z.softmax(-1)
+        diversity = (p * p.log()).sum(-1).mean()
+    else:
+        consistency = ((z / z.norm(dim=-1, keepdim=True) - z0 / z0.norm(dim=-1, keepdim=True)) ** 2).mean()
+        cov = torch.cov(z.T)
+        diversity = ((cov - torch.diag(torch.diag(cov))) ** 2).sum() / 50
+    S = torch.linalg.svdvals(z)
+    expected = 0.5 * consistency + 2.0 * diversity - 3.0 * S[:3].sum() / S.sum()
+    got = output_penalty(model, Z, Z0)
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-7)
+    assert float(sk.adapter_penalty(model)) == 0.0  # the model-level form keeps nothing per layer
+    got.backward()
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.lora_A.grad is not None and bool(layer.lora_A.grad.abs().sum() > 0)
+    with pytest.raises(SpectrakitError, match="base_logits: shape"):
+        output_penalty(model, Z, Z0[:1])
+    with pytest.raises(SpectrakitError, match="no 'ba-lora' adapters"):
+        output_penalty(torch.nn.Sequential(torch.nn.Linear(3, 3)), Z, Z0)
+
+
 def test_asymmetric_a_is_frozen_orthonormal_and_slots_are_orthogonal() -> None:
     layer = linear()
     model = perturbed(sk.adapt(torch.nn.Sequential(layer), "asymmetric", rank=3, slot=1, seed=4))
@@ -92,7 +132,7 @@ def test_qgoft_givens_product(quasi: bool) -> None:
 def test_balora_penalty_matches_the_explicit_terms() -> None:
     layer = linear(6, 9)
     model = perturbed(sk.adapt(torch.nn.Sequential(layer), "ba-lora", rank=2, consistency=0.5, diversity=2.0,
-                               svd=3.0, svd_k=2))
+                               svd=3.0, svd_k=2, level="layer"))
     x = torch.randn(20, 9, dtype=torch.float64)
     y = model(x)
     y0 = layer(x).detach()
