@@ -218,13 +218,15 @@ def one_thread_env() -> dict[str, str]:
     return env
 
 
-def high_water_mark(pid: int) -> int:
-    """A process's peak resident set in bytes (``VmHWM`` of ``/proc/PID/status``)."""
+def memory_status(pid: int) -> dict[str, int]:
+    """``VmHWM`` (peak resident set), ``RssAnon`` and ``RssFile`` of a process, in bytes."""
+    found = {}
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key = line.split(":", 1)[0]
+            if key in ("VmHWM", "RssAnon", "RssFile"):
+                found[key] = int(line.split()[1]) * 1024
+    return found
 
 
 def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[str, Any]:
@@ -233,8 +235,10 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
     ``peak_rss_tree``: the largest sum of the tree's resident sets seen while polling;
     ``peak_rss_process``: the largest process's resident high-water mark (``VmHWM``, kept by the
     kernel, so a peak between two polls is not missed; only growth in the last poll interval
-    before a process exits is). ``ru_maxrss`` of ``wait4`` would not do: Linux carries the
-    parent's resident set at ``fork`` into the child's maximum. ``result``: what the child
+    before a process exits is); ``peak_anon_process`` / ``peak_file_process``: the largest
+    polled anonymous (heap) and file-backed (memory-mapped shards, shared libraries) parts of it.
+    ``ru_maxrss`` of ``wait4`` would not do: Linux carries the parent's resident set at ``fork``
+    into the child's maximum. ``result``: what the child
     printed after ``SCALE_RESULT``.
     """
     import psutil
@@ -245,6 +249,8 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
                             start_new_session=True, cwd=ROOT)
     peak_tree, timed_out, status = 0, False, 0
     hwm: dict[int, int] = {}
+    anon: dict[int, int] = {}  # polled: the kernel keeps no high-water mark of these two
+    mapped: dict[int, int] = {}
     while True:
         pid, status = os.waitpid(proc.pid, os.WNOHANG)
         if pid == proc.pid:
@@ -256,7 +262,10 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
             for member in tree:
                 try:
                     total += member.memory_info().rss
-                    hwm[member.pid] = max(hwm.get(member.pid, 0), high_water_mark(member.pid))
+                    status_now = memory_status(member.pid)
+                    hwm[member.pid] = max(hwm.get(member.pid, 0), status_now.get("VmHWM", 0))
+                    anon[member.pid] = max(anon.get(member.pid, 0), status_now.get("RssAnon", 0))
+                    mapped[member.pid] = max(mapped.get(member.pid, 0), status_now.get("RssFile", 0))
                 except (psutil.Error, OSError):
                     pass
             peak_tree = max(peak_tree, total)
@@ -280,6 +289,7 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
             result = json.loads(line.removeprefix("SCALE_RESULT "))
     return {"command": command, "wall_s": wall, "timed_out": timed_out, "returncode": proc.returncode,
             "peak_rss_tree": peak_tree, "peak_rss_process": max(hwm.values(), default=0),
+            "peak_anon_process": max(anon.values(), default=0), "peak_file_process": max(mapped.values(), default=0),
             "result": result, "tail": "\n".join(output.splitlines()[-15:]) if proc.returncode else ""}
 
 
@@ -472,19 +482,21 @@ def report(results: dict[str, Any], facts: dict[str, Any]) -> str:
     rows = []
     for name, r in results.items():
         if "skipped" in r:
-            rows.append([name, r["skipped"]] + [""] * 7)
+            rows.append([name, r["skipped"]] + [""] * 9)
             continue
         peak = r["peak_rss_process"]
         base = results.get(baseline_of(name), {}).get("peak_rss_process", 0)
         if "unavailable" in r["result"]:
-            rows.append([name, "not available: " + r["result"]["unavailable"]] + [""] * 7)
+            rows.append([name, "not available: " + r["result"]["unavailable"]] + [""] * 9)
             continue
         rows.append([name, "timed out" if r["timed_out"] else ("failed" if r["returncode"] else "ok"),
                      round(r["wall_s"], 1), r["result"].get("work_s", math.nan), round(r["peak_rss_tree"] / 1e6),
-                     round(peak / 1e6), round(peak / block, 2), round((peak - base) / 1e6),
+                     round(peak / 1e6), round(r.get("peak_anon_process", 0) / 1e6),
+                     round(r.get("peak_file_process", 0) / 1e6), round(peak / block, 2), round((peak - base) / 1e6),
                      round((peak - base) / block, 2)])
     table = markdown_table(["run", "status", "wall s", "work s", "peak tree MB", "peak process MB",
-                            "process ÷ block", "process − baseline MB", "(process − baseline) ÷ block"], rows)
+                            "of it anon. MB", "file MB", "process ÷ block", "process − baseline MB",
+                            "(process − baseline) ÷ block"], rows)
     return table + "\n\n" + markdown_table(["ratio", "wall", "without start-up"], ratios(results))
 
 
