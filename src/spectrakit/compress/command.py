@@ -6,7 +6,9 @@ corpus (``spectrakit.data.code_corpus("train")``) unless ``--calib-text FILE`` i
 it is fed as raw bytes to a byte-level model (vocabulary 256, like the reference
 model) and through the folder's own tokenizer otherwise. Outputs, written atomically
 under ``--out``: ``model.safetensors``, ``compress.json`` and ``config.json``
-(``spectrakit.load_compressed(DIR)``) and ``report.json``.
+(``spectrakit.load_compressed(DIR)``) and ``report.json``. ``--low-memory`` compresses the
+SOURCE folder block by block instead, writing shards and their index
+(:mod:`spectrakit.compress.low_memory`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--targets", action="append", help="layer-name pattern (repeatable; default: all-linear)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="calibration sampling seed (default: 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="compress the SOURCE folder block by block, one block in memory, writing --out shard "
+                             "by shard (svd, asvd, svd-llm, svd-llm-v2; uniform allocation)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(run=run)
 
@@ -131,6 +136,10 @@ def calibration_batches(text: bytes, tokenizer: Any, count: int, seq_len: int, b
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.low_memory:  # block by block, one block in memory (compress/low_memory.py)
+        from .low_memory import run_command
+
+        return run_command(args)
     from .. import data
     from .._atomic import atomic_write
     from ..errors import SpectrakitError

@@ -257,3 +257,71 @@ def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out
         assert out is not None
         return compress_checkpoint(model, method, solver, out=out, svd_method=svd_method, options=options, **chosen)
     return compress_sequential(model, method, solver, svd_method=svd_method, options=options, **chosen)
+
+
+def run_command(args: Any) -> int:
+    """``spectrakit compress SOURCE --low-memory --out DIR``: the folder compressed block by
+    block (:func:`compress_checkpoint`), calibrated on the same text as the in-memory command;
+    ``report.json`` is written beside the shards.
+
+    Args:
+        args: the parsed ``compress`` command line.
+    """
+    import json
+    import sys
+
+    from .. import data
+    from .._atomic import atomic_write
+    from .api import compress
+    from .command import calibration_batches
+
+    if args.source is None:
+        raise SpectrakitError("--low-memory needs SOURCE, a Hugging Face checkpoint folder (the bundled reference "
+                              "model fits in memory)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SpectrakitError("--low-memory runs in one process; start it without torchrun")
+    folder = Path(args.source)
+    checkpoint_config = Checkpoint(folder).config_dict  # checks the folder before the text is read
+    budget = {"ratio": args.ratio, "rank": args.rank, "energy": args.energy}
+    if all(value is None for value in budget.values()):
+        budget["ratio"] = 0.3
+    options = {name: getattr(args, name) for name in ("alpha", "damping") if getattr(args, name, None) is not None}
+    calibration = None
+    if args.method != "svd":
+        tokenizer = _tokenizer(folder, checkpoint_config)
+        if args.calib_text:
+            try:
+                text = Path(args.calib_text).read_bytes()
+            except OSError as error:
+                raise SpectrakitError(f"--calib-text {args.calib_text}: {error.strerror or error}") from None
+        else:
+            text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
+        calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionWarning)
+        report = compress(str(folder), args.method, calibration=calibration, allocation=args.allocation,
+                          targets=args.targets or "all-linear", progress=not args.quiet, out=args.out,
+                          low_memory=True, **budget, **options)
+    for warning in caught:
+        print(f"spectrakit: warning: {warning.message}", file=sys.stderr)
+    out = Path(args.out)
+    with atomic_write(out / "report.json") as handle:
+        json.dump({"source": str(folder), "calibration_sequences": args.calib, "seq_len": args.seq_len,
+                   **report.to_dict()}, handle, indent=2)
+    if not args.quiet:
+        print(report)
+        print(f"wrote {out} (shards, model.safetensors.index.json, compress.json, report.json)")
+    return 0
+
+
+def _tokenizer(folder: Path, config: dict[str, Any]) -> Any:
+    """The folder's tokenizer; ``None`` for a byte-level model without one (calibrated on raw bytes)."""
+    try:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # no tokenizer files: only a byte-level model can be calibrated
+        if config.get("vocab_size") != 256:
+            raise SpectrakitError(f"{folder}: no tokenizer to encode calibration text and the vocabulary is not "
+                                  "byte-level; add tokenizer files or use --method svd") from None
+        return None
