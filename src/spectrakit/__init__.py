@@ -24,6 +24,7 @@ from .adapt import (  # the functions, not the folder
     save_adapter,
     trainable_parameters,
 )
+from .adapt import init_from_checkpoint as adapt_checkpoint  # sk.adapt is the function
 from .analyze import (  # binds the name `analyze` to the function, not the folder
     SpectralMonitor,
     SpectrumTable,
@@ -32,6 +33,7 @@ from .analyze import (  # binds the name `analyze` to the function, not the fold
     compare,
     lipschitz,
 )
+from .cache import SpectrumCache
 from .compress import compress, load_compressed, save_compressed  # the function `compress`, not the folder
 from .errors import SpectrakitError
 from .weights import iter_matrices
@@ -43,9 +45,9 @@ _SUBMODULES = ("data", "reference", "cli", "optimize")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features",
-           "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapter_penalty", "load_adapter",
+           "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapt_checkpoint", "adapter_penalty", "load_adapter",
            "merge", "merge_adapters", "save_adapter", "trainable_parameters", "compress", "load_compressed",
-           "save_compressed", "regularize", *_SUBMODULES, *_EXPORTS]
+           "save_compressed", "regularize", "SpectrumCache", *_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
