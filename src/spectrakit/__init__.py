@@ -45,7 +45,8 @@ _SUBMODULES = ("data", "reference", "cli", "optimize")
 _EXPORTS = {"reference_model": ("spectrakit.reference", "reference_model")}
 
 __all__ = ["SpectrakitError", "SpectralMonitor", "SpectrumTable", "__version__", "analyze", "analyze_features",
-           "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapt_checkpoint", "adapter_penalty", "load_adapter",
+           "compare", "lipschitz", "iter_matrices", "linalg", "weights", "adapt", "adapter_penalty",
+           "adapt_checkpoint", "load_adapter",
            "merge", "merge_adapters", "save_adapter", "trainable_parameters", "compress", "load_compressed",
            "save_compressed", "regularize", "SpectrumCache", *_SUBMODULES, *_EXPORTS]
 

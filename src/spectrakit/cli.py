@@ -27,7 +27,8 @@ from ._atomic import check_writable_folder
 from .errors import SpectrakitError, SpectrakitWarning
 
 # modules with add_parser(subparsers) that set `run` as the parser default
-COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectrakit.compress.command",
+COMMANDS = ("spectrakit.analyze.command", "spectrakit.adapt.command", "spectrakit.adapt.init_command",
+            "spectrakit.compress.command",
             "spectrakit.optimize.command", "spectrakit.analyze.curvature.command")
 
 

@@ -14,7 +14,9 @@ Methods (one file each, the formula in its docstring): ``lora`` (and rsLoRA),
 ``sst``, ``sara``, ``soda``, ``dota``, ``clover``, ``lq-lora``. Every method is exact at
 initialization (``lq-lora``: exactly its own quantized decomposition of W).
 :func:`merge_adapters` combines several saved adapters (linear, task arithmetic, TIES,
-DARE, SVD); :func:`federated_round` is FedSVD's server step.
+DARE, SVD); :func:`federated_round` is FedSVD's server step. :func:`init_from_checkpoint`
+initializes an SVD adapter from a checkpoint folder one tensor at a time (a residual
+checkpoint plus a saved adapter).
 
 ``spectrakit.adapt`` at the top level is the function; every other public name of this
 package rides on it as an attribute, so ``sk.adapt.federated_round(global_model, clients)``
@@ -38,11 +40,13 @@ from .api import (
 )
 from .base import AdaptedLinear, find_targets, methods
 from .federated import federated_client, federated_round
+from .low_memory import init_from_checkpoint
 from .merging import combine_updates, merge_adapters
 from .peft_export import export_peft
 
 __all__ = ["AdaptedLinear", "adapt", "adapter_config", "adapter_penalty", "combine_updates", "export_peft",
-           "federated_client", "federated_round", "find_targets", "load_adapter", "merge", "merge_adapters",
+           "federated_client", "federated_round", "find_targets",
+           "init_from_checkpoint", "load_adapter", "merge", "merge_adapters",
            "methods", "read_adapter", "save_adapter", "trainable_parameters"]
 
 # `import spectrakit as sk` binds sk.adapt to the function (the verb); the package's other

@@ -16,6 +16,11 @@ per layer: ``r · (in + out)``; ``s = α / r`` with ``alpha`` defaulting to ``r`
 The initial factors ``A₀, B₀`` are kept as (unsaved) buffers: they turn the adapter
 into a plain LoRA on the *original* weight, ``ΔW = s·(B A − B₀ A₀)``, for PEFT export.
 
+``residual=True`` (set by :func:`spectrakit.load_adapter` for an adapter written by
+:func:`spectrakit.adapt.init_from_checkpoint`) wraps a layer that already holds ``W_res``:
+no SVD, nothing subtracted; ``A, B`` are then loaded, and ``A₀ = B₀ = 0`` (the adapter is a
+LoRA on the residual it was loaded onto).
+
 >>> import torch, spectrakit as sk
 >>> model = sk.adapt(torch.nn.Sequential(torch.nn.Linear(64, 32)), "pissa", rank=4)
 >>> sk.trainable_parameters(model)
@@ -43,18 +48,24 @@ class PiSSALinear(LoRALinear):
     B0: torch.Tensor
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", alpha: float | None = None,
-                 svd_method: str = "krylov", init: dict[str, Any] | None = None) -> None:
+                 svd_method: str = "krylov", residual: bool = False, init: dict[str, Any] | None = None) -> None:
         self.svd_method = svd_method
+        self.residual = bool(residual)
         super().__init__(base_layer, rank, name=name, alpha=alpha, rslora=False, init=init)
         with torch.no_grad():
             self.new_buffer("A0", self.lora_A.detach().clone())
             self.new_buffer("B0", self.lora_B.detach().clone())
-            self.subtract_from_base(self.B0, self.A0, self.scaling)
+            if not self.residual:
+                self.subtract_from_base(self.B0, self.A0, self.scaling)
 
     def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "svd_method": self.svd_method}
+        config: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "svd_method": self.svd_method}
+        return {**config, "residual": True} if self.residual else config
 
     def initial_factors(self, init: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.residual:  # the base is W_res already; A and B are loaded next
+            return (torch.zeros(self.rank, self.in_features, dtype=self.adapter_dtype),
+                    torch.zeros(self.out_features, self.rank, dtype=self.adapter_dtype))
         U, S, Vh = self.factors(self.rank, self.which, self.svd_method)
         root = (S / self.scaling).sqrt()
         return root[:, None] * Vh, U * root[None, :]

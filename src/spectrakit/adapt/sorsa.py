@@ -12,7 +12,9 @@ and the orthonormality regularizer (add it to the loss through
     ‖U_pᵀ U_p − I‖²_F + ‖V_pᵀ V_p − I‖²_F.
 
 Exact at initialization up to rounding of ``W_res``. Trainable parameters per layer:
-``r · (in + out + 1)``.
+``r · (in + out + 1)``. ``residual=True`` (set by :func:`spectrakit.load_adapter` for an
+adapter written by :func:`spectrakit.adapt.init_from_checkpoint`) wraps a layer that
+already holds ``W_res``: no SVD, nothing subtracted, the factors are loaded.
 
 >>> import torch, spectrakit as sk
 >>> model = sk.adapt(torch.nn.Sequential(torch.nn.Linear(64, 32)), "sorsa", rank=4)
@@ -37,15 +39,27 @@ class SORSALinear(AdaptedLinear):
     rewrites_base = True
 
     def __init__(self, base_layer: nn.Module, rank: int, *, name: str = "", svd_method: str = "krylov",
-                 init: dict[str, Any] | None = None) -> None:
+                 residual: bool = False, init: dict[str, Any] | None = None) -> None:
         super().__init__(base_layer, rank, name=name)
         self.svd_method = svd_method
-        U, S, Vh = self.factors(rank, "top", svd_method)
+        self.residual = bool(residual)
+        if self.residual:  # the base is W_res already; the factors are loaded next
+            U = torch.zeros(self.out_features, rank, dtype=self.adapter_dtype)
+            S = torch.zeros(rank, dtype=self.adapter_dtype)
+            Vh = torch.zeros(rank, self.in_features, dtype=self.adapter_dtype)
+        else:
+            U, S, Vh = self.factors(rank, "top", svd_method)
         self.U_p = self.new_parameter(U)
         self.S_p = self.new_parameter(S)
         self.Vh_p = self.new_parameter(Vh)
-        with torch.no_grad():
-            self.subtract_from_base(U * S, Vh)
+        if not self.residual:
+            with torch.no_grad():
+                self.subtract_from_base(U * S, Vh)
+
+    def config(self) -> dict[str, Any]:
+        config = super().config()  # "residual" only when set, so that other saved configs stay as they were
+        residual = config.pop("residual")
+        return {**config, "residual": True} if residual else config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)

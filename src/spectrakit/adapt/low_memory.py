@@ -1,0 +1,172 @@
+"""SVD-initialized adapters from a checkpoint folder, one tensor at a time.
+
+``init_from_checkpoint(folder, "pissa", rank=16, out=DIR)`` (and ``spectrakit adapter-init
+FOLDER --method pissa --rank 16 --out DIR``) does what ``adapt(model, "pissa", rank=16)``
+followed by ``save_adapter`` does, without loading the model: the targeted layers are
+chosen on the model skeleton (parameters on the meta device, built from ``config.json``),
+and the checkpoint's tensors are then read one at a time in name order. A targeted
+weight (with its bias) is put into its layer, the method's own class wraps it (the same
+SVD, the same ``W_res = W − s·B A`` as in memory), the adapter's tensors are kept and the
+residual weight is written; every other tensor is copied as it is. ``DIR`` then holds
+
+* the residual checkpoint: ``config.json``, safetensors shards (one per block) and
+  ``model.safetensors.index.json``, with the source folder's tokenizer files, loadable with
+  ``transformers``' ``from_pretrained(DIR)``;
+* ``adapter.safetensors``, in :func:`~spectrakit.save_adapter`'s format:
+  ``load_adapter(residual_model, DIR / "adapter.safetensors")`` gives the model that
+  ``adapt`` gives in memory (the same weights, the same outputs).
+
+For a method that rewrites the base weight (``pissa``, ``milora``, ``sorsa``) each saved
+layer's options carry ``residual=True`` and its fingerprint is that of ``W_res``: loading
+wraps the residual without a second SVD or subtraction. A method that leaves the base
+alone (``lora``, ``svfit``, ``svft``, …) writes an unchanged copy and a plain adapter.
+Methods that plan over the whole model before any layer is built (``eva``'s calibration,
+``soma``'s frozen blocks) and ``lq-lora`` are refused in one line.
+
+>>> import tempfile, torch, transformers, spectrakit as sk
+>>> config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+>>> folder = tempfile.mkdtemp()
+>>> transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+>>> out = sk.adapt_checkpoint(folder, "pissa", rank=4, out=folder + "/pissa")
+>>> residual = transformers.GPT2LMHeadModel.from_pretrained(out)
+>>> _ = sk.load_adapter(residual, out / "adapter.safetensors")
+>>> sk.trainable_parameters(residual)
+9216
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._memory import release_freed_memory
+from .._progress import progress as progress_bar
+from .._shards import ShardedOutput
+from .._targets import layer_weight
+from ..errors import SpectrakitError
+from ..weights.checkpoint import Checkpoint
+from ..weights.record import natural_key
+from .api import _METADATA_KEY, FORMAT, FORMAT_VERSION
+from .base import AdaptedLinear, block_index, find_targets, fingerprint, get_method, is_conv1d, tied_names
+
+ADAPTER_FILE = "adapter.safetensors"
+#: files of a model folder that are weights (not copied: the output has its own)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
+_COPY_LIMIT = 64 * 2**20
+
+
+def _check_method(method: str, cls: type[AdaptedLinear]) -> None:
+    if cls.plan.__func__ is not AdaptedLinear.plan.__func__:  # type: ignore[attr-defined]
+        raise SpectrakitError(f"init_from_checkpoint: method {method!r} plans over the whole model before any layer "
+                              "is built; adapt it in memory")
+    if cls.rewrites_base and "residual" not in cls.__init__.__code__.co_varnames:
+        raise SpectrakitError(f"init_from_checkpoint: method {method!r} rewrites the base weight in a way a residual "
+                              "checkpoint cannot hold; adapt it in memory")
+
+
+def init_from_checkpoint(source_dir: str | os.PathLike[str], method: str, rank: int = 8, *,
+                         out: str | os.PathLike[str], targets: str | list[str] = "all-linear", cache: Any = None,
+                         progress: bool = False, **options: Any) -> Path:
+    """Initialize ``method``'s adapters from the checkpoint folder ``source_dir`` into ``out``,
+    one tensor at a time (see the module docstring); returns ``out``.
+
+    Args:
+        source_dir: a Hugging Face checkpoint folder (``config.json`` and safetensors or torch weights).
+        method: an adapter method whose layers are built one by one (``pissa``, ``milora``,
+            ``sorsa``, ``lora``, ``svfit``, …).
+        rank: the method's size, as in :func:`spectrakit.adapt`.
+        out: the output folder: the residual checkpoint and ``adapter.safetensors``.
+        targets: ``"all-linear"`` (all but the output head) or layer-name patterns.
+        cache: a :class:`spectrakit.SpectrumCache` (or its folder) for the SVDs, when the
+            method reads one; ``None``: none.
+        progress: a progress bar over the tensors.
+        **options: the method's options (``alpha=``, ``svd_method=``, …).
+    """
+    cls = get_method(method)
+    _check_method(method, cls)
+    cls.check_options(options)
+    if cache is not None:
+        raise SpectrakitError("init_from_checkpoint: cache= needs spectrakit.SpectrumCache, which this build has not")
+    checkpoint = Checkpoint(source_dir)
+    model = checkpoint.skeleton()
+    layers = find_targets(model, targets)
+    plan = cls.plan(model, layers, rank, options)
+    tied = tied_names(model)
+    weights: dict[str, str] = {}  # the stored name of each targeted weight -> its layer
+    for name, layer in layers.items():
+        weight = layer_weight(layer)  # meta: only the shape is read
+        if cls.rewrites_base and len(tied.get(id(weight), ())) > 1:
+            other = next(n for n in tied[id(weight)] if n != f"{name}.weight")
+            raise SpectrakitError(f"layer {name}: its weight is tied to {other}, and {method!r} rewrites the base "
+                                  "weight; untie it or choose a method that keeps it (lora, svfit, …)")
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if is_conv1d(layer) else weight.shape
+        cls.check_layer(name, int(out_f), int(in_f), plan[name])
+        weights[checkpoint.stored_name(f"{name}.weight")] = name
+    biases = {checkpoint.stored_name(f"{name}.bias"): name for name, layer in layers.items()
+              if getattr(layer, "bias", None) is not None and checkpoint.has(f"{name}.bias")}
+
+    adapter: dict[str, torch.Tensor] = {}
+    layer_configs: dict[str, Any] = {}
+    fingerprints: dict[str, str] = {}
+    bias_of = {name: stored_name for stored_name, name in biases.items()}
+    stored = sorted(checkpoint.tensors, key=natural_key)
+    with ShardedOutput(out, marker=ADAPTER_FILE) as output:
+        current: int | None = None
+        for stored_name in progress_bar(stored, total=len(stored), desc=f"init {method}", enabled=progress,
+                                        unit="tensor"):
+            group = block_index(stored_name)
+            if group != current:  # one shard per block, as the blocks come
+                output.flush()
+                release_freed_memory()
+                current = group
+            if stored_name in biases:
+                continue  # written with its layer's weight
+            if stored_name not in weights:
+                output.add({stored_name: checkpoint.tensors[stored_name].read()})
+                continue
+            name = weights[stored_name]
+            layer = layers[name]
+            bias_name = bias_of.get(name)
+            parameters = [f"{name}.weight", *([f"{name}.bias"] if bias_name is not None else [])]
+            checkpoint.materialize(model, parameters)
+            wrapped = cls(layer, name=name, **plan[name])
+            for key, value in wrapped.trainable().items():
+                adapter[f"{name}.{key}"] = value.detach().to("cpu").clone().contiguous()
+            config = wrapped.config()
+            if cls.rewrites_base:
+                config = {**config, "residual": True}
+            layer_configs[name] = config
+            residual = layer_weight(layer)
+            fingerprints[name] = fingerprint(residual) if cls.rewrites_base else wrapped.base_fingerprint
+            output.add({stored_name: residual.detach()})
+            if bias_name is not None:
+                bias: torch.Tensor = layer.bias  # type: ignore[assignment]
+                output.add({bias_name: bias.detach()})
+            del wrapped, residual
+            Checkpoint.release(layer)
+        output.flush()
+        _write_adapter(output.file(ADAPTER_FILE), method, layers, layer_configs, fingerprints, adapter)
+        output.copy(checkpoint.folder / "config.json")
+        for file in sorted(checkpoint.folder.iterdir()):
+            if (file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES)
+                    and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
+                output.copy(file)
+    return Path(out)
+
+
+def _write_adapter(path: Path, method: str, layers: Iterable[str], configs: dict[str, Any],
+                   fingerprints: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """``adapter.safetensors`` as :func:`~spectrakit.save_adapter` writes it."""
+    from safetensors.torch import save_file
+
+    order = list(layers)
+    config = {"format": FORMAT, "version": FORMAT_VERSION, "method": method,
+              "layers": {name: configs[name] for name in order},
+              "fingerprints": {name: fingerprints[name] for name in order}}
+    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(config)})
+
