@@ -215,7 +215,7 @@ def test_density_moments_on_untrained_indefinite_hessians():
         h.density(method="dense")
 
 
-def test_density_moments_on_tiny_transformer():
+def test_trace_density_and_ggn_on_tiny_transformer():
     model, ids = tiny_gpt2()
     names = [n for n, _ in model.named_parameters() if n.startswith("transformer.h.0.attn.")]
 
@@ -227,6 +227,9 @@ def test_density_moments_on_tiny_transformer():
     n = H.shape[0]
     first, second = float(H.trace()) / n, float(H.square().sum()) / n
     h = sk.analyze.hessian(model, lm_loss, [ids], params="transformer.h.0.attn.*", forward=lm_forward)
+    for seed in range(3):
+        estimate = h.trace(probes=30, method="hutch++", seed=seed)
+        assert abs(estimate.value - float(H.trace())) <= 3 * estimate.stderr
     density = h.density()
     assert density.method == "exact"
     mass, m1, m2 = density_moments_on_grid(density)
@@ -236,6 +239,21 @@ def test_density_moments_on_tiny_transformer():
     slq = h.density(steps=15, probes=8, method="slq")
     assert abs(slq.moment(1) - first) <= 4 * slq.moment_stderr(1)
     assert slq.moment(2) == pytest.approx(second, rel=0.05)
+    # GGN = Jᵀ H_z J with J the Jacobian of all logits and H_z the loss Hessian in the logits
+    loss, theta0, sizes = flat_loss(model, None, [ids], names, forward)
+    named = dict(model.named_parameters())
+
+    def logits(theta):
+        params = dict(named)
+        params.update({k: t.view(named[k].shape) for k, t in zip(names, theta.split(sizes))})
+        return functional_call(model, params, (), {"input_ids": ids}).logits.reshape(-1)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        J = torch.autograd.functional.jacobian(logits, theta0)
+        z = logits(theta0).detach()
+        Hz = torch.autograd.functional.hessian(lambda o: lm_loss(o.view(*ids.shape, -1), ids), z)
+    ggn = sk.analyze.hessian(model, lm_loss, [ids], params="transformer.h.0.attn.*", kind="ggn", forward=lm_forward)
+    torch.testing.assert_close(operator_matrix(ggn), J.T @ Hz @ J, atol=1e-10, rtol=1e-8)
 
 
 def test_ggn_equals_explicit_jthj_and_fisher_equals_gradient_outer_products():

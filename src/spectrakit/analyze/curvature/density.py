@@ -229,7 +229,8 @@ def slq_density(matvec: MatVec, n: int, steps: int = 60, probes: int = 8, *, see
     if math.isfinite(first_stderr) and first_stderr > NOISY_FIRST_MOMENT * abs(first):
         warnings.warn(f"density: the first moment {first:.4g} has a standard error of {first_stderr:.2g} "
                       f"({first_stderr / max(abs(first), 1e-300):.0%} of it; tr/n is small beside the spread of "
-                      f"the spectrum); more probes tighten it", stacklevel=2)
+                      f"the spectrum); more probes tighten it"
+                      + (", and method='exact' makes it exact" if n <= EXACT_LIMIT else ""), stacklevel=2)
     return result
 
 
