@@ -14,6 +14,8 @@ Fisher, both sides), ``svd-llm`` (truncation-aware whitening), ``svd-llm-v2`` (t
 truncation). Ranks: ``ratio=`` / ``rank=`` / ``energy=``, ``allocation="uniform"``,
 ``"global"`` (marginal loss per parameter), ``"heterogeneous"`` (SVD-LLM V2) or
 ``"sensitivity"`` (ASVD's search); ``lora_update=True`` fine-tunes the factors afterwards.
+``modegpt`` (MoDeGPT) narrows the MLP and attention widths instead (attention becomes a
+:class:`NarrowAttention`).
 Each compressed layer becomes a :class:`LowRankLinear` (``method="monarch"``/``"btt"``: a
 :class:`MonarchLinear` / :class:`BlockTensorTrainLinear`); :func:`save_compressed` /
 :func:`load_compressed` persist it.
@@ -26,9 +28,10 @@ from __future__ import annotations
 from .api import METHODS, CompressionReport, LayerReport, compress, count_parameters, find_layers
 from .base import CompressionWarning
 from .lowrank import LowRankLinear, break_even_rank
+from .narrow_attention import NarrowAttention
 from .persist import load_compressed, read_config, save_compressed
 from .structured import BlockTensorTrainLinear, MonarchLinear
 
 __all__ = ["METHODS", "BlockTensorTrainLinear", "CompressionReport", "CompressionWarning", "LayerReport",
-           "LowRankLinear", "MonarchLinear", "break_even_rank", "compress", "count_parameters", "find_layers",
-           "load_compressed", "read_config", "save_compressed"]
+           "LowRankLinear", "MonarchLinear", "NarrowAttention", "break_even_rank", "compress", "count_parameters",
+           "find_layers", "load_compressed", "read_config", "save_compressed"]

@@ -84,6 +84,7 @@ class DenseAttention:
 
     @property
     def rotary(self) -> bool:
+        """Whether the layer rotates its queries and keys (the Llama layout)."""
         return self.layout == "llama"
 
 

@@ -102,6 +102,7 @@ class NarrowAttention(nn.Module):
         self.register_buffer("rotary_index", index)  # saved with the weights: it is part of the layer
 
     def extra_repr(self) -> str:
+        """The widths, for ``print(model)``."""
         return (f"hidden_size={self.hidden_size}, heads={self.heads}, kv_heads={self.kv_heads}, "
                 f"qk_dim={self.qk_dim}, vo_dim={self.vo_dim}, rotary={self.rotary}")
 
