@@ -353,8 +353,12 @@ class SpectrumCache:
             found = {}
             with safe_open(str(path), framework="pt", device="cpu") as shard:
                 for name in shard.keys():
-                    found[name] = _read_slice(shard.get_slice(name), name, layout.get(name, ""), k,
-                                              entry.get("k"), which)
+                    if k is None or k == entry.get("k") or which not in ("top", "bottom"):
+                        tensor = shard.get_tensor(name)
+                        found[name] = tensor.mT if layout.get(name) == "T" else tensor
+                    else:
+                        found[name] = _read_slice(shard.get_slice(name), name, layout.get(name, ""), k,
+                                                  entry["k"], which)
         except Exception as error:  # a shard safetensors cannot parse
             self._refuse(str(path), f"not a readable safetensors file ({type(error).__name__}); recomputing")
             return None
@@ -430,12 +434,9 @@ class SpectrumCache:
         warnings.warn(message, CacheWarning, stacklevel=4)
 
 
-def _read_slice(handle: Any, name: str, layout: str, k: int | None, stored_k: int | None,
-                which: str) -> torch.Tensor:
-    """One stored tensor, cut to the ``k`` triplets asked for (``U``: columns, ``S``/``Vh``: rows)."""
-    if k is None or stored_k is None or k == stored_k or which not in ("top", "bottom"):
-        tensor = handle[:]
-        return tensor.mT if layout == "T" else tensor
+def _read_slice(handle: Any, name: str, layout: str, k: int, stored_k: int, which: str) -> torch.Tensor:
+    """The ``k`` triplets asked for of one stored tensor (``U``: columns, ``S``/``Vh``: rows),
+    read from its shard alone."""
     cut = slice(0, k) if which == "top" else slice(stored_k - k, stored_k)
     axis = {"U": 1, "S": 0, "Vh": 0}[name]
     if layout == "T":

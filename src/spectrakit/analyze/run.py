@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import linalg
+from ..cache import SpectrumCache, as_cache
 from ..errors import NonFiniteError, SpectrakitError
 from ..linalg._prepare import all_finite
 from ..weights import MatrixRecord, iter_matrices
@@ -44,6 +46,7 @@ class AnalyzeOptions:
     conv: str = "reshape"
     conv2d_norm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    cache: SpectrumCache | None = None  # travels to threads, workers and ranks (it pickles as its folder)
 
     def wants_kernel(self, kind: str) -> bool:
         """Whether this record's spectrum needs the raw kernel (conv operator or per-tap slices)."""
@@ -148,7 +151,7 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
             grid = spectrum.numel() // min(kernel.shape[:2])
             rows, cols = kernel.shape[0] * grid, kernel.shape[1] * grid
         else:
-            spectrum = linalg.svdvals(matrix, method=options.method, dtype=options.dtype).double().cpu()
+            spectrum = _singular_values(matrix, options).double().cpu()
             rows, cols = matrix.shape
     except NonFiniteError:
         return {"status": "skipped", "reason": NON_FINITE}, None, None
@@ -168,6 +171,16 @@ def matrix_metrics(matrix: torch.Tensor, options: AnalyzeOptions,
         fit, farms_evals = farms_fit(farms_input, method=options.method, dtype=options.dtype, xmin=options.farms_xmin)
         metrics.update(fit.as_row("farms_"))
     return metrics, spectrum, farms_evals
+
+
+def _singular_values(matrix: torch.Tensor, options: AnalyzeOptions) -> torch.Tensor:
+    """``linalg.svdvals`` of the matrix, through ``options.cache`` when there is one."""
+    def compute() -> torch.Tensor:
+        return linalg.svdvals(matrix, method=options.method, dtype=options.dtype)
+
+    if options.cache is None:
+        return compute()
+    return options.cache.svdvals(matrix, compute=compute, method=f"svdvals:{options.method}:{options.dtype}")
 
 
 def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResult:
@@ -200,7 +213,8 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
             farms_xmin: str | float = "median", mp_fit: str = "quantile",
             conv_input_shape: Sequence[int] | None = None, conv: str = "reshape", conv2d_norm: bool = True,
             progress: bool = True, keep_spectra: bool = True,
-            workers: int = 1, threads: int | None = None, distributed: bool | None = None) -> SpectrumTable:
+            workers: int = 1, threads: int | None = None, distributed: bool | None = None,
+            cache: SpectrumCache | str | os.PathLike[str] | None = None) -> SpectrumTable:
     """Analyze the singular spectrum of every weight matrix in ``source``.
 
     Args:
@@ -249,6 +263,10 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
         distributed: split the matrices over the ranks of an initialized
             ``torch.distributed`` group (e.g. under ``torchrun``); every rank gets the
             whole table back. ``None``: on when such a group with > 1 rank exists.
+        cache: a :class:`~spectrakit.SpectrumCache` or its folder: each matrix's singular values
+            (the reshaped-matrix spectrum; not the conv operator or slice spectra, nor the FARMS
+            windows) are read from it when this matrix, dtype, ``method`` and ``dtype`` were
+            analyzed before, and written to it otherwise; the table is the same either way.
 
     Returns:
         A :class:`SpectrumTable`: one row per matrix with ``sigma_max``,
@@ -281,7 +299,7 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
                              farms_xmin=farms_xmin, mp_fit=mp_fit,
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape),
-                             conv=conv, conv2d_norm=bool(conv2d_norm))
+                             conv=conv, conv2d_norm=bool(conv2d_norm), cache=as_cache(cache))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     check_selection(source, records, include, exclude)
     check_conv_input(records, options.conv_input_shape)

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from .. import linalg
+from ..cache import SpectrumCache
 from .calibration import LayerStatistics
 
 
@@ -128,6 +129,9 @@ class Method:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     default_allocation: ClassVar[str] = "uniform"  # what allocation=None means for this method
+    #: a spectrum cache, set by ``compress(cache=)``; only methods whose spectrum depends on the
+    #: weight alone (plain svd) read it
+    cache: SpectrumCache | None = None
 
     def transform(self, name: str, W: torch.Tensor, stats: LayerStatistics | None) -> Transform:
         raise NotImplementedError
