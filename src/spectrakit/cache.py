@@ -52,11 +52,13 @@ process counts on its own).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import os
 import secrets
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -68,7 +70,7 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_write
-from .errors import SpectrakitError
+from .errors import SpectrakitError, SpectrakitWarning
 
 try:  # POSIX: writers of several processes take turns
     import fcntl
@@ -84,7 +86,7 @@ _ENTRY_FIELDS = {"file": str, "bytes": int, "blake2b": str, "method": str, "whic
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(SpectrakitWarning):
     """A cache file was refused (truncated, garbled, unlisted) and its value recomputed."""
 
 
@@ -443,6 +445,29 @@ def _read_slice(handle: Any, name: str, layout: str, k: int, stored_k: int, whic
         axis = 1 - axis
     tensor = handle[cut] if axis == 0 else handle[:, cut]
     return tensor.mT if layout == "T" else tensor
+
+
+def add_cache_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--cache DIR`` on a command-line parser.
+
+    Args:
+        parser: the sub-command's parser.
+        what: what the command keeps there, for the help text.
+    """
+    parser.add_argument("--cache", metavar="DIR",
+                        help=f"spectrum cache folder: {what} are read from it when this very weight was "
+                             "decomposed before (same bytes, dtype and method), else computed and written there")
+
+
+def report_cache(cache: SpectrumCache | None, quiet: bool = False) -> None:
+    """One ``spectrum cache DIR: … hits, … misses …`` line on stderr (the CLI's closing line).
+
+    Args:
+        cache: the command's cache (``None``: nothing is printed).
+        quiet: print nothing.
+    """
+    if cache is not None and not quiet:
+        print(f"spectrum cache {cache.path}: {cache.stats}", file=sys.stderr)
 
 
 def as_cache(cache: SpectrumCache | str | os.PathLike[str] | None) -> SpectrumCache | None:

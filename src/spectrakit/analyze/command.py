@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._argtypes import positive_float, positive_int, unit_fraction
+from ..cache import add_cache_option
 
 if TYPE_CHECKING:  # the command imports the library lazily, at run time
     from .table import SpectrumTable
@@ -45,6 +46,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="matrices analyzed at a time in this process (default: 1 for files, which "
                              "stream one tensor at a time; e.g. 2 on small models where memory is no concern)")
+    add_cache_option(parser, "singular values")
     parser.set_defaults(run=run)
     _add_compare(commands)
 
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._distributed import torchrun_group
+    from ..cache import as_cache, report_cache
     from .run import analyze
 
     source = args.source
@@ -116,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
         from ..reference import reference_weights_path
 
         source = str(reference_weights_path())
+    cache = as_cache(args.cache)
     with torchrun_group() as rank:
         table = analyze(source, include=args.include, exclude=args.exclude, method=args.method,
                         dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
                         xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input,
                         progress=not args.quiet, conv=args.conv, conv2d_norm=not args.no_conv2d_norm,
-                        workers=args.workers, threads=args.threads)
+                        workers=args.workers, threads=args.threads, cache=cache)
     if rank == 0:
+        report_cache(cache, args.quiet)
         _write(table, Path(args.out), "spectra", args.quiet)
         if not args.no_html:
             html = table.to_html(Path(args.out) / "report.html", title=f"spectrakit: {source}")
