@@ -48,25 +48,27 @@ def test_gfwsvd_row_diagonal_special_case_is_fwsvd() -> None:
         assert torch.allclose(dense_weight(one[index]), dense_weight(two[index]), rtol=1e-9, atol=1e-12)
 
 
-def test_gfwsvd_loss_under_the_kronecker_fisher_is_the_dropped_spectrum() -> None:
+@pytest.mark.parametrize("layer", ["0", "2"])  # tall (16 × 12) and wide (10 × 16)
+@pytest.mark.parametrize("svd_method", ["exact", "auto"])  # both factors whitened, or the smaller side only
+def test_gfwsvd_loss_under_the_kronecker_fisher_is_the_dropped_spectrum(layer: str, svd_method: str) -> None:
     calib = batches()
     model = mlp()
-    W = model[2].weight.detach().clone()
+    W = model[int(layer)].weight.detach().clone()
     twin = copy.deepcopy(model)
-    stats = collect_statistics(twin, {"2": twin[2]}, calib, kronecker=True, loss_fn=target_loss)
-    report = sk.compress(model, method="gfwsvd", rank=4, calibration=calib, loss_fn=target_loss, targets=["2"],
-                         svd_method="exact")
-    delta = W - dense_weight(model[2])
+    stats = collect_statistics(twin, {layer: twin[int(layer)]}, calib, kronecker=True, loss_fn=target_loss)
+    report = sk.compress(model, method="gfwsvd", rank=4, calibration=calib, loss_fn=target_loss, targets=[layer],
+                         svd_method=svd_method)
+    delta = W - dense_weight(model[int(layer)])
     # ground truth from the raw factors: vec(ΔW)ᵀ (B ⊗ A) vec(ΔW) / s = tr(ΔWᵀ A ΔW B) / s
-    A, B = stats["2"].row_fisher, stats["2"].column_fisher
+    A, B = stats[layer].row_fisher, stats[layer].column_fisher
     s = float(A.trace())
     metric = float(torch.trace(delta.T @ A @ delta @ B)) / s
-    C_A, C_B, reason = kronecker_whitening(stats["2"])
+    C_A, C_B, reason = kronecker_whitening(stats[layer])
     assert reason == ""  # 8 batches of 32 rows: both factors are well conditioned, no ridge
     sigma = torch.linalg.svdvals(C_A.T @ W @ C_B)
     dropped = float(sigma[4:].square().sum())
     assert metric == pytest.approx(dropped, rel=1e-8)
-    assert report.layers["2"].truncation_loss == pytest.approx(dropped, rel=1e-8)
+    assert report.layers[layer].truncation_loss == pytest.approx(dropped, rel=1e-8)
     # and it is the best rank-4 choice under that metric: plain SVD's truncation costs more
     U, S, Vh = torch.linalg.svd(W)
     plain = W - U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]

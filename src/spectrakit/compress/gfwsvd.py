@@ -17,6 +17,13 @@ so that both sides have the same trace). Under that metric a weight change costs
 
 and the Fisher-metric loss of the truncation is exactly the dropped ``Σ_{i>k} σᵢ²``.
 
+Only the products of the whitened weight's smaller side are needed, so a rectangular layer
+never factors its larger Fisher factor. A tall ``W = QR`` (``out > in``) gives
+``C_Bᵀ Wᵀ A W C_B = (R C_B)ᵀ (Qᵀ A Q) (R C_B)`` (``in × in``), whose eigenvectors are ``V``:
+``A`` enters only through ``Qᵀ A Q`` and needs no Cholesky factor (nor a ridge); a wide one
+does the same on the other side with ``Wᵀ = QR`` and ``Qᵀ B Q``. Square layers take both
+Cholesky factors.
+
 FWSVD is the row-only special case: ``factors="row-diagonal"`` keeps only the diagonal
 of ``A`` (FWSVD's ``dᵢ² = Σ_b Σ_j G_bij²``) and takes ``B = I``, which is FWSVD's transform.
 A singular factor (fewer gradient directions than rows or columns: few calibration
@@ -37,12 +44,27 @@ from __future__ import annotations
 
 import torch
 
+from .. import linalg
 from ..errors import SpectrakitError
-from .base import Method, Transform, positive_floor
+from .base import Method, Spectrum, Transform, positive_floor
 from .calibration import LayerStatistics
 from .svd_llm import whitening_factor
 
 FACTORS = ("kronecker", "row-diagonal")
+
+
+def fisher_factors(stats: LayerStatistics, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, s)``: the row and column Fisher factors and ``s = Σ_b ‖G_b‖²_F``, checked.
+
+    Args:
+        stats: a layer's statistics with ``row_fisher`` (``A``) and ``column_fisher`` (``B``).
+        name: the layer, for messages.
+    """
+    row, column = stats.row_fisher, stats.column_fisher
+    if row is None or column is None or not float(row.diagonal().sum()) > 0:
+        raise SpectrakitError(f"gfwsvd: layer {name} received no gradient from the loss on the calibration data, "
+                              "so its Kronecker Fisher cannot be formed (is it used in the loss?)")
+    return row.double(), column.double(), float(row.diagonal().sum())
 
 
 def kronecker_whitening(stats: LayerStatistics, name: str = "layer", damping: float = 1e-2,
@@ -55,11 +77,7 @@ def kronecker_whitening(stats: LayerStatistics, name: str = "layer", damping: fl
         name: the layer, for messages.
         damping, max_condition: the ridge rule of :func:`~spectrakit.compress.svd_llm.whitening_factor`.
     """
-    row, column = stats.row_fisher, stats.column_fisher
-    if row is None or column is None or not float(row.diagonal().sum()) > 0:
-        raise SpectrakitError(f"gfwsvd: layer {name} received no gradient from the loss on the calibration data, "
-                              "so its Kronecker Fisher cannot be formed (is it used in the loss?)")
-    total = float(row.diagonal().sum())  # Σ_b ‖G_b‖²_F
+    row, column, total = fisher_factors(stats, name)
     # the number of gradient samples limits the factors' rank, not the token count: pass the
     # size so whitening_factor judges the factor by its conditioning alone
     row_factor, row_ridge, row_reason = whitening_factor(row, row.shape[0], name, damping, max_condition)
@@ -97,6 +115,34 @@ class GeneralizedFisherWeightedSVD(Method):
         if reason:
             self.damped[name] = reason
         return Transform(left=row, right=column)
+
+    def spectrum(self, name: str, W: torch.Tensor, stats: LayerStatistics | None,
+                 svd_method: str = "auto") -> Spectrum:
+        """A rectangular layer through its smaller side (the module docstring); square layers,
+        ``factors="row-diagonal"`` and an explicit ``svd_method`` as every method does."""
+        out_features, in_features = W.shape
+        if self.factors != "kronecker" or svd_method != "auto" or out_features == in_features:
+            return super().spectrum(name, W, stats, svd_method)
+        assert stats is not None
+        self.count += 1
+        row, column, total = fisher_factors(stats, name)
+        weight = W.to(torch.float64)
+        stored = torch.float64 if W.dtype == torch.float64 else torch.float32
+        tall = out_features > in_features
+        fisher, other = (row, column / total) if tall else (column / total, row)
+        factor, _, reason = whitening_factor(other.to(W.device), other.shape[0], name, self.damping,
+                                             self.max_condition)
+        if reason:
+            side = "column" if tall else "row"
+            self.damped[name] = f"{side} factor: {reason.replace('input second moment', 'Fisher factor')}"
+        Q, R = torch.linalg.qr(weight if tall else weight.mT)  # W = QR (tall) or Wᵀ = QR (wide)
+        projected = Q.mT @ fisher.to(W.device) @ Q  # Qᵀ A Q or Qᵀ (B/s) Q, min × min
+        whitened = R @ factor if tall else factor.mT @ R.mT  # R C_B, or C_Aᵀ Rᵀ
+        inner = whitened.mT @ projected @ whitened if tall else whitened @ projected @ whitened.mT
+        S, vectors = linalg.gram_spectrum(inner)
+        if tall:  # V of C_Aᵀ W C_B: W' = W C_B V_k V_kᵀ C_B⁻¹
+            return Spectrum(S, Transform(right=factor), Vh=vectors.mT.to(stored), weight=W, precise=True)
+        return Spectrum(S, Transform(left=factor), U=vectors.to(stored), weight=W, precise=True)
 
     def warnings(self) -> list[str]:
         if not self.damped:
