@@ -443,3 +443,44 @@ def test_sara_progressive_reselection_freezes_the_grown_entries_and_round_trips(
     fresh = sk.load_adapter(torch.nn.Sequential(linear(6, 9)), tmp_path / "sara.safetensors")
     assert sk.trainable_parameters(fresh) == kept and torch.equal(fresh(x), model(x))
     assert torch.equal(sk.merge(fresh)[0].weight, sk.merge(model)[0].weight)
+
+
+def test_soda_stiefel_factors_stay_orthogonal_under_stiefel_sgd() -> None:
+    from spectrakit.adapt.soda import StiefelSGD, stiefel_optimizer
+
+    layer = linear(6, 8)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = sk.adapt(torch.nn.Sequential(layer), "soda", rank=2, orthogonal="stiefel")
+    adapted = model[0]
+    assert sk.trainable_parameters(model) == 2 + (2 * 2 + 3 * 3) + (2 * 2 + 4 * 4)  # 6 = 2·3, 8 = 2·4
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(model(x), x @ W.T + b, atol=1e-12)
+    optimizer = stiefel_optimizer(model, lr=0.05, adamw_lr=1e-2)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = (model(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.97 * losses[0]
+    for Q in adapted.orthogonal_factors():
+        assert not torch.allclose(Q, torch.eye(Q.shape[0], dtype=Q.dtype))  # it moved
+        assert torch.allclose(Q @ Q.T, torch.eye(Q.shape[0], dtype=Q.dtype), atol=1e-12)
+    assert not torch.equal(adapted.singular_values, adapted.sigma)  # AdamW moved the values
+    assert torch.allclose(model(x), x @ adapted.merged_weight().T + b, atol=1e-12)
+    # one step by hand: Q ← (I + η/2·A)⁻¹ (I − η/2·A) Q with A = G Qᵀ − Q Gᵀ (no momentum yet)
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0].requires_grad_()
+    C = torch.randn(3, 3, dtype=torch.float64)
+    (Q * C).sum().backward()
+    G, Q0 = Q.grad.clone(), Q.detach().clone()
+    StiefelSGD([Q], lr=0.1, momentum=0.9).step()
+    A, eye = G @ Q0.T - Q0 @ G.T, torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(Q.detach(), torch.linalg.solve(eye + 0.05 * A, (eye - 0.05 * A) @ Q0), atol=1e-14)
+    with pytest.raises(SpectrakitError, match="StiefelSGD steps square orthogonal matrices"):
+        StiefelSGD([torch.nn.Parameter(torch.zeros(2, 3))])
+    with pytest.raises(SpectrakitError, match="no 'soda' adapters with orthogonal='stiefel'"):
+        stiefel_optimizer(sk.adapt(torch.nn.Sequential(linear(6, 8)), "soda", rank=2))
+    with pytest.raises(SpectrakitError, match="orthogonal='givens' must be one of cayley, stiefel"):
+        sk.adapt(torch.nn.Sequential(linear(6, 8)), "soda", rank=2, orthogonal="givens")
