@@ -65,6 +65,7 @@ RUNS = [
     ("sst", "sk", "sst", {}),
     ("sara", "sk", "sara", {}),
     ("soda", "sk", "soda", {}),
+    ("soda stiefel", "sk", "soda", {"orthogonal": "stiefel"}),
     ("dota", "sk", "dota", {}),
     ("clover", "sk", "clover", {}),
     ("lq-lora", "sk", "lq-lora", {}),
@@ -73,19 +74,48 @@ RUNS = [
     ("full", "full", "full", {}),
 ]
 SORSA_GAMMA = 4e-4
-#: adapter_penalty weights: SORSA's γ, BA-LoRA's three terms, qGOFT's soft orthogonality, SaRA's nuclear norm
-PENALTY = {"sorsa": SORSA_GAMMA, "ba-lora": 1e-3, "qgoft": 1e-3, "sara": 1e-4}
+#: adapter_penalty weights: SORSA's γ, qGOFT's soft orthogonality, SaRA's nuclear norm (BA-LoRA: BALORA_WEIGHT)
+PENALTY = {"sorsa": SORSA_GAMMA, "qgoft": 1e-3, "sara": 1e-4}
 SST_ROUND = 25  # steps between SST's re-drawn singular vectors
+BALORA_WEIGHT = 1e-3  # on BA-LoRA's output_penalty (its three terms weighted 1 : 1 : 1)
 
 
-def _sst_rounds(model, batches, every: int):
-    """Feed ``batches`` and end an SST round every ``every`` of them (between optimizer steps)."""
+def _sst_rounds(model, batches, every: int, optimizer):
+    """Feed ``batches`` and end an SST round every ``every`` of them (between optimizer steps),
+    clearing the optimizer state of the re-drawn vectors."""
     from spectrakit.adapt.sst import resample_vectors
 
     for index, batch in enumerate(batches):
         if index and index % every == 0:
-            resample_vectors(model)
+            resample_vectors(model, optimizer)
         yield batch
+
+
+def _sara_progressive(model, batches, at: int, optimizer):
+    """Feed ``batches`` and run SaRA's progressive re-selection once, after ``at`` of them."""
+    from spectrakit.adapt.sara import reselect_parameters
+
+    for index, batch in enumerate(batches):
+        if index == at:
+            kept = reselect_parameters(model, optimizer)
+            print(f"  sara: re-selection at step {at} keeps {kept:,} entries training", flush=True)
+        yield batch
+
+
+def _balora_loss(weight: float):
+    """Next-byte loss plus BA-LoRA's regularizers on the model's logits (one no-grad forward
+    of the same model with the updates off gives the pretrained logits)."""
+    from spectrakit.adapt.balora import adapters_off, output_penalty
+
+    def loss_fn(model, batch):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs).logits
+        with torch.no_grad(), adapters_off(model):
+            base_logits = model(inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return loss + weight * output_penalty(model, logits, base_logits)
+
+    return loss_fn
 
 
 def _rss_mib() -> float:
@@ -127,10 +157,20 @@ def finetune_run(label: str, kind: str, method: str, options: dict, rank: int, s
     curve = [(0, bits_per_byte(model, heldout))]
     rss_before = _rss_mib()
     batches = data.byte_batches(train, batch_size, seq_len, seed=0, steps=steps)
+    if options.get("orthogonal") == "stiefel":  # SODA's factors on the orthogonal group, the rest by AdamW
+        from spectrakit.adapt.soda import stiefel_optimizer
+
+        optimizer = stiefel_optimizer(model, lr=lr, adamw_lr=lr)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if method == "sst":
-        batches = _sst_rounds(model, batches, SST_ROUND)
+        batches = _sst_rounds(model, batches, SST_ROUND, optimizer)
+    if method == "sara":
+        batches = _sara_progressive(model, batches, steps // 2, optimizer)
+    loss_fn = _balora_loss(BALORA_WEIGHT) if method == "ba-lora" else None
     log = finetune(model, batches, lr, penalty_weight=PENALTY.get(method, 0.0) if kind == "sk" else 0.0,
-                   eval_every=1, evaluate=_evaluator(heldout, eval_at, bits_per_byte))
+                   eval_every=1, evaluate=_evaluator(heldout, eval_at, bits_per_byte), optimizer=optimizer,
+                   loss_fn=loss_fn)
     curve += [(s, v) for s, v in log.evals if v is not None]
     return {
         "label": label, "kind": kind, "method": method, "rank": run_rank, "lr": lr,
@@ -280,14 +320,24 @@ def run_step_time(args) -> dict:
     tokens = torch.randint(0, args.step_vocab, (args.step_batch, args.step_seq + 1),
                            generator=torch.Generator().manual_seed(0))
 
-    def stepper(model):
+    def stepper(model, penalty: str | None = None, weight: float = 0.0):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         model.train()
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            model(tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()
+            out = model(tokens[:, :-1], labels=tokens[:, :-1])
+            loss = out.loss
+            if penalty == "output":  # BA-LoRA's regularizers on the logits: one more forward, no grad
+                from spectrakit.adapt.balora import adapters_off, output_penalty
+
+                with torch.no_grad(), adapters_off(model):
+                    base_logits = model(tokens[:, :-1]).logits
+                loss = loss + weight * output_penalty(model, out.logits, base_logits)
+            elif penalty == "adapter":
+                loss = loss + weight * sk.adapter_penalty(model)
+            loss.backward()
             optimizer.step()
 
         step()  # warm-up (allocates optimizer state)
@@ -299,19 +349,31 @@ def run_step_time(args) -> dict:
             lora_dropout=0.0)),
     }
     methods = args.step_methods or ("lora", "pissa", "milora", "eva", "svfit", "sorsa")
-    for method in methods:
+    penalties: dict[str, tuple[str, float]] = {}
+    for entry in methods:
+        # "ba-lora+output": with its output penalty; "sara+adapter": with its adapter_penalty
+        method, _, penalty = entry.partition("+")
         options: dict = {"calibration": [tokens[:1, :64]]} if method == "eva" else {}
         method_rank = 1 if method == "qgoft" else rank  # qGOFT's rank counts sweeps of d − 1 rotations
-        models[f"spectrakit {method}"] = (lambda m=method, o=options, r=method_rank:
-                                          sk.adapt(copy.deepcopy(base), m, rank=r, **o))
-    times = {}
-    for label, build in models.items():
-        times[label] = best_of(stepper(build()), args.repeats)[0]
+        label = f"spectrakit {method}" + (f" (+{penalty} penalty)" if penalty else "")
+        models[label] = (lambda m=method, o=options, r=method_rank:
+                         sk.adapt(copy.deepcopy(base), m, rank=r, **o))
+        if penalty:
+            penalties[label] = (penalty, BALORA_WEIGHT if penalty == "output" else PENALTY.get(method, 1e-3))
+    steps = {label: stepper(build(), *penalties.get(label, (None, 0.0))) for label, build in models.items()}
+    # interleaved rounds: a load spike on the shared machine hits every method alike
+    times = {label: float("inf") for label in steps}
+    clock = time.thread_time if args.step_clock == "thread" else time.perf_counter
+    for _ in range(args.repeats):
+        for label, step in steps.items():
+            start = clock()
+            step()
+            times[label] = min(times[label], clock() - start)
     reference = times["PEFT lora"]
     rows = [[label, round(t, 3), round(t / reference, 3)] for label, t in times.items()]
     print(markdown_table([f"train step (GPT-2 shape {args.step_layers}×{args.step_width}, vocab {args.step_vocab}, "
                           f"r={rank}, batch {args.step_batch}×{args.step_seq})",
-                          "seconds (best)", "× PEFT LoRA"], rows))
+                          f"seconds (best, {args.step_clock} clock)", "× PEFT LoRA"], rows))
 
     # merged inference: same modules, same cost as the base model
     merged = sk.merge(sk.adapt(copy.deepcopy(base), "pissa", rank=rank))
@@ -344,6 +406,9 @@ def main() -> None:
                         "head from hiding the adapters' cost)")
     parser.add_argument("--step-methods", type=lambda s: s.split(","), default=None,
                         help="spectrakit methods timed in part 3 (default: the LoRA-shaped first-half ones)")
+    parser.add_argument("--step-clock", choices=("wall", "thread"), default="wall",
+                        help="part 3's clock: wall time, or the thread's CPU time (with --threads 1, steadier "
+                        "on a machine that other jobs load)")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--skip-init", action="store_true")
     parser.add_argument("--skip-step", action="store_true")

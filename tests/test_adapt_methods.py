@@ -420,7 +420,8 @@ def test_sara_progressive_reselection_freezes_the_grown_entries_and_round_trips(
         adapted.values.copy_(torch.where(torch.arange(k) % 2 == 0, 3 * threshold, 0.1 * threshold))
     optimizer = torch.optim.Adam(adapted.parameters(), lr=1e-2)
     x = torch.randn(4, 9, dtype=torch.float64)
-    model(x).square().sum().backward()
+    loss = model(x).square().sum() + 1e-3 * sk.adapter_penalty(model)
+    loss.backward()  # `loss` stays referenced, as in a training loop: its graph nodes outlive the step
     optimizer.step()
     before_delta, before = adapted.delta_weight().detach().clone(), model(x).detach()
     current = W.reshape(-1)[adapted.positions] + adapted.values.detach()
@@ -431,9 +432,11 @@ def test_sara_progressive_reselection_freezes_the_grown_entries_and_round_trips(
     assert torch.equal(model(x), before) and torch.equal(adapted.delta_weight(), before_delta)
     # only the kept entries train on; the frozen ones keep their values through an Adam step
     frozen = adapted.positions[~torch.isin(torch.arange(k), expected_kept)]
-    optimizer.zero_grad()
-    model(x).square().sum().backward()
-    optimizer.step()
+    assert any(p is adapted.values for p in optimizer.param_groups[0]["params"])  # swapped in
+    for _ in range(2):  # with the penalty too (its graph once held the old δ)
+        optimizer.zero_grad()
+        (model(x).square().sum() + 1e-3 * sk.adapter_penalty(model)).backward()
+        optimizer.step()
     after = adapted.delta_weight().detach().reshape(-1)
     assert torch.equal(after[frozen], before_delta.reshape(-1)[frozen])
     training = adapted.positions[expected_kept]

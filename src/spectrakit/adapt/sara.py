@@ -14,7 +14,7 @@ the nuclear norm being the paper's low-rank constraint on the sparse update.
 **Progressive re-selection** (:func:`reselect_parameters`, the paper's progressive parameter
 adjustment, called once part-way through training): an entry whose trained value
 ``|w + δ|`` has grown past ``τ`` has become effective and is frozen at that value; the entries
-still below ``τ`` keep training (their optimizer state is cleared). ``ΔW`` is unchanged by
+still below ``τ`` keep training (a new, smaller ``δ`` tensor, swapped into the optimizer). ``ΔW`` is unchanged by
 the call, so the model's output is too; the trainable count drops to the entries kept.
 
 The mask is recomputed from W on load (a stable sort, so the same W gives the same mask).
@@ -137,8 +137,8 @@ class SaRALinear(AdaptedLinear):
         settled[keep] = 0
         self.settled = settled
         self.slots = keep.to(self.slots.device)
-        self.values.data = full[keep].contiguous()
-        self.values.grad = None
+        # a new tensor, not a resized one: autograd caches a leaf's shape in its gradient accumulator
+        self.values = self.new_parameter(full[keep])
         self.training_count, self.reselected = int(keep.numel()), True
         return self.training_count
 
@@ -148,15 +148,19 @@ def reselect_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | Non
 
     Args:
         model: a model adapted with ``"sara"``.
-        optimizer: the optimizer training it: the state of the re-sized ``δ`` tensors is cleared
-            (needed for Adam, whose moments have the old size).
+        optimizer: the optimizer training it: each layer's ``δ`` is a new, smaller tensor, which
+            replaces the old one in the optimizer's param groups (its state is dropped). Without
+            it, build the optimizer again after the call.
     """
     layers = [layer for layer in adapted_layers(model).values() if isinstance(layer, SaRALinear)]
     if not layers:
         raise SpectrakitError("reselect_parameters: the model has no 'sara' adapters")
     kept = 0
     for layer in layers:
+        old = layer.values
         kept += layer.reselect()
         if optimizer is not None:
-            optimizer.state.pop(layer.values, None)
+            optimizer.state.pop(old, None)
+            for group in optimizer.param_groups:
+                group["params"] = [layer.values if p is old else p for p in group["params"]]
     return kept
