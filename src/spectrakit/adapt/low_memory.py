@@ -36,6 +36,7 @@ Methods that plan over the whole model before any layer is built (``eva``'s cali
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._shards import ShardedOutput
 from .._targets import layer_weight
+from ..cache import use_cache
 from ..errors import SpectrakitError
 from ..weights.checkpoint import Checkpoint
 from ..weights.record import natural_key
@@ -82,16 +84,20 @@ def init_from_checkpoint(source_dir: str | os.PathLike[str], method: str, rank: 
         rank: the method's size, as in :func:`spectrakit.adapt`.
         out: the output folder: the residual checkpoint and ``adapter.safetensors``.
         targets: ``"all-linear"`` (all but the output head) or layer-name patterns.
-        cache: a :class:`spectrakit.SpectrumCache` (or its folder) for the SVDs, when the
-            method reads one; ``None``: none.
+        cache: a :class:`spectrakit.SpectrumCache` (or its folder) the methods' SVDs read
+            and fill (:func:`spectrakit.cache.use_cache`); ``None``: the one in use, if any.
         progress: a progress bar over the tensors.
         **options: the method's options (``alpha=``, ``svd_method=``, …).
     """
     cls = get_method(method)
     _check_method(method, cls)
     cls.check_options(options)
-    if cache is not None:
-        raise SpectrakitError("init_from_checkpoint: cache= needs spectrakit.SpectrumCache, which this build has not")
+    with contextlib.nullcontext() if cache is None else use_cache(cache):  # the methods' SVDs read it
+        return _init(source_dir, method, cls, rank, out, targets, progress, options)
+
+
+def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLinear], rank: int,
+          out: str | os.PathLike[str], targets: str | list[str], progress: bool, options: dict[str, Any]) -> Path:
     checkpoint = Checkpoint(source_dir)
     model = checkpoint.skeleton()
     layers = find_targets(model, targets)

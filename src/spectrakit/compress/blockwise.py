@@ -16,8 +16,8 @@ inputs. Steps:
    embeddings, …), which is what makes it work for any architecture;
 2. for each block: :func:`block_statistics` gathers its layers' statistics on those inputs
    (:func:`~spectrakit.compress.calibration.collect_statistics`), :func:`compress_block`
-   decomposes and truncates its layers (:func:`decompose` is the per-layer step, one
-   spectrum per layer), and :func:`run_block` replaces the inputs by the compressed
+   decomposes, truncates and replaces its layers one at a time (:func:`decompose` is the
+   per-layer SVD), and :func:`run_block` replaces the inputs by the compressed
    block's outputs, the next block's inputs.
 
 ``compress(model, sequential=True)`` runs this on a model in memory
@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
@@ -235,47 +236,64 @@ def block_statistics(block: nn.Module, layers: dict[str, nn.Module], matrices: M
                               scale="scale" in solver.needs, output_gram=output_gram)
 
 
-def decompose(solver: Method, matrices: Mapping[str, torch.Tensor], statistics: dict[str, LayerStatistics],
-              svd_method: str = "auto") -> dict[str, Spectrum]:
-    """The per-layer step: each layer's transformed weight and its SVD (statistics are let
-    go as each layer is done). The one place the layers of a block are decomposed, so a
-    weight-parallel run can share them out.
+def decompose(solver: Method, name: str, W: torch.Tensor, stats: LayerStatistics | None,
+              svd_method: str = "auto") -> Spectrum:
+    """The per-layer step: one layer's transformed weight and its SVD. The one place a
+    block's layers are decomposed, so a weight-parallel run can share them out (its results
+    then go to :func:`compress_block` as ``spectra``).
 
     Args:
         solver: the compression method.
-        matrices: the layers' ``out × in`` weights by name.
-        statistics: their calibration statistics (consumed).
+        name: the layer's name.
+        W: its ``out × in`` weight.
+        stats: its calibration statistics (``None`` for a method without them).
         svd_method: as in :func:`~spectrakit.compress.compress`.
     """
-    return {name: solver.spectrum(name, W, statistics.pop(name, None), svd_method=svd_method)
-            for name, W in matrices.items()}
+    spectrum = solver.spectrum(name, W, stats, svd_method=svd_method)
+    release_freed_memory()  # the float64 work copies would otherwise stay in a fragmented heap
+    return spectrum
 
 
-def compress_block(model: nn.Module, layers: dict[str, nn.Module], matrices: Mapping[str, torch.Tensor],
-                   spectra: dict[str, Spectrum], *, method: str, ratio: float | None, rank: int | None,
-                   energy: float | None, only_if_smaller: bool = True) -> dict[str, Any]:
-    """Truncate ``layers`` at uniformly allocated ranks and swap in their :class:`LowRankLinear`.
+def compress_block(model: nn.Module, layers: dict[str, nn.Module], matrices: dict[str, torch.Tensor],
+                   statistics: dict[str, LayerStatistics], solver: Method, *, method: str, ratio: float | None,
+                   rank: int | None, energy: float | None, svd_method: str = "auto", only_if_smaller: bool = True,
+                   spectra: dict[str, Spectrum] | None = None,
+                   release: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
+    """Decompose and truncate ``layers`` one at a time and swap in their :class:`LowRankLinear`.
 
-    Returns one :class:`~spectrakit.compress.api.LayerReport` per layer, by name.
+    The allocation is uniform, so a layer's rank needs only its own spectrum: each layer is
+    decomposed, truncated and replaced before the next one is decomposed, and a block's
+    spectra are never held together. Returns one :class:`~spectrakit.compress.api.LayerReport`
+    per layer, by name.
 
     Args:
         model: the model the layers are in (they are replaced under every name they have).
         layers: the layers by full name.
-        matrices: their ``out × in`` weights.
-        spectra: their spectra from :func:`decompose` (consumed).
+        matrices: their ``out × in`` weights (consumed: each is let go once its layer is done).
+        statistics: their calibration statistics (consumed).
+        solver: the compression method.
         method: the method's name, recorded on each new layer.
         ratio, rank, energy: the budget (exactly one).
+        svd_method: as in :func:`~spectrakit.compress.compress`.
         only_if_smaller: keep a layer dense where its factors would not save weights.
+        spectra: spectra already computed (by :func:`decompose`, e.g. on another rank); the
+            other layers are decomposed here.
+        release: called with each replaced dense layer right after its factors are in place
+            (low_memory frees its weight there, so a block is never held twice).
     """
     from .api import LayerReport  # api dispatches to this module
 
-    shapes = {name: LayerShape(W.shape[0], W.shape[1], spectra[name].losses) for name, W in matrices.items()}
-    ranks = allocate(shapes, ratio=ratio, rank=rank, energy=energy, allocation="uniform",
-                     only_if_smaller=only_if_smaller)
     sites = module_sites(model)
     reports: dict[str, Any] = {}
     for name, layer in layers.items():
-        shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
+        W = matrices.pop(name)
+        spectrum = (spectra or {}).pop(name, None)
+        if spectrum is None:
+            spectrum = decompose(solver, name, W, statistics.pop(name, None), svd_method)
+        shape = LayerShape(W.shape[0], W.shape[1], spectrum.losses)
+        k = allocate({name: shape}, ratio=ratio, rank=rank, energy=energy, allocation="uniform",
+                     only_if_smaller=only_if_smaller)[name]
+        del W
         replace = not only_if_smaller or shape.cost(k) < shape.dense
         if replace:
             weight = layer_weight(layer)
@@ -284,6 +302,11 @@ def compress_block(model: nn.Module, layers: dict[str, nn.Module], matrices: Map
             new = LowRankLinear.from_factors(up, down, bias.detach() if bias is not None else None, method=method,
                                              dtype=weight.dtype)
             replace_module(model, sites[id(layer)], new.to(weight.device))
+            del weight, up, down, new, bias
+            if release is not None:
+                release(layer)
+        del spectrum
+        release_freed_memory()
         dropped = float(shape.losses[k:].sum()) if replace else 0.0
         reports[name] = LayerReport(
             out_features=shape.out_features, in_features=shape.in_features,
@@ -362,9 +385,9 @@ def compress_sequential(model: nn.Module, method: str, solver: Method, *, ratio:
         stats_start = time.perf_counter()
         statistics = block_statistics(block, block_layers, matrices, inputs, solver, svd_method)
         calibration_seconds += time.perf_counter() - stats_start
-        spectra = decompose(solver, matrices, statistics, svd_method)
-        reports.update(compress_block(model, block_layers, matrices, spectra, method=method, ratio=ratio, rank=rank,
-                                      energy=energy, only_if_smaller=only_if_smaller))
+        reports.update(compress_block(model, block_layers, matrices, statistics, solver, method=method, ratio=ratio,
+                                      rank=rank, energy=energy, svd_method=svd_method,
+                                      only_if_smaller=only_if_smaller))
         if solver.needs and index < last:
             run_block(block, inputs)
     for message in solver.warnings():

@@ -36,6 +36,7 @@ layer's spectrum before the first block is written).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -45,8 +46,10 @@ from typing import Any
 
 from torch import nn
 
+from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._shards import ShardedOutput
+from ..cache import use_cache
 from ..errors import SpectrakitError
 from ..weights.checkpoint import Checkpoint, decoder_blocks
 from .base import CompressionWarning
@@ -56,7 +59,6 @@ from .blockwise import (
     capture_inputs,
     check_blockwise,
     compress_block,
-    decompose,
     layers_by_block,
     make_report,
     run_block,
@@ -135,6 +137,8 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
     layers = find_layers(model, targets)
     prefix, blocks = decoder_blocks(model)
     grouped = layers_by_block(layers, prefix, len(blocks), "low_memory=True")
+    names = list(layers)
+    del layers  # the modules are reached through `grouped`, so each block's can be let go
     parameters_before = count_parameters(model)
     aliases = _aliases(model)
     in_blocks = {first for first in aliases if first.startswith(prefix + ".")}
@@ -172,16 +176,19 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
             stats_start = time.perf_counter()
             statistics = block_statistics(block, block_layers, matrices, inputs, solver, svd_method)
             calibration_seconds += time.perf_counter() - stats_start
-            spectra = decompose(solver, matrices, statistics, svd_method)
-            reports.update(compress_block(model, block_layers, matrices, spectra, method=method, ratio=ratio,
-                                          rank=rank, energy=energy, only_if_smaller=only_if_smaller))
-            del matrices, spectra, block_layers
+            release_freed_memory()
+            reports.update(compress_block(model, block_layers, matrices, statistics, solver, method=method,
+                                          ratio=ratio, rank=rank, energy=energy, svd_method=svd_method,
+                                          only_if_smaller=only_if_smaller, release=Checkpoint.release))
+            del matrices, statistics, block_layers
+            grouped[index] = {}  # the dense layers are not kept
             block = blocks[index]  # its layers were replaced in place
             if solver.needs and index < len(blocks) - 1:
                 run_block(block, inputs)
             output.add(block.state_dict(prefix=f"{name}."))
             output.flush()
             Checkpoint.release(block)
+            release_freed_memory()  # glibc would otherwise keep the freed block in a fragmented heap
 
         # 3. the output head, read and written alone
         for first in sorted(head):
@@ -190,7 +197,7 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
         for message in solver.warnings():
             warnings.warn(message, CompressionWarning, stacklevel=4)  # the caller of compress()
         budget = {"ratio": ratio, "rank": rank, "energy": energy, "low_memory": True, **options}
-        report = make_report(method, budget, parameters_before, {layer: reports[layer] for layer in layers},
+        report = make_report(method, budget, parameters_before, {layer: reports[layer] for layer in names},
                              tokens, start, calibration_seconds)
         config: Any = getattr(model, "config", None)
         output.write_text(persist.HF_CONFIG, config.to_json_string(use_diff=False))
@@ -210,7 +217,7 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
 
 
 def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out: str | os.PathLike[str] | None,
-             lora_update: bool, svd_method: str, options: dict[str, Any], **arguments: Any) -> Any:
+             lora_update: bool, svd_method: str, options: dict[str, Any], cache: Any = None, **arguments: Any) -> Any:
     """``compress`` for a checkpoint folder (``low_memory=True``) or with ``sequential=True``:
     the options checked in one line each, then :func:`compress_checkpoint` or
     :func:`~spectrakit.compress.blockwise.compress_sequential`.
@@ -224,6 +231,8 @@ def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out
         lora_update: refused here (it fine-tunes the whole model).
         svd_method: as in :func:`~spectrakit.compress.compress`.
         options: the method options.
+        cache: a :class:`~spectrakit.SpectrumCache` (or its folder) for the SVDs (``None``: the
+            one in use, if any).
         arguments: the rest of :func:`~spectrakit.compress.compress`'s arguments.
     """
     from ..linalg.svd import METHODS as SVD_METHODS
@@ -253,10 +262,12 @@ def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out
     solver = get_method(method, options)
     keep = ("ratio", "rank", "energy", "calibration", "allocation", "targets", "only_if_smaller", "progress")
     chosen = {key: arguments[key] for key in keep}
-    if low_memory:
-        assert out is not None
-        return compress_checkpoint(model, method, solver, out=out, svd_method=svd_method, options=options, **chosen)
-    return compress_sequential(model, method, solver, svd_method=svd_method, options=options, **chosen)
+    with contextlib.nullcontext() if cache is None else use_cache(cache):  # the methods' SVDs read it
+        if low_memory:
+            assert out is not None
+            return compress_checkpoint(model, method, solver, out=out, svd_method=svd_method, options=options,
+                                       **chosen)
+        return compress_sequential(model, method, solver, svd_method=svd_method, options=options, **chosen)
 
 
 def run_command(args: Any) -> int:
