@@ -18,8 +18,10 @@ stable where the KS search is not — on noise-like spectra the KS distance is n
 flat and its minimum jumps between tiny tails at the bulk edge — and is what FARMS
 uses by default. A number fixes ``x_min`` at that value.
 
-The search over ``x_min`` is one vectorized pass (chunked to bound memory), not a Python
-loop, which is most of why our ``alpha`` is cheaper than weightwatcher's.
+The search over ``x_min`` (:mod:`~spectrakit.analyze.ks_search`) bounds every candidate's
+``D`` on coarse grids of its tail and evaluates in full only the few that could be the
+minimum: the same ``x_min``, ``α`` and ``D`` as the full ``N²/2`` table, for a few per cent
+of its work, which is most of why our ``alpha`` is cheaper than weightwatcher's loop.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -31,21 +33,19 @@ True
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SpectrakitError
+from .ks_search import best_candidate, tail_ks_distances
 
 #: eigenvalues at or below this are treated as zero (weightwatcher's ``EVALS_THRESH``)
 EVALS_THRESH = 1e-5
 #: below this many eigenvalues, the small-N estimator is used (weightwatcher's cutoff)
 SMALL_N = 20
 _SMALL_N_MIN_TAIL = 8
-# Elements of the (candidates × eigenvalues) matrix evaluated at once.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ def _fit_from(data: torch.Tensor, start: int) -> PowerLawFit:
     if log_excess <= 1e-12:
         return PowerLawFit.failed()
     alpha = 1 + n / log_excess
-    distance = float(_ks_distances(tail.log(), torch.tensor([alpha], dtype=torch.float64))[0])
+    alphas = torch.tensor([alpha], dtype=torch.float64, device=tail.device)
+    distance = float(tail_ks_distances(tail.log(), alphas, torch.zeros(1, dtype=torch.long, device=tail.device))[0])
     return PowerLawFit(alpha=alpha, xmin=float(tail[0]), xmax=float(tail[-1]), ks_distance=distance,
                        tail_size=n, sigma=(alpha - 1) / math.sqrt(n))
 
@@ -123,52 +124,12 @@ def _fit(data: torch.Tensor, *, min_tail: int, bias_corrected: bool) -> PowerLaw
     log_excess = suffix - tail * logs[:-1]
     numerator = tail - 1 if bias_corrected else tail
     alphas = 1 + numerator / log_excess
-    distances = _ks_distances(logs, alphas)
     usable = (alphas > 1) & (tail >= min_tail) & (log_excess > 1e-12)
-    distances = torch.where(usable, distances, torch.ones_like(distances))
-    if not bool(usable.any()):
+    found = best_candidate(logs, alphas, usable)
+    if found is None:
         return PowerLawFit.failed()
-    best = int(torch.argmin(distances))
+    best, distance = found
     alpha = float(alphas[best])
     n = int(tail[best])
     return PowerLawFit(alpha=alpha, xmin=float(data[best]), xmax=float(data[-1]),
-                       ks_distance=float(distances[best]), tail_size=n, sigma=(alpha - 1) / math.sqrt(n))
-
-
-def _ks_distances(logs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """``max_j |1 − (λⱼ/λᵢ)^(1−αᵢ) − (j − i)/nᵢ|`` over the tail ``j ≥ i``, for every ``i``.
-
-    Entries with ``j < i`` vanish by themselves: the ascending data make ``ln λⱼ − ln λᵢ``
-    clamp to 0 there, and the empirical term is stored as 0 below the diagonal.
-    """
-    count = logs.numel()
-    candidates = alphas.numel()
-    distances = torch.empty(candidates, dtype=torch.float64, device=logs.device)
-    start = 0
-    while start < candidates:
-        # Candidates [start, stop) only ever look at eigenvalues from `start` on.
-        width = count - start
-        stop = min(candidates, start + max(1, _CHUNK_ELEMENTS // width))
-        gap = (logs[None, start:] - logs[start:stop, None]).clamp_min_(0)
-        # 1 − e^{x} − F = −(expm1(x) + F): one fused pass fewer than forming the CDF
-        gap.mul_(1 - alphas[start:stop, None]).expm1_()
-        empirical = (_cached_empirical_cdf if gap.numel() <= _CACHED_ELEMENTS else _empirical_cdf)
-        gap.add_(empirical(count, start, stop, str(logs.device))).abs_()
-        distances[start:stop] = gap.amax(dim=1)
-        start = stop
-    return distances
-
-
-def _empirical_cdf(count: int, start: int, stop: int, device: str) -> torch.Tensor:
-    """``(j − i)/(count − i)`` for candidates ``i ∈ [start, stop)`` and ``j ≥ start``, 0 for ``j < i``.
-
-    It depends on the sizes only, so a model's many equally sized layers share it.
-    """
-    i = torch.arange(start, stop, dtype=torch.float64, device=device)[:, None]
-    j = torch.arange(start, count, dtype=torch.float64, device=device)[None, :]
-    return ((j - i) / (count - i)).clamp_min_(0)
-
-
-# A model's many equally sized layers share one table; large ones are not worth keeping.
-_CACHED_ELEMENTS = 1 << 20
-_cached_empirical_cdf = functools.lru_cache(maxsize=4)(_empirical_cdf)
+                       ks_distance=distance, tail_size=n, sigma=(alpha - 1) / math.sqrt(n))
