@@ -487,3 +487,25 @@ def test_soda_stiefel_factors_stay_orthogonal_under_stiefel_sgd() -> None:
         stiefel_optimizer(sk.adapt(torch.nn.Sequential(linear(6, 8)), "soda", rank=2))
     with pytest.raises(SpectrakitError, match="orthogonal='givens' must be one of cayley, stiefel"):
         sk.adapt(torch.nn.Sequential(linear(6, 8)), "soda", rank=2, orthogonal="givens")
+
+
+@pytest.mark.parametrize("method", ["asymmetric", "lorma", "qgoft", "ba-lora", "sst", "sara", "soda", "dota",
+                                    "lq-lora"])
+def test_bf16_base_keeps_its_dtype_through_the_fast_paths(method: str) -> None:
+    if method == "lq-lora":
+        pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.GELU(), torch.nn.Linear(24, 16)).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model(x).float()
+    sk.adapt(model, method, rank=1 if method == "qgoft" else 2)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    tolerance = 0.3 if method == "lq-lora" else 3e-2  # lq-lora: the NF4 residual's own error
+    assert float((y.detach().float() - reference).norm() / reference.norm()) < tolerance
+    y.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.numel())
+    merged = sk.merge(model)
+    assert merged[0].weight.dtype == torch.bfloat16 and type(merged[0]) is torch.nn.Linear
