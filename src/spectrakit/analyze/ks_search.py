@@ -20,8 +20,9 @@ bounded again on a grid four times finer (``K`` = 16, 64, 256, 1024), and the fe
 are evaluated on their whole tail. A tail of at most ``K + 1`` eigenvalues is covered by
 the grid itself, so its bounds are its exact ``Dᵢ``. The values at the grid points are
 the very terms of the full evaluation, so the winner, its ``D`` and the first-index
-tie-break are those of the full ``N²/2`` pass — for about 2 % of its work on the pooled
-ESDs of 8 192 eigenvalues of the CREPE conv layers (docs/benchmarks/realnets.md).
+tie-break are those of the full ``N²/2`` pass — for about 1 % of its work on the pooled
+ESDs of 8 192 eigenvalues of the CREPE conv layers (docs/benchmarks/realnets.md). Up to
+320 eigenvalues one full pass is cheaper than the levels and is used instead.
 
 >>> import torch
 >>> logs = torch.linspace(0, 3, 50, dtype=torch.float64)
