@@ -22,9 +22,21 @@ Run side by side in one process, on the same model, batch and parameters:
 Models: the bundled reference model (all 3.0 M parameters for the top-5), and a
 GPT-2-small-shaped model (768 wide, 12 heads, vocabulary 50257; one layer so it fits the
 shared 2-core machine, random seeded weights) restricted to that block (7.1 M parameters). Batch:
-code-corpus bytes, ``--batch-size`` × ``--seq-len`` tokens.
+code-corpus bytes, ``--batch-size`` × ``--seq-len`` tokens. ``--only`` picks the parts,
+``--threads`` the torch threads, and ``--timeout`` bounds each library's top-5 run (a run
+past it is recorded as timed out).
 
     .venv/bin/python bench/curvature.py --out docs/benchmarks/curvature.json
+    .venv/bin/python bench/curvature.py --only gpt2 --threads 1 --timeout 600 \
+        --out docs/benchmarks/curvature_gpt2.json
+
+curvlinops is not in the ``bench`` extra: its dependency backpack-for-pytorch requires
+torchvision, and the PyPI torchvision wheel does not load against the ``+cpu`` torch build
+(``operator torchvision::nms does not exist``), which then breaks ``import transformers``.
+Install it without dependencies; curvlinops itself never imports torchvision here:
+
+    .venv/bin/pip install --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 \
+        einconv unfoldNd linear_operator opt-einsum
 """
 
 from __future__ import annotations
@@ -32,8 +44,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +107,41 @@ class FlatLogits(torch.nn.Module):
         return logits[:, :-1].reshape(-1, logits.shape[-1])
 
 
-def time_top5(model: torch.nn.Module, glob: str | None, ids: torch.Tensor, k: int, tol: float) -> dict[str, Any]:
+class Timeout(Exception):
+    """A library's run went past ``--timeout``."""
+
+
+@contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`Timeout` inside the block after ``seconds`` (SIGALRM; ``None``: no limit)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise Timeout(f"timed out after {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def bounded(run: Callable[[], dict[str, Any]], seconds: float | None) -> dict[str, Any]:
+    """``run()``, or ``{"error": "timed out …"}`` past the deadline."""
+    start = time.perf_counter()
+    try:
+        with deadline(seconds):
+            return run()
+    except Timeout as error:
+        return {"error": str(error), "seconds": time.perf_counter() - start}
+
+
+def time_top5(model: torch.nn.Module, glob: str | None, ids: torch.Tensor, k: int, tol: float,
+              timeout: float | None = None) -> dict[str, Any]:
     import hessian_eigenthings as he
 
     names = param_names(model, glob)
@@ -100,12 +149,18 @@ def time_top5(model: torch.nn.Module, glob: str | None, ids: torch.Tensor, k: in
     n = sum(p.numel() for p in params)
     rows: dict[str, Any] = {"parameters": n}
 
-    start = time.perf_counter()
-    h = sk.analyze.hessian(model, lm_mean_loss, [ids], params=names, forward=lm_forward)
-    top = h.top(k, tol)
-    rows["spectrakit"] = {"seconds": time.perf_counter() - start, "products": h.operator.products,
-                          "values": [float(v) for v in top.values], "converged": top.converged}
-    h.operator.release()
+    def spectrakit_run() -> dict[str, Any]:
+        start, cpu = time.perf_counter(), time.process_time()
+        h = sk.analyze.hessian(model, lm_mean_loss, [ids], params=names, forward=lm_forward)
+        top = h.top(k, tol)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        h.operator.release()
+        return {"seconds": seconds, "cpu_seconds": cpu, "products": h.operator.products,
+                "values": [float(v) for v in top.values], "converged": top.converged}
+
+    rows["spectrakit"] = bounded(spectrakit_run, timeout)
+    if "error" in rows["spectrakit"]:
+        return rows
 
     # another start vector than the timed run's, so the reference is not that run continued
     reference = sk.analyze.hessian(model, lm_mean_loss, [ids], params=names, forward=lm_forward).top(k, 1e-6, seed=1)
@@ -116,17 +171,32 @@ def time_top5(model: torch.nn.Module, glob: str | None, ids: torch.Tensor, k: in
 
     wanted = set(names)
     operator = he.HessianOperator(model, [ids], eigenthings_loss, param_filter=lambda name, p: name in wanted)
-    # its smallest converging step count, searched upward from a little below spectrakit's
-    for steps in range(max(2 * k, rows["spectrakit"]["products"] - 10), 205, 5):
-        start = time.perf_counter()
-        result = he.lanczos(operator, k=k, max_iter=steps, tol=tol, which="LA", reorthogonalize=True, seed=0)
-        seconds = time.perf_counter() - start
-        if bool(result.converged.all()):
-            break
-    rows["hessian-eigenthings"] = {"seconds": seconds, "products": steps, "converged": bool(result.converged.all()),
-                                   "values": [float(v) for v in result.eigenvalues]}
 
-    rows["curvlinops"] = _curvlinops_top(model, params, ids, k, tol)
+    def eigenthings_run(steps: int) -> dict[str, Any]:
+        start, cpu = time.perf_counter(), time.process_time()
+        result = he.lanczos(operator, k=k, max_iter=steps, tol=tol, which="LA", reorthogonalize=True, seed=0)
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "products": steps,
+                "converged": bool(result.converged.all()), "values": [float(v) for v in result.eigenvalues]}
+
+    # it has no early stop: its smallest converging step count near spectrakit's, in steps of 5
+    # (first spectrakit's own count, then one try below if that converged, else up to three above)
+    base = max(2 * k, rows["spectrakit"]["products"])
+    tried = [bounded(lambda: eigenthings_run(base), timeout)]
+    if tried[-1].get("converged"):
+        below = bounded(lambda: eigenthings_run(max(2 * k, base - 5)), timeout)
+        if below.get("converged"):
+            tried.append(below)
+    else:
+        for steps in (base + 5, base + 10, base + 15):
+            if "error" in tried[-1]:
+                break
+            tried.append(bounded(lambda steps=steps: eigenthings_run(steps), timeout))
+            if tried[-1].get("converged"):
+                break
+    rows["hessian-eigenthings"] = tried[-1]
+    rows["hessian-eigenthings"]["tried_steps"] = [t.get("products") for t in tried]
+
+    rows["curvlinops"] = bounded(lambda: _curvlinops_top(model, params, ids, k, tol), timeout)
     for name in ("spectrakit", "hessian-eigenthings", "curvlinops"):
         if "error" in rows[name]:
             continue
@@ -141,7 +211,7 @@ def _curvlinops_top(model: torch.nn.Module, params: list[torch.nn.Parameter], id
     from curvlinops import HessianLinearOperator
 
     calls = {"n": 0}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         H = HessianLinearOperator(FlatLogits(model), torch.nn.CrossEntropyLoss(), params,
                                   [(ids, ids[:, 1:].reshape(-1))], check_deterministic=False,
@@ -156,7 +226,7 @@ def _curvlinops_top(model: torch.nn.Module, params: list[torch.nn.Parameter], id
         values = scipy.sparse.linalg.eigsh(wrapped, k=k, which="LA", tol=tol, return_eigenvectors=False)
     except (NotImplementedError, RuntimeError) as error:  # e.g. no forward-mode rule for an activation
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-    return {"seconds": time.perf_counter() - start, "products": calls["n"],
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "products": calls["n"],
             "values": sorted((float(v) for v in values), reverse=True), "converged": True}
 
 
@@ -205,26 +275,35 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--probes", type=int, nargs="+", default=[9, 30, 90])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["reference", "trace", "gpt2"],
+                        default=["reference", "trace", "gpt2"], help="parts to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per library's top-5 run")
     parser.add_argument("--out", default="curvature.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ids = batch_of(args.batch_size, args.seq_len, seed=0)
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "tol": args.tol,
-                              "batch": [args.batch_size, args.seq_len]}
-    settings = [("reference model (all parameters)", reference_setting)]
-    if not args.skip_gpt2:
-        settings.append(("GPT-2-small-shaped, block 0", gpt2_setting))
+                              "batch": [args.batch_size, args.seq_len], "timeout": args.timeout}
     # the fused attention kernels have no double backward: every library runs on the math kernel
     with sdpa_kernel([SDPBackend.MATH]):
-        for label, build in settings:
-            model, glob = build()
-            report[label] = time_top5(model, glob, ids, 5, args.tol)
-            print(label, json.dumps(report[label], indent=1), flush=True)
-            if label.startswith("reference"):
+        if "reference" in args.only or "trace" in args.only:
+            model, glob = reference_setting()
+            if "reference" in args.only:
+                label = "reference model (all parameters)"
+                report[label] = time_top5(model, glob, ids, 5, args.tol, args.timeout)
+                print(label, json.dumps(report[label], indent=1), flush=True)
+            if "trace" in args.only:
                 report["trace"] = trace_errors(model, ids, args.probes, args.seeds)
                 print(json.dumps(report["trace"], indent=1), flush=True)
             del model
+        if "gpt2" in args.only:
+            model, glob = gpt2_setting()
+            label = "GPT-2-small-shaped, block 0"
+            report[label] = time_top5(model, glob, ids, 5, args.tol, args.timeout)
+            print(label, json.dumps(report[label], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     summarize(report)
 
@@ -235,12 +314,16 @@ def summarize(report: dict[str, Any]) -> None:
             continue
         base = rows["spectrakit"]["seconds"]
         for name in ("spectrakit", "hessian-eigenthings", "curvlinops"):
-            r = rows[name]
+            r = rows.get(name)
+            if r is None:
+                continue
             if "error" in r:
                 print(f"{label:36s} {name:20s} failed: {r['error']}")
                 continue
+            cpu = (f"  cpu {r['cpu_seconds']:8.1f} s {r['cpu_seconds'] / rows['spectrakit']['cpu_seconds']:5.2f}×"
+                   if "cpu_seconds" in r and "cpu_seconds" in rows["spectrakit"] else "")
             print(f"{label:36s} {name:20s} {r['seconds']:8.1f} s  {r['products']:4d} products  "
-                  f"{r['seconds'] / base:5.2f}×  max rel err {r['max_rel_error']:.1e}")
+                  f"{r['seconds'] / base:5.2f}×{cpu}  max rel err {r['max_rel_error']:.1e}")
     trace = report.get("trace")
     if trace:
         exact = trace["exact"]
