@@ -7,7 +7,7 @@ What ``analyze``, ``compress``, ``adapt`` and the matrix optimizers share:
   time; the deal depends on the sizes alone, so every rank computes the same one;
 * :func:`distributed_group` — whether a call runs distributed, joining the group under
   ``torchrun`` when it is not up yet; :func:`torchrun_group` does the same for a CLI
-  command and leaves the group afterwards;
+  command (and leaves the group when the process exits);
 * :func:`agree` — a step every rank runs, after which all ranks fail together, each with
   the same one line naming the first rank that failed and its error, or all go on;
 * :func:`exchange` / :func:`decompose_shared` — each rank computes the items it owns, then
@@ -93,16 +93,25 @@ def join_torchrun() -> int:
 @contextlib.contextmanager
 def torchrun_group() -> Iterator[int]:
     """A CLI command's ``with`` block: joins the group under torchrun (see
-    :func:`join_torchrun`), yields this rank, and leaves the group afterwards if it joined it."""
+    :func:`join_torchrun`) and yields this rank. A group it joined is left when the process
+    exits (not at the end of the block: a group cannot be joined twice under one torchrun
+    launch, and a script may run several commands)."""
+    import atexit
+
     import torch.distributed as dist
 
     joined = dist.is_available() and not dist.is_initialized() and _launched_by_torchrun()
     rank = join_torchrun()
-    try:
-        yield rank
-    finally:
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()
+    if joined:
+        atexit.register(_leave)
+    yield rank
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def distributed_group(distributed: bool | None) -> tuple[int, int] | None:

@@ -28,14 +28,15 @@ from .._atomic import atomic_save_path
 from .._targets import check_weight, layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
+from .distributed import build_adapters
 
 FORMAT = "spectrakit-adapter"
 FORMAT_VERSION = 1
 _METADATA_KEY = "spectrakit_adapter"
 
 
-def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str] = "all-linear",
-          **options: Any) -> nn.Module:
+def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str] = "all-linear", *,
+          distributed: bool | None = None, **options: Any) -> nn.Module:
     """Wrap the ``targets`` layers of ``model`` with the ``method`` adapter, in place.
 
     Every other parameter of the model is frozen; only the adapters train.
@@ -45,6 +46,9 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
         method: one of :func:`spectrakit.adapt.methods` (``"lora"``, ``"pissa"``, …).
         rank: the method's size (low-rank width, number of singular values, …).
         targets: ``"all-linear"`` (all but the output head) or layer-name patterns.
+        distributed: under ``torchrun`` (``None``, the default, when ``WORLD_SIZE > 1``; ``True`` to
+            insist) each rank computes the SVD initialization of its share of the layers and every
+            rank receives all of them (:mod:`spectrakit.adapt.distributed`); ``False``: one process.
         **options: method options (e.g. ``alpha=16`` for LoRA, ``pattern="banded"`` for SVFT).
 
     Returns:
@@ -72,8 +76,11 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     for p in model.parameters():
         p.requires_grad_(False)
     sites = module_sites(model)
+    shared = build_adapters(lambda name, kwargs: cls(layers[name], name=name, **kwargs), layers, plan,
+                            rewrites_base=cls.rewrites_base, distributed=distributed)
     for name, kwargs in plan.items():
-        replace_module(model, sites[id(layers[name])], cls(layers[name], name=name, **kwargs))
+        adapter = shared[name] if shared is not None else cls(layers[name], name=name, **kwargs)
+        replace_module(model, sites[id(layers[name])], adapter)
     return model
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from .. import linalg
 from .._targets import select_targets
 from ..errors import SpectrakitError
+from .distributed import stand_in_factors
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REGISTRY: dict[str, type[AdaptedLinear]] = {}
@@ -244,7 +245,11 @@ class AdaptedLinear(nn.Module):
 
     def factors(self, rank: int, which: str = "top", svd_method: str = "krylov"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top/bottom singular triplets of the base weight, from the spectral core."""
+        """Top/bottom singular triplets of the base weight, from the spectral core (under
+        torchrun only on the rank that owns this layer, see :mod:`spectrakit.adapt.distributed`)."""
+        stand_in = stand_in_factors(self, rank)
+        if stand_in is not None:
+            return stand_in
         return singular_factors(self.base_weight().detach(), rank, which, svd_method, dtype=self.adapter_dtype)
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:

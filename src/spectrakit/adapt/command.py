@@ -4,7 +4,8 @@ The bundled byte-level Llama (pretrained on Python code) is adapted with ``M`` a
 trained on the English documentation corpus (``spectrakit.data.docs_corpus("train")``);
 held-out bits per byte on the validation split are reported before and after. Outputs,
 written atomically under ``--out``: ``adapter.safetensors`` (``spectrakit.load_adapter``)
-and ``metrics.json``.
+and ``metrics.json``. Under ``torchrun`` the ranks share the adapters' SVD initialization
+(:mod:`spectrakit.adapt.distributed`) and train alike; rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._distributed import torchrun_group
+
+    with torchrun_group() as rank:  # under torchrun the SVD initialization is shared; rank 0 writes
+        return _run(args, rank)
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
     import torch
 
     from .. import data
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer = for_model(model, args.optimizer, lr=args.lr, adamw_lr=lr, other_matrices=True)
     log = finetune(model, batches, lr, penalty_weight=args.penalty, optimizer=optimizer,
                    progress=lambda items: progress(items, total=args.steps, desc=f"finetune {args.method}",
-                                                   enabled=not args.quiet, unit="step"))
+                                                   enabled=not args.quiet and rank == 0, unit="step"))
     after = bits_per_byte(model, windows)
     out = Path(args.out)
     metrics = {
@@ -104,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         "train_seconds": round(sum(log.step_seconds), 2),
         "eval": f"spectrakit.data.eval_windows(docs_corpus('validation'), {args.seq_len}, {args.eval_windows})",
     }
+    if rank != 0:
+        return 0
     if not args.quiet:  # before the writes: should they fail, the results still show
         print(f"{args.method} rank {args.rank}: {metrics['trainable_parameters']:,} trainable parameters, "
               f"{args.steps} steps in {metrics['train_seconds']:.1f} s")

@@ -15,12 +15,14 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
 from .. import weights as spectrakit_weights
+from .._distributed import distributed_group
 from .._progress import progress as progress_bar
 from .._targets import check_weight, layer_weight, module_sites, replace_module, select_targets
 from ..errors import SpectrakitError
@@ -30,6 +32,7 @@ from .allocation import LayerShape, allocate, budget_ratio, check_budget
 from .asvd import ActivationAwareSVD
 from .base import CompressionWarning, Method
 from .calibration import LossFn, collect_statistics, default_loss
+from .distributed import collect_shared, layer_owners, shared_factors, shared_spectra
 from .fwsvd import FisherWeightedSVD
 from .gfwsvd import GeneralizedFisherWeightedSVD
 from .lora_update import sequential_update
@@ -242,7 +245,8 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
              only_if_smaller: bool = True, svd_method: str = "auto", progress: bool = False,
              lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 1,
              sequential: bool = False, low_memory: bool = False, out: str | os.PathLike[str] | None = None,
-             search_batches: int | None = None, **options: Any) -> CompressionReport:
+             search_batches: int | None = None, distributed: bool | None = None,
+             **options: Any) -> CompressionReport:
     """Compress ``model``'s linear layers in place with a truncated-SVD ``method``.
 
     Args:
@@ -279,6 +283,10 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
         low_memory: ``model`` is a checkpoint folder, compressed block by block into ``out``
             with one block in memory at a time; the same result as ``sequential=True``.
         out: the output folder of ``low_memory=True`` (``load_compressed(out)`` reads it).
+        distributed: under ``torchrun`` (``None``, the default, when ``WORLD_SIZE > 1``; ``True``
+            to insist) each rank calibrates on its share of the batches and decomposes its share
+            of the layers, and every rank ends with the same model
+            (:mod:`spectrakit.compress.distributed`); ``False``: one process.
         options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm and
             gfwsvd; ``factors`` for gfwsvd).
 
@@ -338,6 +346,8 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
     layers = find_layers(model, targets)
     matrices = {name: _canonical_weight(name, layer) for name, layer in layers.items()}
     parameters_before = count_parameters(model)
+    group = distributed_group(distributed)
+    owner_of = layer_owners(matrices, group[1]) if group is not None else {}
 
     statistics: dict[str, Any] = {}
     tokens = 0
@@ -346,16 +356,21 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
         if calibration is None:
             raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
         output_gram = {name: W for name, W in matrices.items() if solver.uses_output_gram(W, svd_method)}
-        statistics = collect_statistics(model, layers, calibration, gram="gram" in solver.needs,
-                                        scale="scale" in solver.needs, fisher="fisher" in solver.needs,
-                                        output_gram=output_gram, kronecker="kronecker" in solver.needs,
-                                        loss_fn=loss_fn, head=_output_head(model), progress=progress)
+        needs: dict[str, Any] = {key: key in solver.needs for key in ("gram", "scale", "fisher", "kronecker")}
+        collect = collect_statistics if group is None else partial(collect_shared, owner_of=owner_of)
+        statistics = collect(model, layers, calibration, output_gram=output_gram, loss_fn=loss_fn,
+                             head=_output_head(model), progress=progress and (group is None or group[0] == 0),
+                             **needs)
         tokens = max((s.tokens for s in statistics.values()), default=0)
     calibration_seconds = time.perf_counter() - calibration_start
 
     spectra = {}
-    bar = progress_bar(list(layers), total=len(layers), desc=f"compress {method}", enabled=progress, unit="layer")
-    for name in bar:
+    if group is not None:  # each rank its share of the layers, then every rank all σ
+        spectra = shared_spectra(solver, matrices, statistics, owner_of, svd_method=svd_method,
+                                 full=allocation == "sensitivity", progress=progress and group[0] == 0)
+    bar = progress_bar(list(layers), total=len(layers), desc=f"compress {method}",
+                       enabled=progress and group is None, unit="layer")
+    for name in bar if group is None else ():
         # each layer's statistics (an in × in Gram for svd-llm) are let go as soon as it is decomposed
         spectra[name] = solver.spectrum(name, matrices[name], statistics.pop(name, None), svd_method=svd_method)
     for message in solver.warnings():
@@ -375,12 +390,16 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
                          only_if_smaller=only_if_smaller)
 
     report_layers: dict[str, LayerReport] = {}
+    replaced = {name: ranks[name] for name, shape in shapes.items()
+                if not only_if_smaller or shape.cost(ranks[name]) < shape.dense}
+    shared = {} if group is None else shared_factors(  # each owner its layers' factors, sent to all
+        spectra, replaced, {name: layer_weight(layers[name]).dtype for name in replaced}, owner_of)
     for name, layer in layers.items():
         shape, spectrum, k = shapes[name], spectra.pop(name), ranks[name]
-        replace = not only_if_smaller or shape.cost(k) < shape.dense
+        replace = name in replaced
         if replace:
             weight = layer_weight(layer)
-            up, down = spectrum.factors(k, dtype=weight.dtype)
+            up, down = shared[name] if name in shared else spectrum.factors(k, dtype=weight.dtype)
             bias = getattr(layer, "bias", None)
             new = LowRankLinear.from_factors(up, down, bias.detach() if bias is not None else None, method=method,
                                              dtype=weight.dtype)

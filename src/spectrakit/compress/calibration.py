@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,7 @@ class _Collector:
     new_inputs: dict[str, int] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)
     batch_index: int = 0
+    batch_number: int = 0  # the batch's number in error messages (its index in the whole set)
     # FWSVD: every parameter is frozen for the pass, and a hooked layer's input that does not
     # require grad yet is made to (a *root*); differentiating the loss w.r.t. the roots then
     # reaches every hooked output downstream, whose gradient hooks form GᵀX, while autograd
@@ -161,7 +162,7 @@ class _Collector:
 
     def check_input(self, name: str, flat: torch.Tensor) -> None:
         if not all_finite(flat):
-            raise SpectrakitError(f"calibration batch {self.batch_index}: the input of layer {name} "
+            raise SpectrakitError(f"calibration batch {self.batch_number}: the input of layer {name} "
                                   "contains NaN or Inf values")
 
     def add_products(self, name: str, x: torch.Tensor, flat: torch.Tensor, stats: LayerStatistics) -> None:
@@ -399,7 +400,7 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
                        gram: bool = False, scale: bool = False, fisher: bool = False,
                        output_gram: Mapping[str, torch.Tensor] | None = None, loss_fn: LossFn | None = None,
                        head: nn.Module | None = None, progress: bool = False,
-                       kronecker: bool = False) -> dict[str, LayerStatistics]:
+                       kronecker: bool = False, numbers: Sequence[int] | None = None) -> dict[str, LayerStatistics]:
     """Run ``calibration`` through ``model`` and return the statistics of each of ``layers``.
 
     ``output_gram``: the layers to gather ``output_gram`` for instead of ``gram``, each
@@ -413,7 +414,8 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
     whose later batches call the head or the layers in another order than its first
     would lose statistics; none of the usual architectures does.) ``progress``: a progress
     bar over the batches. ``kronecker`` (with ``fisher``): also ``row_fisher`` and
-    ``column_fisher``, the Kronecker factors of GFWSVD.
+    ``column_fisher``, the Kronecker factors of GFWSVD. ``numbers``: each batch's number in
+    error messages (default 0, 1, …; a torchrun rank's share keeps the numbers of the whole set).
 
     Raises :class:`SpectrakitError` for an empty calibration set, NaN/Inf in a batch or
     in a layer's input, and (FWSVD) a model whose loss cannot be derived from the batch.
@@ -445,8 +447,9 @@ def collect_statistics(model: nn.Module, layers: dict[str, nn.Module], calibrati
             for p, _, _ in flags.values():
                 p.requires_grad_(False)
         loss_fn = loss_fn or default_loss
-        for index, batch in enumerate(calibration):
-            collector.batch_index = index
+        for position, batch in enumerate(calibration):
+            index = position if numbers is None else numbers[position]
+            collector.batch_index, collector.batch_number = position, index
             _check_finite(batch, index)
             collector.mask = _padding_mask(model, batch)
             if fisher:

@@ -8,7 +8,9 @@ model) and through the folder's own tokenizer otherwise. Outputs, written atomic
 under ``--out``: ``model.safetensors``, ``compress.json`` and ``config.json``
 (``spectrakit.load_compressed(DIR)``) and ``report.json``. ``--low-memory`` compresses the
 SOURCE folder block by block instead, writing shards and their index
-(:mod:`spectrakit.compress.low_memory`).
+(:mod:`spectrakit.compress.low_memory`). Under ``torchrun`` every rank
+calibrates on its share of the batches and decomposes its share of the layers; rank 0
+writes the outputs, once every rank has succeeded.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import int_at_least, nonneg_int, open_fraction, positive_float, positive_int, unit_fraction
+from .._argtypes import float_in, int_at_least, nonneg_int, open_fraction, positive_float, positive_int, unit_fraction
 
 DEFAULT_OUT = "spectrakit-compressed"
 
@@ -51,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora-epochs", type=positive_int, default=1,
                         help="--lora-update's passes over the batches per factor (default: 1)")
     options = parser.add_argument_group("method options (each passed only when given)")
-    options.add_argument("--alpha", type=float, help="asvd: the activation-scaling exponent (default 0.5)")
+    options.add_argument("--alpha", type=float_in(0.0, 2.0), help="asvd: the activation-scaling exponent (default 0.5)")
     options.add_argument("--damping", type=positive_float,
                          help="svd-llm, gfwsvd: the ridge of a singular statistic; modegpt: the leverage ridge")
     options.add_argument("--factors", choices=("kronecker", "row-diagonal"),
@@ -140,8 +142,16 @@ def run(args: argparse.Namespace) -> int:
         from .low_memory import run_command
 
         return run_command(args)
+    from .._distributed import torchrun_group
+
+    with torchrun_group() as rank:  # under torchrun every rank takes a share; rank 0 writes
+        return _run(args, rank)
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
     from .. import data
     from .._atomic import atomic_write
+    from .._distributed import agree
     from ..errors import SpectrakitError
     from .api import METHODS, compress
     from .base import CompressionWarning
@@ -170,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         options["search_batches"] = args.search_batches
     # calibration text is read for every method but plain svd, and for what measures a loss on it
     calibrates = args.method != "svd" or args.lora_update or args.allocation == "sensitivity"
-    model, tokenizer = _load_source(args.source, needs_text=calibrates)
+    # a rank that cannot read the model stops every rank with one line
+    model, tokenizer = agree(lambda: _load_source(args.source, needs_text=calibrates), "load")
     calibration = None
     if calibrates:
         if args.calib_text:
@@ -188,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
                           targets=args.targets or "all-linear", progress=not args.quiet, **budget, **options)
+    if rank != 0:
+        return 0
     for warning in caught:
         print(f"spectrakit: warning: {warning.message}", file=sys.stderr)
     if not args.quiet:  # before the writes: should they fail, the report still shows
