@@ -179,31 +179,42 @@ def shard_files(index: Path) -> list[Path]:
     return files
 
 
-def load_shards(model: torch.nn.Module, files: list[Path]) -> None:
+def load_shards(model: torch.nn.Module, files: list[Path], *, assign: bool = False) -> None:
     """Load a state dict stored in several safetensors files into ``model``, one file at a
     time, strictly: every tensor must be the model's, and every parameter or persistent
     buffer of the model must be in some file, save the second names of tied parameters
     (stored once, as ``safetensors.torch.save_model`` does).
 
     Args:
-        model: the model (its tensors are copied into).
+        model: the model.
         files: the shard files.
+        assign: put the loaded tensors in place of the model's (a model whose parameters are
+            on the meta device); tied parameters are tied again afterwards. Otherwise the
+            loaded values are copied into the model's tensors.
     """
     from safetensors.torch import load_file
 
     expected = set(model.state_dict())
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
     seen: set[str] = set()
     for file in files:
         part = load_file(str(file))
-        result = model.load_state_dict(part, strict=False)
+        result = model.load_state_dict(part, strict=False, assign=assign)
         if result.unexpected_keys:
             raise SpectrakitError(f"{file}: tensor {result.unexpected_keys[0]} is not in the model")
         seen.update(part)
         del part
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
     tied = {name for names in groups.values() if any(n in seen for n in names) for name in names}
     missing = sorted(expected - seen - tied)
     if missing:
         raise SpectrakitError(f"{files[0].parent}: no shard holds tensor {missing[0]}")
+    if assign:  # every name of a tied parameter points at the one loaded tensor again
+        for names in groups.values():
+            loaded = next(n for n in names if n in seen)
+            owner, _, leaf = loaded.rpartition(".")
+            kept = model.get_submodule(owner)._parameters[leaf]
+            for name in names:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = kept

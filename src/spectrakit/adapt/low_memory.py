@@ -31,7 +31,7 @@ Methods that plan over the whole model before any layer is built (``eva``'s cali
 >>> residual = transformers.GPT2LMHeadModel.from_pretrained(out)
 >>> _ = sk.load_adapter(residual, out / "adapter.safetensors")
 >>> sk.trainable_parameters(residual)
-9216
+4096
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ state. Any other model is rebuilt into the skeleton passed as ``model=``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ from .._atomic import atomic_save_path, atomic_write
 from .._shards import INDEX, load_shards, shard_files
 from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
+from ..weights.checkpoint import _parameters_on_meta
 from ..weights.files import safetensors_dtypes
 from .api import CompressionReport
 from .lowrank import LowRankLinear
@@ -124,7 +126,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _build_hf(folder: Path, class_name: str) -> nn.Module:
+def _build_hf(folder: Path, class_name: str, on_meta: bool = False) -> nn.Module:
     try:
         import transformers
     except ImportError:
@@ -140,7 +142,9 @@ def _build_hf(folder: Path, class_name: str) -> nn.Module:
         config = cls.config_class.from_dict(config_dict)
     except (OSError, ValueError, TypeError) as error:
         raise SpectrakitError(f"{folder / HF_CONFIG}: cannot read the model config ({error})") from None
-    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
+    # the throw-away init must not move the caller's RNG; on_meta: no memory and no init at
+    # all (buffers stay real), for a sharded folder whose tensors are then assigned in place
+    with torch.random.fork_rng(devices=[]), _parameters_on_meta() if on_meta else contextlib.nullcontext():
         return cls(config)
 
 
@@ -180,10 +184,13 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     folder = Path(path)
     meta = read_config(folder)
+    sharded = not (folder / WEIGHTS).is_file() and (folder / INDEX).is_file()
+    built = False  # a model built here from a sharded folder: on the meta device, its tensors assigned
     if model is None:
         if meta["architecture"] == "module":
             raise SpectrakitError(f"{folder}: a plain torch model; pass model= (the dense architecture) to rebuild it")
-        model = _build_hf(folder, meta["architecture"])
+        model = _build_hf(folder, meta["architecture"], on_meta=sharded)
+        built = sharded
     weights = folder / WEIGHTS
     if not weights.is_file() and not (folder / INDEX).is_file():
         raise SpectrakitError(f"{folder}: {WEIGHTS} is missing")
@@ -232,7 +239,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         if weights.is_file():
             load_model(model, str(weights), strict=True)
         else:
-            load_shards(model, files)
+            load_shards(model, files, assign=built)
     except SpectrakitError:
         raise
     except Exception as error:  # safetensors and load_state_dict raise their own types
