@@ -77,6 +77,8 @@ class NarrowAttention(nn.Module):
         attention_dropout: dropout on the attention weights in training.
         output_dropout: dropout on the output in training (GPT-2's residual dropout).
         config: the model's config, for its attention kernel (``_attn_implementation``).
+        device: where the projections are created.
+        dtype: the projections' dtype.
     """
 
     rotary_index: torch.Tensor
