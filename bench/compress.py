@@ -4,7 +4,9 @@ Run:  python bench/compress.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--calib 16] [--wi
                                [--repeats 3] [--gpt2-repeats 1] [--llama1b-repeats 1]
                                [--json docs/benchmarks/compress.json]
                                [--plot docs/img/compress_bpb.png] [--timing-only] [--memory-only]
-      python bench/compress.py --second-half [--lora-lr 1e-3] [--ratios …] [--repeats 3]
+      python bench/compress.py --second-half [--lora-lr 1e-4] [--ratios …] [--repeats 3] [--only m1,m2]
+      python bench/compress.py --floor-only [--repeats 3];  python bench/compress.py --bound-only [--repeats 2]
+      python bench/compress.py --lora-study [--ratios 0.3] [--windows 32]
 
 On the bundled reference model (byte-level Llama pretrained on Python code), in one
 process:
@@ -166,6 +168,7 @@ def interleaved_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats
 
 ALL_METHODS = ("svd", "asvd", "fwsvd", "gfwsvd", "svd-llm", "svd-llm-v2")
 FISHER = ("fwsvd", "gfwsvd")
+FLOOR_METHODS = (*ALL_METHODS, "modegpt")  # modegpt's floor is the same as svd-llm's (it decomposes less)
 
 
 def second_half_configs(ratios: list[float]) -> list[dict]:
@@ -186,7 +189,7 @@ def second_half_configs(ratios: list[float]) -> list[dict]:
                 for lora in (False, True):
                     configs.append({"method": method, "allocation": allocation, "ratio": ratio, "lora_update": lora})
             if allocation == "uniform":
-                for structure in ("monarch", "btt"):
+                for structure in ("monarch", "btt", "modegpt"):  # modegpt: its own widths, no lora_update
                     configs.append({"method": structure, "allocation": "uniform", "ratio": ratio,
                                     "lora_update": False})
     return configs
@@ -197,10 +200,10 @@ def floor_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int)
     time plus the plain forward over the calibration batches (plus one backward for fwsvd/gfwsvd)."""
     from spectrakit.adapt.train import lm_loss
 
-    runs: dict[str, list[float]] = {m: [] for m in ALL_METHODS}
+    runs: dict[str, list[float]] = {m: [] for m in FLOOR_METHODS}
     runs.update({"forward": [], "forward+backward": []})
     for _ in range(repeats):
-        for method in ALL_METHODS:
+        for method in FLOOR_METHODS:
             runs[method].append(timed_compress(base, method=method, ratio=0.3, calibration=calib,
                                                allocation="uniform")[2])
         with torch.no_grad():
@@ -215,11 +218,28 @@ def floor_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int)
         runs["forward+backward"].append(time.perf_counter() - start)
     best = {label: min(times) for label, times in runs.items()}
     timing = {}
-    for method in ALL_METHODS:
+    for method in FLOOR_METHODS:
         floor = best["svd"] + best["forward+backward" if method in FISHER else "forward"]
         timing[method] = {"seconds": best[method], "floor_seconds": floor, "vs_floor": best[method] / floor,
                           "vs_svd": best[method] / best["svd"]}
     timing["floor"] = {"svd": best["svd"], "forward": best["forward"], "forward+backward": best["forward+backward"]}
+    return timing
+
+
+def bound_timing(repeats: int) -> dict[str, dict[str, float]]:
+    """svd and svd-llm at ratio 0.3 with 16 × 256 calibration tokens on one Llama-3.2-1B-shaped
+    layer and on GPT-2 small, alternating round by round; the best of each and their ratio."""
+    calib = calibration(16)
+    timing = {}
+    for label, build in (("llama-3.2-1b layer", llama_1b_layer), ("gpt2-small", gpt2_small)):
+        base = build()
+        runs: dict[str, list[float]] = {"svd": [], "svd-llm": []}
+        for _ in range(repeats):
+            for method in runs:
+                runs[method].append(timed_compress(base, method=method, ratio=0.3, calibration=calib)[2])
+        best = {method: min(times) for method, times in runs.items()}
+        timing[label] = {**best, "svd-llm vs svd": best["svd-llm"] / best["svd"]}
+        print(f"{label}: {timing[label]}", flush=True)
     return timing
 
 
@@ -240,7 +260,10 @@ def second_half(args: argparse.Namespace, ratios: list[float]) -> None:
                        "lora_epochs": args.lora_epochs, **extra}, handle, indent=1)
 
     results: list[dict] = []
+    only = set(args.only.split(",")) if args.only else None
     for config in second_half_configs(ratios):
+        if only is not None and config["method"] not in only:
+            continue
         extra = {"lora_lr": args.lora_lr, "lora_epochs": args.lora_epochs} if config["lora_update"] else {}
         if config["allocation"] == "sensitivity":
             extra["search_batches"] = 1
@@ -277,6 +300,42 @@ def second_half(args: argparse.Namespace, ratios: list[float]) -> None:
     print(f"\nwrote {args.json} and {args.plot}")
 
 
+LORA_GRID = ((1e-3, 1), (3e-4, 1), (1e-4, 1), (1e-4, 2), (3e-5, 1), (3e-5, 2))
+LORA_METHODS = ("svd", "asvd", "svd-llm", "svd-llm-v2")
+
+
+def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
+    """``--lora-study``: held-out bits/byte with ``lora_update`` at each (lr, passes per side) of
+    :data:`LORA_GRID` against the same method without it (uniform allocation), to pick the default."""
+    base = sk.reference_model()
+    calib = calibration(args.calib)
+    windows = {"code": data.eval_windows(data.code_corpus("validation"), SEQ_LEN, args.windows),
+               "docs": data.eval_windows(data.docs_corpus("validation"), SEQ_LEN, args.windows)}
+    dense = {corpus: bits_per_byte(base, w) for corpus, w in windows.items()}
+    print(f"machine: {machine()}\ndense: code {dense['code']:.4f}, docs {dense['docs']:.4f}", flush=True)
+    from spectrakit._atomic import atomic_write
+
+    results: list[dict] = []
+    for ratio in ratios:
+        for method in LORA_METHODS:
+            for lr, epochs in ((None, None), *LORA_GRID):
+                extra = {} if lr is None else {"lora_update": True, "lora_lr": lr, "lora_epochs": epochs}
+                model, report, seconds, _ = timed_compress(base, method=method, ratio=ratio, allocation="uniform",
+                                                           calibration=calib, **extra)
+                row = {"method": method, "ratio": ratio, "lora_lr": lr, "lora_epochs": epochs, "seconds": seconds,
+                       "lora_loss_before": report.lora_loss_before, "lora_loss_after": report.lora_loss_after,
+                       **{f"bpb_{c}": bits_per_byte(model, w) for c, w in windows.items()}}
+                results.append(row)
+                print(f"{ratio:.0%} {method:10s} lr {lr} passes {epochs}: code {row['bpb_code']:.4f} "
+                      f"docs {row['bpb_docs']:.4f} calib loss {report.lora_loss_before} -> {report.lora_loss_after}",
+                      flush=True)
+                with atomic_write(args.json) as handle:
+                    json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
+                               "calibration_sequences": args.calib, "eval_windows": args.windows,
+                               "results": results}, handle, indent=1)
+    print(f"\nwrote {args.json}")
+
+
 def plot_second_half(results: list[dict], dense: dict[str, float], path: Path) -> None:
     import matplotlib
 
@@ -284,8 +343,9 @@ def plot_second_half(results: list[dict], dense: dict[str, float], path: Path) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
-    colors = dict(zip((*ALL_METHODS, "monarch", "btt"), ("tab:gray", "tab:orange", "tab:green", "tab:olive",
-                                                          "tab:blue", "tab:purple", "tab:red", "tab:brown")))
+    colors = dict(zip((*ALL_METHODS, "monarch", "btt", "modegpt"),
+                      ("tab:gray", "tab:orange", "tab:green", "tab:olive", "tab:blue", "tab:purple", "tab:red",
+                       "tab:brown", "tab:cyan")))
     for ax, lora in zip(axes, (False, True)):
         for method, color in colors.items():
             for allocation, style in (("uniform", "--"), ("global", "-"), ("heterogeneous", ":"),
@@ -348,15 +408,31 @@ def main() -> None:
     parser.add_argument("--second-half", action="store_true",
                         help="every method with and without lora_update, the new allocations, Monarch/BTT and the "
                              "time against each method's floor (writes --json, default compress_second.json)")
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="lora_update's learning rate (--second-half)")
+    parser.add_argument("--lora-lr", type=float, default=1e-4, help="lora_update's learning rate (--second-half)")
     parser.add_argument("--floor-only", action="store_true",
                         help="only each method's time at ratio 0.3 against its floor (printed as JSON)")
-    parser.add_argument("--lora-epochs", type=int, default=2, help="lora_update's passes per side (--second-half)")
+    parser.add_argument("--lora-epochs", type=int, default=1, help="lora_update's passes per side (--second-half)")
+    parser.add_argument("--bound-only", action="store_true",
+                        help="only svd-llm's time against plain svd on one Llama-3.2-1B-shaped layer and on GPT-2 "
+                             "small, --repeats interleaved rounds (printed as JSON)")
+    parser.add_argument("--only", help="--second-half: only these methods (comma-separated)")
+    parser.add_argument("--lora-study", action="store_true",
+                        help="held-out bits/byte with lora_update over a grid of learning rates and passes "
+                             "(writes --json, default compress_lora.json)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    if args.bound_only:
+        print(f"machine: {machine()}")
+        print(json.dumps(bound_timing(max(args.repeats, 1)), indent=1))
+        return
     if args.floor_only:  # just the time of every method against its floor, printed
         print(f"machine: {machine()}")
         print(json.dumps(floor_timing(sk.reference_model(), calibration(args.calib), max(args.repeats, 1)), indent=1))
+        return
+    if args.lora_study:
+        if args.json == "docs/benchmarks/compress.json":
+            args.json = "docs/benchmarks/compress_lora.json"
+        lora_study(args, ratios)
         return
     if args.second_half:
         if args.json == "docs/benchmarks/compress.json":

@@ -331,9 +331,11 @@ def missing(function: Any, *names: str) -> None:
         unavailable(f"{function.__module__}.{function.__name__} takes no {', '.join(absent)}")
 
 
-def child(task: str, folder: Path, out: Path | None, cache: Path | None, include: str | None,
+def child(task: str, folder: Path, out: Path | None, cache: Path | None, warm: bool,
           calibration: tuple[int, int]) -> None:
     """One measured path, run in its own interpreter; prints ``SCALE_RESULT {json}``."""
+    import inspect
+
     import spectrakit as sk
 
     if task != "baseline-cli":  # what the API paths import (analyze's CLI does without transformers)
@@ -359,11 +361,16 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, include
             frame = ww.WeightWatcher(model=str(folder)).analyze()
         info["rows"] = len(frame)
     elif task in ("compress-svd", "compress-svd-llm"):
-        missing(sk.compress, "low_memory", "cache", "out")
+        missing(sk.compress, "low_memory", "out")
         method = task.removeprefix("compress-")
         options: dict[str, Any] = {"ratio": RATIO, "out": str(out), "low_memory": True}
         if cache is not None:
-            options["cache"] = str(cache)
+            if "cache" in inspect.signature(sk.compress).parameters:
+                options["cache"] = str(cache)
+            elif warm:
+                unavailable("spectrakit.compress takes no cache= yet")
+            else:
+                info["cache"] = "not supported yet: run without one"
         if method != "svd":
             options["calibration"] = calibration_batches(*calibration)
         report = sk.compress(str(folder), method, **options)
@@ -374,9 +381,15 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, include
         init_from_checkpoint = getattr(spectrakit.adapt, "init_from_checkpoint", None)
         if init_from_checkpoint is None:
             unavailable("spectrakit.adapt.init_from_checkpoint does not exist yet")
-        missing(init_from_checkpoint, "cache", "out", "rank")
+        missing(init_from_checkpoint, "out", "rank")
+        if cache is not None and "cache" not in inspect.signature(init_from_checkpoint).parameters:
+            if warm:
+                unavailable("init_from_checkpoint takes no cache= yet")
+            info["cache"] = "not supported yet: run without one"
+            cache = None
 
-        init_from_checkpoint(str(folder), "pissa", rank=RANK, out=str(out), cache=None if cache is None else str(cache))
+        init_from_checkpoint(str(folder), "pissa", rank=RANK, out=str(out),
+                             **({} if cache is None else {"cache": str(cache)}))
     else:
         raise SystemExit(f"unknown task {task!r}")
     if rank == 0:
@@ -406,7 +419,7 @@ def run_command(name: str, folder: Path, scratch: Path, include: str | None,
     command = [PYTHON, str(Path(__file__).resolve()), "child", base, "--folder", str(folder),
                "--out", str(scratch / f"out-{name}"), "--calibration", f"{calibration[0]}x{calibration[1]}"]
     if base in ("compress-svd", "pissa"):
-        command += ["--cache", str(cache)]
+        command += ["--cache", str(cache)] + (["--warm"] if name.endswith("-warm") else [])
     return launcher + command
 
 
@@ -433,7 +446,10 @@ def run(args: argparse.Namespace) -> None:
     folder = checkpoint(args.size_gb)
     facts = sizes(folder)
     print(f"machine: {machine()}\ncheckpoint: {folder} {facts}\n", flush=True)
-    names = args.only.split(",") if args.only else list(RUNS)
+    # NAME or NAME:SECONDS (that run's own timeout)
+    wanted = [item.partition(":") for item in (args.only.split(",") if args.only else RUNS)]
+    names = [name for name, _, _ in wanted]
+    timeouts = {name: float(limit) if limit else args.timeout for name, _, limit in wanted}
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="scale-", dir=CACHE))
     calibration = tuple(int(v) for v in args.calibration.split("x"))
     results: dict[str, Any] = {}
@@ -453,7 +469,7 @@ def run(args: argparse.Namespace) -> None:
             print("  " + results[name]["skipped"], flush=True)
             continue
         read_through(folder)
-        result = measure(command, min(args.timeout, left))
+        result = measure(command, min(timeouts[name], left))
         result["threads_per_process"] = 1
         results[name] = result
         for output in scratch.glob(f"out-{name}"):
@@ -533,7 +549,8 @@ def main() -> None:
     parser.add_argument("action", choices=["generate", "run", "child"])
     parser.add_argument("task", nargs="?", help="child only: the path to run")
     parser.add_argument("--size-gb", type=float, default=8.6, help="checkpoint size in 10⁹ bytes (default 8.6)")
-    parser.add_argument("--only", help="comma-separated runs, in this order (default all): " + ", ".join(RUNS))
+    parser.add_argument("--only", help="comma-separated runs, in this order, each NAME or NAME:SECONDS (its own "
+                        "timeout); default all: " + ", ".join(RUNS))
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
     parser.add_argument("--include", help="analyze only: matrices matching this pattern (for sizing runs)")
     parser.add_argument("--calibration", default="8x256", help="svd-llm calibration: batches x tokens (default 8x256)")
@@ -546,12 +563,13 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.action == "generate":
         folder = checkpoint(args.size_gb)
         print(folder, sizes(folder))
     elif args.action == "child":
-        child(args.task, args.folder, args.out, args.cache, args.include,
+        child(args.task, args.folder, args.out, args.cache, args.warm,
               tuple(int(v) for v in args.calibration.split("x")))  # type: ignore[arg-type]
     else:
         run(args)
