@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+# a torchrun rank script (tests/test_compress_distributed.py launches it), not a test module:
+# importing it for doctests would run it
+collect_ignore = ["distributed_ranks.py"]
+
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
