@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 
 from .._atomic import atomic_save_path
 from .._targets import check_weight, layer_weight, module_sites, replace_module
+from ..cache import SpectrumCache, as_cache, use_cache
 from ..errors import SpectrakitError
 from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
 from .distributed import build_adapters
@@ -36,7 +38,8 @@ _METADATA_KEY = "spectrakit_adapter"
 
 
 def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str] = "all-linear", *,
-          distributed: bool | None = None, **options: Any) -> nn.Module:
+          distributed: bool | None = None, cache: SpectrumCache | str | os.PathLike[str] | None = None,
+          **options: Any) -> nn.Module:
     """Wrap the ``targets`` layers of ``model`` with the ``method`` adapter, in place.
 
     Every other parameter of the model is frozen; only the adapters train.
@@ -49,12 +52,21 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
         distributed: under ``torchrun`` (``None``, the default, when ``WORLD_SIZE > 1``; ``True`` to
             insist) each rank computes the SVD initialization of its share of the layers and every
             rank receives all of them (:mod:`spectrakit.adapt.distributed`); ``False``: one process.
+        cache: a :class:`~spectrakit.SpectrumCache` or its folder: the singular triplets the
+            SVD-initialized methods start from (PiSSA, MiLoRA, SVFit, SVFT, SORSA, SALT, SoDA,
+            the spectral adapters: ``AdaptedLinear.factors``) are read from it when this very
+            weight was decomposed before (same bytes, dtype, ``svd_method``, adapter dtype, as
+            many triplets or more), else computed and written there; a cached run builds the
+            adapters of the run that filled it, bit for bit. Methods that take no SVD of the
+            weight ignore it. ``None``: the cache of an enclosing
+            :func:`spectrakit.cache.use_cache` block, if any.
         **options: method options (e.g. ``alpha=16`` for LoRA, ``pattern="banded"`` for SVFT).
 
     Returns:
         ``model`` itself.
     """
     cls = get_method(method)
+    cache = as_cache(cache)  # a bad cache= is refused before the model is touched
     plan_override = options.pop("_plan", None)  # load_adapter: the saved per-layer options
     cls.check_options(options)
     layers = find_targets(model, targets)
@@ -76,11 +88,12 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     for p in model.parameters():
         p.requires_grad_(False)
     sites = module_sites(model)
-    shared = build_adapters(lambda name, kwargs: cls(layers[name], name=name, **kwargs), layers, plan,
-                            rewrites_base=cls.rewrites_base, distributed=distributed)
-    for name, kwargs in plan.items():
-        adapter = shared[name] if shared is not None else cls(layers[name], name=name, **kwargs)
-        replace_module(model, sites[id(layers[name])], adapter)
+    with contextlib.nullcontext() if cache is None else use_cache(cache):  # AdaptedLinear.factors reads it
+        shared = build_adapters(lambda name, kwargs: cls(layers[name], name=name, **kwargs), layers, plan,
+                                rewrites_base=cls.rewrites_base, distributed=distributed)
+        for name, kwargs in plan.items():
+            adapter = shared[name] if shared is not None else cls(layers[name], name=name, **kwargs)
+            replace_module(model, sites[id(layers[name])], adapter)
     return model
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import linalg
 from .._targets import select_targets
+from ..cache import active_cache
 from ..errors import SpectrakitError
 from .distributed import stand_in_factors
 
@@ -245,12 +246,32 @@ class AdaptedLinear(nn.Module):
 
     def factors(self, rank: int, which: str = "top", svd_method: str = "krylov"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top/bottom singular triplets of the base weight, from the spectral core (under
-        torchrun only on the rank that owns this layer, see :mod:`spectrakit.adapt.distributed`)."""
+        """Top/bottom singular triplets of the base weight (:func:`singular_factors`), from the
+        spectral core or the :func:`~spectrakit.cache.active_cache` (``adapt(..., cache=)``);
+        under torchrun only on the rank that owns this layer (see :mod:`spectrakit.adapt.distributed`).
+
+        A cache entry is keyed by the weight's bytes, dtype and device, ``which``, ``svd_method``
+        and the adapter dtype; one for ``k`` triplets serves any ``rank ≤ k`` (the leading ones,
+        or the trailing ones for ``which="bottom"``).
+
+        Args:
+            rank: the number of triplets.
+            which: ``"top"`` (largest σ) or ``"bottom"`` (smallest).
+            svd_method: the method of :func:`spectrakit.linalg.svd` for the top triplets.
+        """
         stand_in = stand_in_factors(self, rank)
         if stand_in is not None:
             return stand_in
-        return singular_factors(self.base_weight().detach(), rank, which, svd_method, dtype=self.adapter_dtype)
+        weight, dtype = self.base_weight().detach(), self.adapter_dtype
+        cache = active_cache()
+        if cache is None:
+            return singular_factors(weight, rank, which, svd_method, dtype=dtype)
+        if which not in ("top", "bottom"):  # the same line as without a cache
+            raise SpectrakitError(f"which={which!r} must be 'top' or 'bottom'")
+        # bottom triplets come from the whole exact SVD whatever svd_method says: one entry for all
+        solver = svd_method if which == "top" else "exact"
+        return cache.svd(weight, rank, compute=lambda: singular_factors(weight, rank, which, svd_method, dtype=dtype),
+                         method=f"adapt-svd:{solver}:{str(dtype).removeprefix('torch.')}", which=which)
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == self.adapter_dtype else x.to(self.adapter_dtype)

@@ -6,6 +6,8 @@ held-out bits per byte on the validation split are reported before and after. Ou
 written atomically under ``--out``: ``adapter.safetensors`` (``spectrakit.load_adapter``)
 and ``metrics.json``. Under ``torchrun`` the ranks share the adapters' SVD initialization
 (:mod:`spectrakit.adapt.distributed`) and train alike; rank 0 writes the outputs.
+``--cache DIR`` reads and fills a :class:`spectrakit.SpectrumCache` with the singular
+triplets the SVD-initialized methods start from (its closing line gives the hits and misses).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._argtypes import int_at_least, nonneg_float, nonneg_int, positive_float, positive_int
+from ..cache import add_cache_option
 
 DEFAULT_OUT = "spectrakit-finetune"
 
@@ -53,18 +56,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "its own default lr unless --lr; the rest keeps AdamW; default: adamw)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="data and initialization seed (default: 0)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    add_cache_option(parser, "the singular triplets of the SVD-initialized methods (pissa, milora, svfit, …)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .._distributed import torchrun_group
+    from ..cache import as_cache, report_cache
 
+    cache = as_cache(getattr(args, "cache", None))
     with torchrun_group() as rank:  # under torchrun the SVD initialization is shared; rank 0 writes
-        return _run(args, rank)
+        code = _run(args, rank, cache)
+        if rank == 0:
+            report_cache(cache, args.quiet)
+        return code
 
 
-def _run(args: argparse.Namespace, rank: int) -> int:
+def _run(args: argparse.Namespace, rank: int, cache: Any = None) -> int:
     import torch
 
     from .. import data
@@ -88,7 +97,7 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     if args.method == "eva":
         options.setdefault("calibration", [b[:, :-1] for b in data.byte_batches(
             train, args.batch_size, args.seq_len, seed=args.seed + 1, steps=4)])
-    adapt(model, args.method, rank=args.rank, targets=args.targets or "all-linear", **options)
+    adapt(model, args.method, rank=args.rank, targets=args.targets or "all-linear", cache=cache, **options)
     options.pop("calibration", None)
     batches = data.byte_batches(train, args.batch_size, args.seq_len, seed=args.seed, steps=args.steps)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 2e-3)

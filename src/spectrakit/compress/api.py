@@ -25,6 +25,7 @@ from .. import weights as spectrakit_weights
 from .._distributed import distributed_group
 from .._progress import progress as progress_bar
 from .._targets import check_weight, layer_weight, module_sites, replace_module, select_targets
+from ..cache import SpectrumCache, as_cache
 from ..errors import SpectrakitError
 from ..linalg.svd import METHODS as SVD_METHODS
 from ..weights.record import matches_any
@@ -246,7 +247,7 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
              lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 1,
              sequential: bool = False, low_memory: bool = False, out: str | os.PathLike[str] | None = None,
              search_batches: int | None = None, distributed: bool | None = None,
-             **options: Any) -> CompressionReport:
+             cache: SpectrumCache | str | os.PathLike[str] | None = None, **options: Any) -> CompressionReport:
     """Compress ``model``'s linear layers in place with a truncated-SVD ``method``.
 
     Args:
@@ -287,6 +288,15 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
             to insist) each rank calibrates on its share of the batches and decomposes its share
             of the layers, and every rank ends with the same model
             (:mod:`spectrakit.compress.distributed`); ``False``: one process.
+        cache: a :class:`~spectrakit.SpectrumCache` or its folder. Only ``method="svd"`` uses it:
+            each layer's spectrum (the singular values and vectors :meth:`Method.spectrum`
+            computes, keyed by the weight's bytes, dtype, device and ``svd_method``) is read from
+            it when this very weight was decomposed before, else computed and written there, so
+            a cached run gives the compressed weights of the run that filled it, bit for bit.
+            The other methods decompose a matrix formed from the calibration (whitened,
+            activation-scaled, Fisher-weighted), which the cache does not key on: they do not
+            use it, and say so once with a :class:`CompressionWarning`. ``None``: the cache of
+            an enclosing :func:`spectrakit.cache.use_cache` block, if any (plain svd only).
         options: method options (``alpha`` for asvd; ``damping``, ``max_condition`` for svd-llm and
             gfwsvd; ``factors`` for gfwsvd).
 
@@ -300,13 +310,19 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
     ({'0': 16, '2': 16}, True)
     """
     start = time.perf_counter()
+    cache = as_cache(cache)
+    if cache is not None and method != PlainSVD.name:
+        warnings.warn(f"cache={str(cache.path)!r}: method {method!r} decomposes a matrix formed from the "
+                      "calibration, which the spectrum cache does not key on; only method 'svd' reads and "
+                      "writes it", CompressionWarning, stacklevel=2)
+        cache = None
     if sequential or low_memory or out is not None or isinstance(model, (str, os.PathLike)):
         from .low_memory import dispatch  # block by block (it builds on this module)
 
         return dispatch(model, method, sequential=sequential, low_memory=low_memory, out=out, ratio=ratio, rank=rank,
                         energy=energy, calibration=calibration, allocation=allocation, targets=targets,
                         only_if_smaller=only_if_smaller, svd_method=svd_method, progress=progress,
-                        lora_update=lora_update, options=options)
+                        lora_update=lora_update, options=options, cache=cache)
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module or a checkpoint folder, got {type(model).__name__}")
     if (method == "modegpt" or method in STRUCTURES) and (lora_update or search_batches is not None):
@@ -324,6 +340,7 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
         return compress_structured(model, method, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
                                     targets=targets, only_if_smaller=only_if_smaller, start=start, **options)
     solver = get_method(method, options)
+    solver.cache = cache  # plain svd reads it (else the active cache); the other methods have none
     allocation = solver.default_allocation if allocation is None else allocation
     check_budget(ratio, rank, energy, allocation)
     ratio, energy = (None if v is None else float(v) for v in (ratio, energy))

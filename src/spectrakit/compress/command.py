@@ -10,7 +10,9 @@ under ``--out``: ``model.safetensors``, ``compress.json`` and ``config.json``
 SOURCE folder block by block instead, writing shards and their index
 (:mod:`spectrakit.compress.low_memory`). Under ``torchrun`` every rank
 calibrates on its share of the batches and decomposes its share of the layers; rank 0
-writes the outputs, once every rank has succeeded.
+writes the outputs, once every rank has succeeded. ``--cache DIR`` reads and fills a
+:class:`spectrakit.SpectrumCache` with ``--method svd``'s spectra (its closing line gives the
+hits and misses); the other methods' spectra depend on the calibration and are not cached.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._argtypes import float_in, int_at_least, nonneg_int, open_fraction, positive_float, positive_int, unit_fraction
+from ..cache import add_cache_option
 
 DEFAULT_OUT = "spectrakit-compressed"
 
@@ -73,6 +76,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--low-memory", action="store_true",
                         help="compress the SOURCE folder block by block, one block in memory, writing --out shard "
                              "by shard (svd, asvd, svd-llm, svd-llm-v2; uniform allocation)")
+    add_cache_option(parser, "--method svd's spectra (the other methods' depend on the calibration and are not cached)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(run=run)
 
@@ -138,17 +142,30 @@ def calibration_batches(text: bytes, tokenizer: Any, count: int, seq_len: int, b
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cache import as_cache, report_cache, use_cache
+
+    cache = as_cache(getattr(args, "cache", None))
+    if cache is not None and args.method != "svd":
+        print(f"spectrakit: warning: --cache {cache.path}: only --method svd reads and writes the spectrum cache "
+              f"({args.method}'s spectra depend on the calibration)", file=sys.stderr)
+        cache = None
     if args.low_memory:  # block by block, one block in memory (compress/low_memory.py)
         from .low_memory import run_command
 
-        return run_command(args)
+        with use_cache(cache):  # plain svd's spectra read it
+            code = run_command(args)
+        report_cache(cache, args.quiet)
+        return code
     from .._distributed import torchrun_group
 
     with torchrun_group() as rank:  # under torchrun every rank takes a share; rank 0 writes
-        return _run(args, rank)
+        code = _run(args, rank, cache)
+        if rank == 0:
+            report_cache(cache, args.quiet)
+        return code
 
 
-def _run(args: argparse.Namespace, rank: int) -> int:
+def _run(args: argparse.Namespace, rank: int, cache: Any = None) -> int:
     from .. import data
     from .._atomic import atomic_write
     from .._distributed import agree
@@ -198,7 +215,8 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
         report = compress(model, method=args.method, calibration=calibration, allocation=args.allocation,
-                          targets=args.targets or "all-linear", progress=not args.quiet, **budget, **options)
+                          targets=args.targets or "all-linear", progress=not args.quiet, cache=cache, **budget,
+                          **options)
     if rank != 0:
         return 0
     for warning in caught:
