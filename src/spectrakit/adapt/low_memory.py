@@ -20,6 +20,13 @@ For a method that rewrites the base weight (``pissa``, ``milora``, ``sorsa``) ea
 layer's options carry ``residual=True`` and its fingerprint is that of ``W_res``: loading
 wraps the residual without a second SVD or subtraction. A method that leaves the base
 alone (``lora``, ``svfit``, ``svft``, …) writes an unchanged copy and a plain adapter.
+Under ``torchrun`` (``WORLD_SIZE > 1``) the SVDs are shared as ``adapt`` shares them
+(:mod:`spectrakit.adapt.distributed`): the targeted layers are dealt by
+``out · in · min(out, in)``; every rank reads every targeted weight and builds every adapter
+in order (a layer another rank owns gets a cheap orthonormal stand-in instead of its SVD, so
+any random draws happen alike); at the end of each block the owners send their layers'
+adapter tensors and residual weights, bit for bit, and rank 0 alone writes ``DIR``.
+
 Methods that plan over the whole model before any layer is built (``eva``'s calibration,
 ``soma``'s frozen blocks) and ``lq-lora`` are refused in one line.
 
@@ -39,12 +46,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
+from torch import nn
 
+from .._distributed import agree, distributed_group, exchange, owners
 from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._shards import ShardedOutput
@@ -55,6 +66,7 @@ from ..weights.checkpoint import Checkpoint
 from ..weights.record import natural_key
 from .api import _METADATA_KEY, FORMAT, FORMAT_VERSION
 from .base import AdaptedLinear, block_index, find_targets, fingerprint, get_method, is_conv1d, tied_names
+from .distributed import _building
 
 ADAPTER_FILE = "adapter.safetensors"
 #: files of a model folder that are weights (not copied: the output has its own)
@@ -73,7 +85,7 @@ def _check_method(method: str, cls: type[AdaptedLinear]) -> None:
 
 def init_from_checkpoint(source_dir: str | os.PathLike[str], method: str, rank: int = 8, *,
                          out: str | os.PathLike[str], targets: str | list[str] = "all-linear", cache: Any = None,
-                         progress: bool = False, **options: Any) -> Path:
+                         progress: bool = False, distributed: bool | None = None, **options: Any) -> Path:
     """Initialize ``method``'s adapters from the checkpoint folder ``source_dir`` into ``out``,
     one tensor at a time (see the module docstring); returns ``out``.
 
@@ -87,17 +99,44 @@ def init_from_checkpoint(source_dir: str | os.PathLike[str], method: str, rank: 
         cache: a :class:`spectrakit.SpectrumCache` (or its folder) the methods' SVDs read
             and fill (:func:`spectrakit.cache.use_cache`); ``None``: the one in use, if any.
         progress: a progress bar over the tensors.
+        distributed: share the SVDs among the ``torchrun`` ranks (``None``: when
+            ``WORLD_SIZE > 1``; ``False``: one process); rank 0 writes ``out``.
         **options: the method's options (``alpha=``, ``svd_method=``, …).
     """
     cls = get_method(method)
     _check_method(method, cls)
     cls.check_options(options)
+    group = distributed_group(distributed)
     with contextlib.nullcontext() if cache is None else use_cache(cache):  # the methods' SVDs read it
-        return _init(source_dir, method, cls, rank, out, targets, progress, options)
+        return _init(source_dir, method, cls, rank, out, targets, progress, options, group)
+
+
+class _Discard:
+    """What a rank other than 0 writes into: nothing."""
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add(self, tensors: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def copy(self, source: Path) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
 
 
 def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLinear], rank: int,
-          out: str | os.PathLike[str], targets: str | list[str], progress: bool, options: dict[str, Any]) -> Path:
+          out: str | os.PathLike[str], targets: str | list[str], progress: bool, options: dict[str, Any],
+          ranks: tuple[int, int] | None = None) -> Path:
+    this_rank, world = ranks if ranks is not None else (0, 1)
     checkpoint = Checkpoint(source_dir)
     model = checkpoint.skeleton()
     layers = find_targets(model, targets)
@@ -121,48 +160,133 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
     fingerprints: dict[str, str] = {}
     bias_of = {name: stored_name for stored_name, name in biases.items()}
     stored = sorted(checkpoint.tensors, key=natural_key)
-    with ShardedOutput(out, marker=ADAPTER_FILE) as output:
+    owner_of = _layer_owners(layers, world)
+    # this block's layers whose SVD another rank computes: (stored weight name, base weight if kept, bias)
+    awaited: dict[str, tuple[str, torch.Tensor | None, tuple[str, torch.Tensor] | None]] = {}
+    asked: list[str] = []  # this block's layers whose method asked for factors (the same on every rank)
+    sent: dict[str, dict[str, torch.Tensor]] = {}  # what this rank owns of them: adapter tensors, residual
+    notes: dict[str, tuple[Any, str]] = {}  # their configs and fingerprints
+
+    failed: list[BaseException] = []  # under torchrun: this rank's error in the block, reported at its end
+
+    def raise_failure() -> None:
+        if failed:
+            raise failed[0]
+
+    def settle() -> None:
+        """The end of a block: every rank stops if one failed; the shared layers come from their
+        owners (rank 0 queues them); then the block's shard."""
+        if world == 1:
+            output.flush()
+            release_freed_memory()
+            return
+        agree(raise_failure, f"init {method}")
+        received = exchange(sent, {name: owner_of[name] for name in asked})
+        every: list[Any] = [None] * world
+        torch.distributed.all_gather_object(every, notes)
+        agree(partial(write_shared, received, every), "write")
+        for pending in (awaited, asked, sent, notes):
+            pending.clear()
+        release_freed_memory()
+
+    def write_shared(received: dict[str, dict[str, torch.Tensor]], every: list[Any]) -> None:
+        for name, (stored_name, base, bias) in awaited.items():
+            config, fingerprints[name] = next(part[name] for part in every if name in part)
+            layer_configs[name] = config
+            tensors = received[name]
+            for key, value in tensors.items():
+                if key.startswith("t."):
+                    adapter[f"{name}.{key[2:]}"] = value
+            output.add({stored_name: tensors["residual"] if base is None else base})
+            if bias is not None:
+                output.add({bias[0]: bias[1]})
+        output.flush()
+
+    def build(name: str, stored_name: str) -> None:
+        layer = layers[name]
+        bias_name = bias_of.get(name)
+        parameters = [f"{name}.weight", *([f"{name}.bias"] if bias_name is not None else [])]
+        checkpoint.materialize(model, parameters)
+        mine = owner_of[name] == this_rank
+        with _building(stand_in=not mine) if world > 1 else contextlib.nullcontext() as requests:
+            wrapped = cls(layer, name=name, **plan[name])
+        shared = requests is not None and requests.asked
+        config = wrapped.config()
+        if cls.rewrites_base:
+            config = {**config, "residual": True}
+        residual = layer_weight(layer).detach()
+        bias = layer.get_parameter("bias").detach() if bias_name is not None else None
+        if shared:
+            asked.append(name)
+        if shared and not mine:  # its owner sends the adapter (and the residual of a method that rewrites it)
+            if this_rank == 0:
+                kept = None if cls.rewrites_base else residual
+                awaited[name] = (stored_name, kept, None if bias is None else (str(bias_name), bias))
+        else:
+            trainable = {key: value.detach().to("cpu").clone().contiguous()
+                         for key, value in wrapped.trainable().items()}
+            print_ = fingerprint(residual) if cls.rewrites_base else wrapped.base_fingerprint
+            if shared:
+                sent[name] = {**{f"t.{key}": value for key, value in trainable.items()},
+                              **({"residual": residual} if cls.rewrites_base else {})}
+                notes[name] = (config, print_)
+            if this_rank == 0:
+                adapter.update({f"{name}.{key}": value for key, value in trainable.items()})
+                layer_configs[name], fingerprints[name] = config, print_
+                output.add({stored_name: residual})
+                if bias is not None:
+                    output.add({str(bias_name): bias})
+        del wrapped, residual, bias
+        Checkpoint.release(layer)
+
+    # rank 0 writes; every rank learns at once if the folder cannot be written
+    opened: Any = agree(lambda: ShardedOutput(out, marker=ADAPTER_FILE) if this_rank == 0 else _Discard(), "out")
+    with opened as output:
         current: int | None = None
-        for stored_name in progress_bar(stored, total=len(stored), desc=f"init {method}", enabled=progress,
-                                        unit="tensor"):
+        for stored_name in progress_bar(stored, total=len(stored), desc=f"init {method}",
+                                        enabled=progress and this_rank == 0, unit="tensor"):
             group = block_index(stored_name)
             if group != current:  # one shard per block, as the blocks come
-                output.flush()
-                release_freed_memory()
+                settle()
                 current = group
             if stored_name in biases:
                 continue  # written with its layer's weight
             if stored_name not in weights:
-                output.add({stored_name: checkpoint.tensors[stored_name].read()})
+                if this_rank == 0:  # copied as it is
+                    output.add({stored_name: checkpoint.tensors[stored_name].read()})
                 continue
-            name = weights[stored_name]
-            layer = layers[name]
-            bias_name = bias_of.get(name)
-            parameters = [f"{name}.weight", *([f"{name}.bias"] if bias_name is not None else [])]
-            checkpoint.materialize(model, parameters)
-            wrapped = cls(layer, name=name, **plan[name])
-            for key, value in wrapped.trainable().items():
-                adapter[f"{name}.{key}"] = value.detach().to("cpu").clone().contiguous()
-            config = wrapped.config()
-            if cls.rewrites_base:
-                config = {**config, "residual": True}
-            layer_configs[name] = config
-            residual = layer_weight(layer)
-            fingerprints[name] = fingerprint(residual) if cls.rewrites_base else wrapped.base_fingerprint
-            output.add({stored_name: residual.detach()})
-            if bias_name is not None:
-                bias: torch.Tensor = layer.bias  # type: ignore[assignment]
-                output.add({bias_name: bias.detach()})
-            del wrapped, residual
-            Checkpoint.release(layer)
-        output.flush()
-        _write_adapter(output.file(ADAPTER_FILE), method, layers, layer_configs, fingerprints, adapter)
-        output.copy(checkpoint.folder / "config.json")
-        for file in sorted(checkpoint.folder.iterdir()):
-            if (file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES)
-                    and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
-                output.copy(file)
+            if failed:
+                continue
+            try:
+                build(weights[stored_name], stored_name)
+            except Exception as error:  # under torchrun every rank learns of it at the block's end
+                if world == 1:
+                    raise
+                failed.append(error)
+        settle()
+
+        def finish() -> None:
+            _write_adapter(output.file(ADAPTER_FILE), method, layers, layer_configs, fingerprints, adapter)
+            output.copy(checkpoint.folder / "config.json")
+            for file in sorted(checkpoint.folder.iterdir()):
+                if (file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES)
+                        and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
+                    output.copy(file)
+            output.commit()
+
+        agree(finish if this_rank == 0 else lambda: None, "write")  # the folder appears only if all got here
     return Path(out)
+
+
+def _layer_owners(layers: Mapping[str, nn.Module], world: int) -> dict[str, int]:
+    """Each targeted layer's rank: ``out · in · min(out, in)`` dealt by the LPT rule (shapes from the skeleton)."""
+    names = list(layers)
+    costs = []
+    for name in names:
+        rows, cols = layer_weight(layers[name]).shape
+        costs.append(float(rows * cols * min(rows, cols)))
+    deal = owners(costs, world)
+    return {name: deal[i] for i, name in enumerate(names)}
 
 
 def _write_adapter(path: Path, method: str, layers: Iterable[str], configs: dict[str, Any],

@@ -18,6 +18,14 @@ shard by shard, holding one block's weights and the calibration activations at a
    reads), ``model.safetensors.index.json`` and the folder's tokenizer files; the folder
    appears under ``out`` only once complete (:class:`~spectrakit._shards.ShardedOutput`).
 
+Under ``torchrun`` (``WORLD_SIZE > 1``) the work of each block is shared among the ranks, as
+the in-memory ``compress`` shares it (:mod:`spectrakit.compress.distributed`): every rank
+reads the block, rank ``r`` runs its share ``r, r + R, …`` of the calibration batches through
+it (the statistics are summed onto each layer's owner), the block's layers are dealt by
+``out · in · min(out, in)`` and each owner decomposes and truncates its own, then sends the
+factors to every rank bit for bit; rank 0 alone writes the output. A failure on any rank stops
+every rank with one line before the folder appears.
+
 The result equals ``compress(model, method, …, sequential=True)`` on the model in memory
 (:mod:`spectrakit.compress.blockwise`), and for ``svd`` the ordinary in-memory result.
 Supported: methods ``svd``, ``asvd``, ``svd-llm``, ``svd-llm-v2``; budgets ``ratio=``,
@@ -40,15 +48,18 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .._distributed import agree, distributed_group, exchange
 from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._shards import ShardedOutput
+from .._targets import layer_weight
 from ..cache import use_cache
 from ..errors import SpectrakitError
 from ..weights.checkpoint import Checkpoint, decoder_blocks
@@ -99,10 +110,133 @@ def _release_parameters(model: nn.Module, names: Iterable[str], aliases: dict[st
                 module._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
+def _write_shard(output: Any, tensors: dict[str, Any]) -> None:
+    output.add(tensors)
+    output.flush()
+
+
+class _Discard:
+    """What a rank other than 0 writes into: nothing (rank 0 writes the output)."""
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add(self, tensors: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def write_text(self, name: str, text: str) -> None:
+        pass
+
+    def write_json(self, name: str, value: Any) -> None:
+        pass
+
+    def copy(self, source: Path) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+
+def _capture_share(model: nn.Module, block: nn.Module, calibration: Iterable[Any], group: tuple[int, int] | None,
+                   progress: bool) -> tuple[BlockInputs, int]:
+    """The first block's inputs of this rank's batches (all of them in one process) and the
+    number of real tokens over every rank."""
+    if group is None:
+        inputs = capture_inputs(model, block, calibration, progress=progress)
+        return inputs, inputs.tokens
+    import torch
+    import torch.distributed as dist
+
+    from .calibration import _check_finite
+    from .distributed import calibration_share
+
+    rank, world = group
+
+    def work() -> BlockInputs:
+        batches, numbers = calibration_share(calibration, rank, world)
+        for batch, number in zip(batches, numbers):
+            _check_finite(batch, number)  # named by its number in the whole set, not in this rank's share
+        if not batches:
+            total = len(calibration) if isinstance(calibration, Sized) else None
+            if total == 0 or (total is None and rank == 0):
+                raise SpectrakitError("calibration yielded no batches")
+            return BlockInputs()
+        return capture_inputs(model, block, batches, progress=progress and rank == 0)
+
+    inputs = agree(work, "calibration")
+    tokens = torch.tensor([inputs.tokens], dtype=torch.int64)
+    dist.all_reduce(tokens)
+    return inputs, int(tokens.item())
+
+
+def _compress_block_shared(model: nn.Module, block: nn.Module, layers: dict[str, nn.Module],
+                           matrices: dict[str, Any], inputs: BlockInputs, solver: Any, group: tuple[int, int], *,
+                           method: str, svd_method: str, **budget: Any) -> tuple[dict[str, Any], float]:
+    """One block's layers compressed weight-parallel: statistics summed onto each layer's owner,
+    each owner decomposes and truncates its layers, the factors and reports go to every rank
+    (which swaps in the same :class:`LowRankLinear`); returns the reports and the seconds spent
+    on statistics."""
+    import torch.distributed as dist
+
+    from .._targets import module_sites, replace_module
+    from .distributed import _merge_method_state, layer_owners, reduce_statistics
+    from .lowrank import LowRankLinear
+
+    rank, world = group
+    owner_of = layer_owners(matrices, world)
+    names = list(layers)
+    stats_start = time.perf_counter()
+    local = agree(lambda: block_statistics(block, layers, matrices, inputs, solver, svd_method)
+                  if inputs.hidden else {}, "calibration")
+    statistics = reduce_statistics(local, names, owner_of=owner_of) if solver.needs else {}
+    del local
+    stats_seconds = time.perf_counter() - stats_start
+    mine = {name: layer for name, layer in layers.items() if owner_of[name] == rank}
+    counters = {key: value for key, value in vars(solver).items() if isinstance(value, int)}
+    reports = agree(lambda: compress_block(model, mine, {name: matrices[name] for name in mine}, statistics, solver,
+                                           method=method, svd_method=svd_method, release=Checkpoint.release,
+                                           **budget), f"compress {method}")
+    matrices.clear()
+    statistics.clear()
+    _merge_method_state(solver, counters, names)
+    sent: dict[str, dict[str, Any]] = {}
+    for name, report in reports.items():
+        if report.replaced:
+            new = model.get_submodule(name)
+            sent[name] = {"up": new.get_parameter("up"), "down": new.get_parameter("down")}
+    received = exchange(sent, {name: owner_of[name] for name in sent})
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, reports)
+    sites = module_sites(model)
+    for part in every:
+        for name, report in part.items():
+            reports[name] = report
+            if owner_of[name] == rank or not report.replaced:
+                continue
+            layer = layers[name]
+            weight = layer_weight(layer)
+            bias = getattr(layer, "bias", None)
+            new = LowRankLinear.from_factors(received[name]["up"], received[name]["down"],
+                                             bias.detach() if bias is not None else None, method=method,
+                                             dtype=weight.dtype)
+            replace_module(model, sites[id(layer)], new.to(weight.device))
+            del weight, bias, new
+            Checkpoint.release(layer)
+    del received, sent
+    return {name: reports[name] for name in names}, stats_seconds
+
+
 def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any, *, out: str | os.PathLike[str],
                         ratio: float | None, rank: int | None, energy: float | None,
                         calibration: Iterable[Any] | None, allocation: str | None, targets: str | Iterable[str],
-                        svd_method: str, only_if_smaller: bool, progress: bool, options: dict[str, Any]) -> Any:
+                        svd_method: str, only_if_smaller: bool, progress: bool, options: dict[str, Any],
+                        distributed: bool | None = None) -> Any:
     """Compress the checkpoint folder ``source`` block by block into the folder ``out``.
 
     Called by :func:`~spectrakit.compress.compress` for a folder and ``low_memory=True``
@@ -122,6 +256,8 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
         only_if_smaller: as in :func:`~spectrakit.compress.compress`.
         progress: progress bars over the batches and the blocks.
         options: the method options, recorded in the report's budget.
+        distributed: share each block's work among the ``torchrun`` ranks (``None``: when
+            ``WORLD_SIZE > 1``; see :func:`spectrakit._distributed.distributed_group`).
     """
     from . import persist
     from .allocation import check_budget
@@ -132,6 +268,8 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
     check_budget(ratio, rank, energy, "uniform")
     if solver.needs and calibration is None:
         raise SpectrakitError(f"method {method!r} needs calibration=batches (inputs the model is run on)")
+    group = distributed_group(distributed)
+    this_rank = 0 if group is None else group[0]
     checkpoint = Checkpoint(source)
     model = checkpoint.skeleton()
     layers = find_layers(model, targets)
@@ -147,77 +285,95 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
 
     reports: dict[str, Any] = {}
     calibration_seconds = 0.0
-    with ShardedOutput(out, marker=persist.CONFIG) as output:
+    # rank 0 writes; every rank learns at once if the folder cannot be written
+    opened: Any = agree(lambda: ShardedOutput(out, marker=persist.CONFIG) if this_rank == 0 else _Discard(),
+                         "out")
+    with opened as output:
         # 1. embeddings and the rest outside the blocks (but the head): the first block's inputs, then shard 1
         checkpoint.materialize(model, before_blocks)
         checkpoint.load_buffers(model, "")
-        inputs = BlockInputs()
+        inputs, tokens = BlockInputs(), 0
         if solver.needs:
             capture_start = time.perf_counter()
             assert calibration is not None
-            inputs = capture_inputs(model, blocks[0], calibration, progress=progress)
+            inputs, tokens = _capture_share(model, blocks[0], calibration, group, progress)
             calibration_seconds += time.perf_counter() - capture_start
-        tokens = inputs.tokens
         state, parameter_names = model.state_dict(), {name for names in aliases.values() for name in names}
-        output.add({name: state[name] for name in before_blocks})
-        output.add({name: buffer for name, buffer in state.items()  # persistent buffers outside the blocks
-                    if name not in parameter_names and not name.startswith(prefix + ".")})
-        del state
-        output.flush()
+        first = {name: state[name] for name in before_blocks}
+        first.update({name: buffer for name, buffer in state.items()  # persistent buffers outside the blocks
+                      if name not in parameter_names and not name.startswith(prefix + ".")})
+        agree(partial(_write_shard, output, first), "write")
+        del state, first
         _release_parameters(model, before_blocks, aliases)
 
         # 2. one block at a time
         for index in progress_bar(range(len(blocks)), total=len(blocks), desc=f"compress {method}",
-                                  enabled=progress, unit="block"):
+                                  enabled=progress and this_rank == 0, unit="block"):
             block, block_layers, name = blocks[index], grouped[index], f"{prefix}.{index}"
             checkpoint.materialize(model, [f"{name}.{leaf}" for leaf, _ in block.named_parameters()])
             checkpoint.load_buffers(block, name)
             matrices = {layer: _canonical_weight(layer, module) for layer, module in block_layers.items()}
-            stats_start = time.perf_counter()
-            statistics = block_statistics(block, block_layers, matrices, inputs, solver, svd_method)
-            calibration_seconds += time.perf_counter() - stats_start
-            release_freed_memory()
-            reports.update(compress_block(model, block_layers, matrices, statistics, solver, method=method,
-                                          ratio=ratio, rank=rank, energy=energy, svd_method=svd_method,
-                                          only_if_smaller=only_if_smaller, release=Checkpoint.release))
-            del matrices, statistics, block_layers
+            budget_of: dict[str, Any] = {"ratio": ratio, "rank": rank, "energy": energy,
+                                         "only_if_smaller": only_if_smaller}
+            if group is None:
+                stats_start = time.perf_counter()
+                statistics = block_statistics(block, block_layers, matrices, inputs, solver, svd_method)
+                calibration_seconds += time.perf_counter() - stats_start
+                release_freed_memory()
+                reports.update(compress_block(model, block_layers, matrices, statistics, solver, method=method,
+                                              svd_method=svd_method, release=Checkpoint.release, **budget_of))
+                del statistics
+            else:
+                shared, seconds = _compress_block_shared(model, block, block_layers, matrices, inputs, solver, group,
+                                                         method=method, svd_method=svd_method, **budget_of)
+                reports.update(shared)
+                calibration_seconds += seconds
+            del matrices, block_layers
             grouped[index] = {}  # the dense layers are not kept
             block = blocks[index]  # its layers were replaced in place
-            if solver.needs and index < len(blocks) - 1:
-                run_block(block, inputs)
-            output.add(block.state_dict(prefix=f"{name}."))
-            output.flush()
+            if solver.needs and index < len(blocks) - 1 and inputs.hidden:
+                agree(partial(run_block, block, inputs), "calibration")
+            agree(partial(_write_shard, output, block.state_dict(prefix=f"{name}.")), "write")
             Checkpoint.release(block)
             release_freed_memory()  # glibc would otherwise keep the freed block in a fragmented heap
 
         # 3. the output head, read and written alone
-        for first in sorted(head):
-            output.add({first: checkpoint.load(next(n for n in aliases[first] if checkpoint.has(n)))})
-            output.flush()
+        def write_head() -> None:
+            for first in sorted(head):
+                output.add({first: checkpoint.load(next(n for n in aliases[first] if checkpoint.has(n)))})
+                output.flush()
+
+        agree(write_head if this_rank == 0 else lambda: None, "write")
         for message in solver.warnings():
             warnings.warn(message, CompressionWarning, stacklevel=4)  # the caller of compress()
         budget = {"ratio": ratio, "rank": rank, "energy": energy, "low_memory": True, **options}
         report = make_report(method, budget, parameters_before, {layer: reports[layer] for layer in names},
                              tokens, start, calibration_seconds)
-        config: Any = getattr(model, "config", None)
-        output.write_text(persist.HF_CONFIG, config.to_json_string(use_diff=False))
-        for file in sorted(checkpoint.folder.iterdir()):
-            if (file.is_file() and file.name != persist.HF_CONFIG and not file.name.endswith(_WEIGHT_SUFFIXES)
-                    and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
-                output.copy(file)
-        buffers = {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers()
-                   if b.is_floating_point()}
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        output.write_json(persist.CONFIG, {
-            "format": persist.FORMAT, "version": persist.VERSION,
-            "architecture": persist._hf_class(model) or "module", "layers": persist._layers(model),
-            "dtype": str(dtype).removeprefix("torch."), "buffer_dtypes": buffers, "report": report.to_dict(),
-            "source": str(Path(source))})
+
+        def finish() -> None:
+            config: Any = getattr(model, "config", None)
+            output.write_text(persist.HF_CONFIG, config.to_json_string(use_diff=False))
+            for file in sorted(checkpoint.folder.iterdir()):
+                if (file.is_file() and file.name != persist.HF_CONFIG and not file.name.endswith(_WEIGHT_SUFFIXES)
+                        and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
+                    output.copy(file)
+            buffers = {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers()
+                       if b.is_floating_point()}
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            output.write_json(persist.CONFIG, {
+                "format": persist.FORMAT, "version": persist.VERSION,
+                "architecture": persist._hf_class(model) or "module", "layers": persist._layers(model),
+                "dtype": str(dtype).removeprefix("torch."), "buffer_dtypes": buffers, "report": report.to_dict(),
+                "source": str(Path(source))})
+            output.commit()
+
+        agree(finish, "write")  # the folder appears only if every rank got here
     return report
 
 
 def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out: str | os.PathLike[str] | None,
-             lora_update: bool, svd_method: str, options: dict[str, Any], cache: Any = None, **arguments: Any) -> Any:
+             lora_update: bool, svd_method: str, options: dict[str, Any], cache: Any = None,
+             distributed: bool | None = None, **arguments: Any) -> Any:
     """``compress`` for a checkpoint folder (``low_memory=True``) or with ``sequential=True``:
     the options checked in one line each, then :func:`compress_checkpoint` or
     :func:`~spectrakit.compress.blockwise.compress_sequential`.
@@ -233,6 +389,8 @@ def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out
         options: the method options.
         cache: a :class:`~spectrakit.SpectrumCache` (or its folder) for the SVDs (``None``: the
             one in use, if any).
+        distributed: ``low_memory=True`` under ``torchrun``: share each block's work among the
+            ranks (``None``: when ``WORLD_SIZE > 1``; ``False``: one process).
         arguments: the rest of :func:`~spectrakit.compress.compress`'s arguments.
     """
     from ..linalg.svd import METHODS as SVD_METHODS
@@ -266,7 +424,7 @@ def dispatch(model: Any, method: str, *, sequential: bool, low_memory: bool, out
         if low_memory:
             assert out is not None
             return compress_checkpoint(model, method, solver, out=out, svd_method=svd_method, options=options,
-                                       **chosen)
+                                       distributed=distributed, **chosen)
         return compress_sequential(model, method, solver, svd_method=svd_method, options=options, **chosen)
 
 
@@ -289,8 +447,6 @@ def run_command(args: Any) -> int:
     if args.source is None:
         raise SpectrakitError("--low-memory needs SOURCE, a Hugging Face checkpoint folder (the bundled reference "
                               "model fits in memory)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SpectrakitError("--low-memory runs in one process; start it without torchrun")
     folder = Path(args.source)
     checkpoint_config = Checkpoint(folder).config_dict  # checks the folder before the text is read
     budget = {"ratio": args.ratio, "rank": args.rank, "energy": args.energy}
@@ -308,11 +464,15 @@ def run_command(args: Any) -> int:
         else:
             text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
         calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
-    with warnings.catch_warnings(record=True) as caught:
+    from .._distributed import torchrun_group
+
+    with torchrun_group() as rank, warnings.catch_warnings(record=True) as caught:  # under torchrun: rank 0 writes
         warnings.simplefilter("always", CompressionWarning)
         report = compress(str(folder), args.method, calibration=calibration, allocation=args.allocation,
-                          targets=args.targets or "all-linear", progress=not args.quiet, out=args.out,
+                          targets=args.targets or "all-linear", progress=not args.quiet and rank == 0, out=args.out,
                           low_memory=True, **budget, **options)
+    if rank != 0:
+        return 0
     for warning in caught:
         print(f"spectrakit: warning: {warning.message}", file=sys.stderr)
     out = Path(args.out)
