@@ -35,11 +35,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import json
 import math
+import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,7 +89,7 @@ def wide_llama() -> torch.nn.Module:
 
 
 def llama_1b_layer() -> torch.nn.Module:
-    """One decoder layer of Llama-3.2-1B's shape (hidden 2048, MLP 8192, 32 heads, 8 key-value
+    """One decoder block (layer) of Llama-3.2-1B's shape (hidden 2048, MLP 8192, 32 heads, 8 key-value
     heads), random weights, a 256-token vocabulary: the per-layer cost of a 1B-parameter LLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -195,50 +199,123 @@ def second_half_configs(ratios: list[float]) -> list[dict]:
     return configs
 
 
+def clocked(run: Callable[[], object]) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of ``run()``: ``time.perf_counter`` and the process CPU time
+    (every thread's, so torch's intra-op threads count; another process's load does not)."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def clocked_compress(base: torch.nn.Module, **kwargs) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of ``sk.compress`` on a fresh copy of ``base`` (copied outside the clock)."""
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        return clocked(lambda: sk.compress(model, **kwargs))
+
+
+def _best(runs: list[tuple[float, float]]) -> dict[str, float]:
+    return {"wall": min(r[0] for r in runs), "cpu": min(r[1] for r in runs)}
+
+
 def floor_timing(base: torch.nn.Module, calib: list[torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
     """Each method at ratio 0.3 (uniform) against its floor, interleaved round by round: plain svd's
-    time plus the plain forward over the calibration batches (plus one backward for fwsvd/gfwsvd)."""
+    time plus the plain forward over the calibration batches (plus one backward for fwsvd/gfwsvd).
+
+    Wall and process CPU seconds, the best of ``repeats`` rounds each; the ratios on both clocks,
+    and the 1-minute load average before each round."""
     from spectrakit.adapt.train import lm_loss
 
-    runs: dict[str, list[float]] = {m: [] for m in FLOOR_METHODS}
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in FLOOR_METHODS}
     runs.update({"forward": [], "forward+backward": []})
-    for _ in range(repeats):
-        for method in FLOOR_METHODS:
-            runs[method].append(timed_compress(base, method=method, ratio=0.3, calibration=calib,
-                                               allocation="uniform")[2])
+    loads = []
+
+    def forward() -> None:
         with torch.no_grad():
-            start = time.perf_counter()
             for batch in calib:
                 base(batch)
-            runs["forward"].append(time.perf_counter() - start)
-        model = copy.deepcopy(base)
-        start = time.perf_counter()
+
+    def forward_backward(model: torch.nn.Module) -> None:
         for batch in calib:  # the loss the Fisher methods differentiate, one backward per batch
             lm_loss(model, torch.cat([batch, batch[:, -1:]], dim=1)).backward()
-        runs["forward+backward"].append(time.perf_counter() - start)
-    best = {label: min(times) for label, times in runs.items()}
-    timing = {}
+
+    for round_ in range(repeats):
+        loads.append(os.getloadavg()[0])
+        for method in FLOOR_METHODS:
+            runs[method].append(clocked_compress(base, method=method, ratio=0.3, calibration=calib,
+                                                 allocation="uniform"))
+        runs["forward"].append(clocked(forward))
+        runs["forward+backward"].append(clocked(functools.partial(forward_backward, copy.deepcopy(base))))
+        print(f"round {round_ + 1}/{repeats} (load {loads[-1]:.1f}): "
+              + ", ".join(f"{m} {runs[m][-1][1]:.2f}" for m in runs) + " cpu s", flush=True)
+    best = {label: _best(times) for label, times in runs.items()}
+    timing: dict[str, dict[str, float]] = {}
     for method in FLOOR_METHODS:
-        floor = best["svd"] + best["forward+backward" if method in FISHER else "forward"]
-        timing[method] = {"seconds": best[method], "floor_seconds": floor, "vs_floor": best[method] / floor,
-                          "vs_svd": best[method] / best["svd"]}
-    timing["floor"] = {"svd": best["svd"], "forward": best["forward"], "forward+backward": best["forward+backward"]}
+        part = "forward+backward" if method in FISHER else "forward"
+        row = {}
+        for clock in ("wall", "cpu"):
+            floor = best["svd"][clock] + best[part][clock]
+            row.update({f"{clock}_seconds": best[method][clock], f"{clock}_floor_seconds": floor,
+                        f"{clock}_vs_floor": best[method][clock] / floor,
+                        f"{clock}_vs_svd": best[method][clock] / best["svd"][clock]})
+        timing[method] = row
+    timing["floor"] = {f"{label} {clock}": best[label][clock] for label in ("svd", "forward", "forward+backward")
+                       for clock in ("wall", "cpu")}
+    timing["load"] = {"min": min(loads), "max": max(loads), "rounds": repeats}
     return timing
+
+
+def floor_table(timing: dict[str, dict[str, float]]) -> str:
+    """:func:`floor_timing`'s result as a markdown table (both clocks)."""
+    return markdown_table(
+        ["method", "wall s", "wall floor", "× floor (wall)", "cpu s", "cpu floor", "× floor (cpu)", "× svd (cpu)"],
+        [[m, f"{t['wall_seconds']:.3f}", f"{t['wall_floor_seconds']:.3f}", f"{t['wall_vs_floor']:.2f}",
+          f"{t['cpu_seconds']:.3f}", f"{t['cpu_floor_seconds']:.3f}", f"{t['cpu_vs_floor']:.2f}",
+          f"{t['cpu_vs_svd']:.2f}"] for m, t in timing.items() if m not in ("floor", "load")])
+
+
+def llama_1b_block() -> torch.nn.Module:
+    """One whole decoder block of Llama-3.2-1B's shape (q, k, v, o, gate, up, down: hidden 2048,
+    MLP 8192, 32 heads, 8 key-value heads), random weights, a 256-token vocabulary."""
+    model = llama_1b_layer()
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 8192
+    return model
 
 
 def bound_timing(repeats: int) -> dict[str, dict[str, float]]:
     """svd and svd-llm at ratio 0.3 with 16 × 256 calibration tokens on one Llama-3.2-1B-shaped
-    layer and on GPT-2 small, alternating round by round; the best of each and their ratio."""
+    decoder block (all seven of its linear layers) and on GPT-2 small (its 48 linear layers),
+    alternating round by round, with the plain forward over the calibration batches for
+    reference; the best of each (wall and process CPU) and svd-llm's ratio to svd on both."""
     calib = calibration(16)
-    timing = {}
-    for label, build in (("llama-3.2-1b layer", llama_1b_layer), ("gpt2-small", gpt2_small)):
+    timing: dict[str, dict[str, float]] = {}
+    for label, build in (("llama-3.2-1b block", llama_1b_block), ("gpt2-small", gpt2_small)):
         base = build()
-        runs: dict[str, list[float]] = {"svd": [], "svd-llm": []}
+        runs: dict[str, list[tuple[float, float]]] = {"svd": [], "svd-llm": [], "forward": []}
+        loads = []
+
+        def forward(model: torch.nn.Module = base) -> None:
+            with torch.no_grad():
+                for batch in calib:
+                    model(batch)
+
         for _ in range(repeats):
-            for method in runs:
-                runs[method].append(timed_compress(base, method=method, ratio=0.3, calibration=calib)[2])
-        best = {method: min(times) for method, times in runs.items()}
-        timing[label] = {**best, "svd-llm vs svd": best["svd-llm"] / best["svd"]}
+            loads.append(os.getloadavg()[0])
+            for method in ("svd", "svd-llm"):
+                runs[method].append(clocked_compress(base, method=method, ratio=0.3, calibration=calib))
+            runs["forward"].append(clocked(forward))
+            print(f"{label} (load {loads[-1]:.1f}): " + ", ".join(f"{m} {runs[m][-1][0]:.2f} s wall "
+                                                               f"{runs[m][-1][1]:.2f} s cpu" for m in runs),
+                  flush=True)
+        best = {method: _best(times) for method, times in runs.items()}
+        targets = sum(1 for m in base.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+        timing[label] = {**{f"{m} {clock}": best[m][clock] for m in runs for clock in ("wall", "cpu")},
+                         "svd-llm vs svd (wall)": best["svd-llm"]["wall"] / best["svd"]["wall"],
+                         "svd-llm vs svd (cpu)": best["svd-llm"]["cpu"] / best["svd"]["cpu"],
+                         "linear layers (the output head is not a target)": targets,
+                         "load min": min(loads), "load max": max(loads)}
         print(f"{label}: {timing[label]}", flush=True)
     return timing
 
@@ -282,26 +359,15 @@ def second_half(args: argparse.Namespace, ratios: list[float]) -> None:
     timing = floor_timing(base, calib, args.repeats) if args.repeats else {}
     if timing:
         print("\n### time at ratio 0.3 against the floor\n")
-        print(markdown_table(["method", "seconds", "floor", "× floor", "× plain svd"],
-                             [[m, f"{t['seconds']:.3f}", f"{t['floor_seconds']:.3f}", f"{t['vs_floor']:.2f}",
-                               f"{t['vs_svd']:.2f}"] for m, t in timing.items() if m != "floor"]))
-        print(f"floor parts: {timing['floor']}")
-    llama_1b = {}
-    if args.llama1b_repeats:
-        layer, calib16 = llama_1b_layer(), calibration(16)
-        for method in ("svd", "svd-llm"):
-            runs = [timed_compress(layer, method=method, ratio=0.3, calibration=calib16)[2]
-                    for _ in range(args.llama1b_repeats)]
-            llama_1b[method] = min(runs)
-        llama_1b["svd-llm vs svd"] = llama_1b["svd-llm"] / llama_1b["svd"]
-        print(f"Llama-3.2-1B-shaped layer: {llama_1b}")
-    save({"results": results, "timing_vs_floor": timing, "timing_llama_1b_layer": llama_1b})
+        print(floor_table(timing))
+    bound = bound_timing(args.llama1b_repeats) if args.llama1b_repeats else {}
+    save({"results": results, "timing_vs_floor": timing, "timing_bound": bound})
     plot_second_half(results, dense, Path(args.plot))
     print(f"\nwrote {args.json} and {args.plot}")
 
 
 LORA_GRID = ((1e-3, 1), (3e-4, 1), (1e-4, 1), (1e-4, 2), (3e-5, 1), (3e-5, 2))
-LORA_METHODS = ("svd", "asvd", "svd-llm", "svd-llm-v2")
+LORA_METHODS = ("svd", "asvd", "fwsvd", "gfwsvd", "svd-llm", "svd-llm-v2")
 
 
 def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
@@ -316,8 +382,17 @@ def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
     from spectrakit._atomic import atomic_write
 
     results: list[dict] = []
+    only = set(args.only.split(",")) if args.only else None
+    commands = [" ".join(["python", *sys.argv])]
+    if only is not None and Path(args.json).exists():  # --only adds to (replaces its methods in) an earlier study
+        earlier = json.loads(Path(args.json).read_text())
+        if (earlier.get("eval_windows"), earlier.get("calibration_sequences")) == (args.windows, args.calib):
+            results = [r for r in earlier["results"] if r["method"] not in only]
+            commands = [*earlier.get("commands", [earlier.get("command")]), *commands]
     for ratio in ratios:
         for method in LORA_METHODS:
+            if only is not None and method not in only:
+                continue
             for lr, epochs in ((None, None), *LORA_GRID):
                 extra = {} if lr is None else {"lora_update": True, "lora_lr": lr, "lora_epochs": epochs}
                 model, report, seconds, _ = timed_compress(base, method=method, ratio=ratio, allocation="uniform",
@@ -330,7 +405,7 @@ def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
                       f"docs {row['bpb_docs']:.4f} calib loss {report.lora_loss_before} -> {report.lora_loss_after}",
                       flush=True)
                 with atomic_write(args.json) as handle:
-                    json.dump({"machine": machine(), "command": " ".join(["python", *sys.argv]), "dense": dense,
+                    json.dump({"machine": machine(), "commands": commands, "dense": dense,
                                "calibration_sequences": args.calib, "eval_windows": args.windows,
                                "results": results}, handle, indent=1)
     print(f"\nwrote {args.json}")
@@ -400,7 +475,8 @@ def main() -> None:
     parser.add_argument("--gpt2-repeats", type=int, default=1,
                         help="rounds of the GPT-2-size timing (about 70 s each; 0 skips it)")
     parser.add_argument("--llama1b-repeats", type=int, default=1,
-                        help="rounds of the timing on one Llama-3.2-1B-shaped layer (about 45 s each; 0 skips it)")
+                        help="rounds of the timing on one Llama-3.2-1B-shaped decoder block (about 45 s each; 0 skips "
+                             "it; with --second-half: rounds of the --bound-only timing)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak memory growth of each method on GPT-2 small (fresh process each)")
     parser.add_argument("--timing-only", action="store_true",
@@ -413,13 +489,17 @@ def main() -> None:
                         help="only each method's time at ratio 0.3 against its floor (printed as JSON)")
     parser.add_argument("--lora-epochs", type=int, default=1, help="lora_update's passes per side (--second-half)")
     parser.add_argument("--bound-only", action="store_true",
-                        help="only svd-llm's time against plain svd on one Llama-3.2-1B-shaped layer and on GPT-2 "
-                             "small, --repeats interleaved rounds (printed as JSON)")
-    parser.add_argument("--only", help="--second-half: only these methods (comma-separated)")
+                        help="only svd-llm's time against plain svd on one Llama-3.2-1B-shaped decoder block and "
+                             "on GPT-2 small, --repeats interleaved rounds (printed as JSON)")
+    parser.add_argument("--only", help="--second-half, --lora-study: only these methods (comma-separated)")
     parser.add_argument("--lora-study", action="store_true",
                         help="held-out bits/byte with lora_update over a grid of learning rates and passes "
                              "(writes --json, default compress_lora.json)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 makes the CPU clock "
+                                                    "robust to other processes' load (no spinning worker threads)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     if args.bound_only:
         print(f"machine: {machine()}")
@@ -427,7 +507,9 @@ def main() -> None:
         return
     if args.floor_only:  # just the time of every method against its floor, printed
         print(f"machine: {machine()}")
-        print(json.dumps(floor_timing(sk.reference_model(), calibration(args.calib), max(args.repeats, 1)), indent=1))
+        timing = floor_timing(sk.reference_model(), calibration(args.calib), max(args.repeats, 1))
+        print(json.dumps(timing, indent=1))
+        print(floor_table(timing))
         return
     if args.lora_study:
         if args.json == "docs/benchmarks/compress.json":

@@ -48,6 +48,44 @@ def test_gfwsvd_row_diagonal_special_case_is_fwsvd() -> None:
         assert torch.allclose(dense_weight(one[index]), dense_weight(two[index]), rtol=1e-9, atol=1e-12)
 
 
+def three_layers(seed: int = 0) -> torch.nn.Sequential:
+    """Tall (16 × 12), square (16 × 16) and wide (10 × 16) layers: each of gfwsvd's routes."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 10)).double()
+
+
+@pytest.mark.parametrize("svd_method", ["exact", "auto"])  # both Cholesky factors, or the smaller side through W = QR
+def test_gfwsvd_kronecker_route_with_an_identity_column_factor_is_fwsvd(svd_method: str) -> None:
+    # the general Kronecker code (not the row-diagonal shortcut): with B = s·I (an identity column factor after
+    # the 1/s scaling) and A = diag(A), the two-sided whitening is FWSVD's D W, and W' must be FWSVD's
+    from spectrakit.compress.fwsvd import FisherWeightedSVD
+    from spectrakit.compress.gfwsvd import GeneralizedFisherWeightedSVD
+
+    model = three_layers()
+    names = {"0": model[0], "2": model[2], "4": model[4]}
+    stats = collect_statistics(model, names, batches(), fisher=True, kronecker=True, loss_fn=target_loss)
+    for name, layer in names.items():
+        W = layer.weight.detach()
+        s = stats[name]
+        assert torch.allclose(s.row_fisher.diagonal(), s.fisher, rtol=1e-12)  # FWSVD's dᵢ² is diag(A)
+        identity = copy.copy(s)
+        identity.row_fisher = torch.diag(s.fisher)
+        identity.column_fisher = float(s.fisher.sum()) * torch.eye(W.shape[1], dtype=torch.float64)
+        for rank in (2, 5):
+            general = GeneralizedFisherWeightedSVD().spectrum(name, W, identity, svd_method)
+            fwsvd = FisherWeightedSVD().spectrum(name, W, s, "exact")
+            assert torch.allclose(general.S, fwsvd.S, rtol=1e-9)
+            up, down = general.factors(rank, torch.float64)
+            up_f, down_f = fwsvd.factors(rank, torch.float64)
+            assert torch.allclose(up @ down, up_f @ down_f, rtol=1e-8, atol=1e-11), (name, rank)
+    # through compress as well, with the full factors: a genuine column factor changes the result
+    one, two = three_layers(), three_layers()
+    sk.compress(one, method="fwsvd", rank=3, calibration=batches(), loss_fn=target_loss)
+    sk.compress(two, method="gfwsvd", rank=3, calibration=batches(), loss_fn=target_loss)
+    assert not torch.allclose(dense_weight(one[2]), dense_weight(two[2]), atol=1e-6)
+
+
 @pytest.mark.parametrize("layer", ["0", "2"])  # tall (16 × 12) and wide (10 × 16)
 @pytest.mark.parametrize("svd_method", ["exact", "auto"])  # both factors whitened, or the smaller side only
 def test_gfwsvd_loss_under_the_kronecker_fisher_is_the_dropped_spectrum(layer: str, svd_method: str) -> None:
@@ -317,6 +355,42 @@ def test_structured_sizes_that_do_not_factor_are_one_line() -> None:
         sk.compress(llama(), method="btt", ratio=0.5, blocks=5)
     with pytest.raises(SpectrakitError, match="takes ratio= or rank="):
         sk.compress(llama(), method="monarch", energy=0.9)
+
+
+def one_warning(run) -> tuple[str, object]:
+    """The CompressionWarning lines ``run()`` gives (exactly one expected) and its result."""
+    import warnings
+
+    from spectrakit.compress import CompressionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run()
+    lines = [str(w.message) for w in caught if issubclass(w.category, CompressionWarning)]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    return lines[0], result
+
+
+def test_a_ratio_the_method_cannot_reach_is_one_line() -> None:
+    # Monarch on 32 × 64 and 64 × 32 layers: the low-rank budget at 30 % holds 14·96 weights, Monarch's largest
+    # fit is 8 blocks of rank 1 (768 of 2048): 62.5 % removed, far more than asked
+    line, report = one_warning(lambda: sk.compress(llama(), method="monarch", ratio=0.3, targets=["mlp"]))
+    assert line.startswith("monarch: ratio=0.3 is below what it can reach: a layer holds at most gcd(in, out) blocks")
+    assert "62.5% of the targeted weights were removed" in line and report.ratio == pytest.approx(0.625)
+    # BTT at 99 %: low rank keeps rank 1 (128 weights), BTT's smallest layer (8 blocks, rank 1) needs 1024
+    line, report = one_warning(lambda: sk.compress(torch.nn.Sequential(torch.nn.Linear(64, 64)), method="btt",
+                                                   ratio=0.99))
+    assert line == ("btt: ratio=0.99 is out of reach: 1 of 1 layers (e.g. 0) have no btt structure within their "
+                    "budget and stay dense, so only 0.0% of the targeted weights were removed")
+    assert report.parameters_after == report.parameters_before
+    # the low-rank methods keep rank 1 at least, and modegpt one dimension of each pair
+    line, _ = one_warning(lambda: sk.compress(mlp(), method="svd-llm-v2", ratio=0.99, calibration=batches()))
+    assert line.startswith("ratio=0.99 is out of reach: every layer keeps at least rank 1, so only ")
+    line, report = one_warning(lambda: sk.compress(llama(), method="modegpt", ratio=0.99, calibration=token_batches(),
+                                                   modules=("vo",)))
+    assert line == ("modegpt: ratio=0.99 is out of reach: every pair keeps at least one dimension (two for rotary "
+                    "query/key), so only 93.8% of the targeted weights were removed")
+    assert report.ratio == pytest.approx(1 - 1 / 16)  # head_dim 16 keeps 1
 
 
 # ---------------------------------------------------------------- modegpt (the MLP pair)

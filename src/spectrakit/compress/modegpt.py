@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -47,6 +48,7 @@ from torch import nn
 from .._targets import layer_weight, module_sites, replace_module
 from ..errors import SpectrakitError
 from .api import CompressionReport, LayerReport, _output_head, count_parameters
+from .base import CompressionWarning
 from .calibration import collect_statistics
 from .modegpt_attention import (
     ATTENTION_SUPPORTED,
@@ -242,6 +244,11 @@ def compress_modegpt(model: nn.Module, *, ratio: float | None, rank: int | None,
                                         dropped, total))
     target_before = sum(layer.parameters_before for layer in layers.values())
     target_after = sum(layer.parameters_after for layer in layers.values())
+    removed = 1 - target_after / max(target_before, 1)
+    if ratio is not None and removed < ratio - 0.005:  # every pair keeps at least one dimension (a rotary pair)
+        warnings.warn(f"modegpt: ratio={ratio} is out of reach: every pair keeps at least one dimension (two for "
+                      f"rotary query/key), so only {removed:.1%} of the targeted weights were removed",
+                      CompressionWarning, stacklevel=3)
     budget = {"ratio": ratio, "rank": rank, "damping": damping, "modules": list(modules)}
     return CompressionReport(
         method="modegpt", allocation="uniform", budget={k: v for k, v in budget.items() if v is not None},

@@ -16,6 +16,7 @@ where no such structure fits the budget stays dense.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ from .._targets import module_sites, replace_module
 from ..errors import SpectrakitError
 from .allocation import LayerShape, allocate, check_budget
 from .api import CompressionReport, LayerReport, _canonical_weight, count_parameters, find_layers
+from .base import CompressionWarning
 from .lowrank import low_rank_parameters
 from .structured import build as build_structured
 from .structured import choose_structure, structured_parameters
@@ -86,9 +88,37 @@ def compress_structured(model: nn.Module, method: str, *, ratio: float | None, r
             parameters_after=held if replace else shape.dense, truncation_loss=0.0, relative_loss=0.0)
     target_before = sum(r.parameters_before for r in report_layers.values())
     target_after = sum(r.parameters_after for r in report_layers.values())
+    if ratio is not None:
+        _warn_off_budget(method, float(ratio), report_layers, target_before, target_after)
     budget = {"ratio": ratio, "rank": rank, "blocks": blocks}
     return CompressionReport(
         method=method, allocation="uniform", budget={k: v for k, v in budget.items() if v is not None},
         parameters_before=parameters_before, parameters_after=parameters_before - target_before + target_after,
         target_parameters_before=target_before, target_parameters_after=target_after, layers=report_layers,
         seconds=time.perf_counter() - start)
+
+
+#: how far above ``ratio`` the removed fraction may land before a warning (a structure comes in
+#: steps of ``blocks·(in + out)`` weights, so an exact budget is rare)
+OVERSHOOT = 0.05
+
+
+def _warn_off_budget(method: str, ratio: float, layers: dict[str, LayerReport], before: int, after: int) -> None:
+    """One :class:`CompressionWarning` line when the structures could not spend ``ratio``'s budget:
+    layers left dense (less removed than asked) or far fewer weights held than low rank would."""
+    removed = 1 - after / max(before, 1)
+    dense = [name for name, layer in layers.items() if not layer.replaced]
+    if removed < ratio - 0.005 and dense:
+        warnings.warn(f"{method}: ratio={ratio} is out of reach: {len(dense)} of {len(layers)} layers (e.g. "
+                      f"{dense[0]}) have no {method} structure within their budget and stay dense, so only "
+                      f"{removed:.1%} of the targeted weights were removed", CompressionWarning, stacklevel=4)
+    elif removed > ratio + OVERSHOOT:
+        name, worst = max(((n, r) for n, r in layers.items() if r.replaced),
+                          key=lambda item: item[1].parameters_before - item[1].parameters_after)
+        limit = ("at most gcd(in, out) blocks of rank 1" if method == "monarch"
+                 else "whole ranks per block, in steps of blocks·(in + out) weights")
+        warnings.warn(f"{method}: ratio={ratio} is below what it can reach: a layer holds {limit}, so "
+                      f"{removed:.1%} of the targeted weights were removed (e.g. {name}: {worst.parameters_after} "
+                      f"of {worst.parameters_before} weights kept); "
+                      + ("btt spends low rank's budget" if method == "monarch" else "try blocks= or rank="),
+                      CompressionWarning, stacklevel=4)
