@@ -383,12 +383,13 @@ def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
 
     results: list[dict] = []
     only = set(args.only.split(",")) if args.only else None
-    commands = [" ".join(["python", *sys.argv])]
+    commands, machines = [" ".join(["python", *sys.argv])], [machine()]
     if only is not None and Path(args.json).exists():  # --only adds to (replaces its methods in) an earlier study
         earlier = json.loads(Path(args.json).read_text())
         if (earlier.get("eval_windows"), earlier.get("calibration_sequences")) == (args.windows, args.calib):
             results = [r for r in earlier["results"] if r["method"] not in only]
             commands = [*earlier.get("commands", [earlier.get("command")]), *commands]
+            machines = [*earlier.get("machines", [earlier.get("machine")]), *machines]
     for ratio in ratios:
         for method in LORA_METHODS:
             if only is not None and method not in only:
@@ -405,7 +406,7 @@ def lora_study(args: argparse.Namespace, ratios: list[float]) -> None:
                       f"docs {row['bpb_docs']:.4f} calib loss {report.lora_loss_before} -> {report.lora_loss_after}",
                       flush=True)
                 with atomic_write(args.json) as handle:
-                    json.dump({"machine": machine(), "commands": commands, "dense": dense,
+                    json.dump({"machines": machines, "commands": commands, "dense": dense,
                                "calibration_sequences": args.calib, "eval_windows": args.windows,
                                "results": results}, handle, indent=1)
     print(f"\nwrote {args.json}")
@@ -487,7 +488,7 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-4, help="lora_update's learning rate (--second-half)")
     parser.add_argument("--floor-only", action="store_true",
                         help="only each method's time at ratio 0.3 against its floor (printed as JSON)")
-    parser.add_argument("--lora-epochs", type=int, default=1, help="lora_update's passes per side (--second-half)")
+    parser.add_argument("--lora-epochs", type=int, default=2, help="lora_update's passes per side (--second-half)")
     parser.add_argument("--bound-only", action="store_true",
                         help="only svd-llm's time against plain svd on one Llama-3.2-1B-shaped decoder block and "
                              "on GPT-2 small, --repeats interleaved rounds (printed as JSON)")

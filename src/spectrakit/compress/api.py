@@ -244,7 +244,7 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
              energy: float | None = None, calibration: Iterable[Any] | None = None, allocation: str | None = None,
              targets: str | Iterable[str] = "all-linear", loss_fn: LossFn | None = None,
              only_if_smaller: bool = True, svd_method: str = "auto", progress: bool = False,
-             lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 1,
+             lora_update: bool = False, lora_lr: float = 1e-4, lora_epochs: int = 2,
              sequential: bool = False, low_memory: bool = False, out: str | os.PathLike[str] | None = None,
              search_batches: int | None = None, distributed: bool | None = None,
              cache: SpectrumCache | str | os.PathLike[str] | None = None, **options: Any) -> CompressionReport:

@@ -53,8 +53,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="after truncation, fine-tune each layer's two factors on the calibration batches")
     parser.add_argument("--lora-lr", type=positive_float, default=1e-4, help="--lora-update's learning rate "
                         "(default: 1e-4)")
-    parser.add_argument("--lora-epochs", type=positive_int, default=1,
-                        help="--lora-update's passes over the batches per factor (default: 1)")
+    parser.add_argument("--lora-epochs", type=positive_int, default=2,
+                        help="--lora-update's passes over the batches per factor (default: 2)")
     options = parser.add_argument_group("method options (each passed only when given)")
     options.add_argument("--alpha", type=float_in(0.0, 2.0), help="asvd: the activation-scaling exponent (default 0.5)")
     options.add_argument("--damping", type=positive_float,

@@ -38,7 +38,7 @@ from .sensitivity import calibration_loss
 
 def sequential_update(model: nn.Module, layers: Sequence[LowRankLinear], batches: Sequence[Any],
                       loss_fn: Callable[[nn.Module, Any], torch.Tensor], lr: float = 1e-4,
-                      epochs: int = 1) -> tuple[float, float]:
+                      epochs: int = 2) -> tuple[float, float]:
     """Train ``up`` then ``down`` of ``layers`` on ``batches``; returns the calibration loss
     before and after. Every parameter's ``requires_grad`` and the model's mode are restored.
 
