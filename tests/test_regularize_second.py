@@ -190,7 +190,7 @@ def test_lambda_orthogonality_zero_inside_the_ball_and_procrustes_optimum():
             loss.backward()
             return loss
 
-        for _ in range(3):
+        for _ in range(8):  # L-BFGS restarts: 3 were enough with one BLAS, 4 with another
             optimizer.step(closure)
         assert torch.allclose(mapping.linear.weight.detach(), expected, atol=2e-3)
     with pytest.raises(SpectrakitError, match="lam"):

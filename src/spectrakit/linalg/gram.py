@@ -45,6 +45,10 @@ def gram(X: torch.Tensor) -> torch.Tensor:
         row = transpose(X[..., start:stop]) @ X[..., start:]  # rows start:stop, columns start:
         G[..., start:stop, start:] = row
         G[..., stop:, start:stop] = transpose(row[..., stop - start:])
+        # the diagonal block is a GEMM too, whose two triangles some BLAS kernels round
+        # differently: mirror its upper one, so that G is exactly Hermitian
+        diagonal = row[..., : stop - start]
+        G[..., start:stop, start:stop] = diagonal.triu() + transpose(diagonal.triu(1))
     return G
 
 
