@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import spectrakit as sk
-from spectrakit.adapt.base import singular_factors
+from spectrakit.adapt.base import fingerprint, get_method, singular_factors
 from spectrakit.adapt.low_memory import init_from_checkpoint
 from spectrakit.cache import CacheWarning, content_fingerprint, use_cache
 from spectrakit.compress.base import CompressionWarning
@@ -80,11 +80,18 @@ def test_compress_svd_cached_weights_equal_uncached(tmp_path, svd_method):
     report = sk.compress(second, "svd", rank=6, svd_method=svd_method, cache=warm)
     _assert_bitwise(_state(first), _state(want))
     _assert_bitwise(_state(second), _state(want))
-    assert (cold.stats.misses, cold.stats.hits) == (3, 0) and (warm.stats.hits, warm.stats.misses) == (3, 0)
+    # per layer two entries: its spectrum and the factors of the rank kept
+    assert (cold.stats.misses, cold.stats.hits) == (6, 0) and (warm.stats.hits, warm.stats.misses) == (6, 0)
     assert report.ranks == {"0": 6, "2": 6, "4": 6}
+    again = _model()  # another rank: the spectra are served, the factors of rank 4 computed
+    sk.compress(again, "svd", rank=4, svd_method=svd_method, cache=warm)
+    fresh = _model()
+    sk.compress(fresh, "svd", rank=4, svd_method=svd_method)
+    _assert_bitwise(_state(again), _state(fresh))
+    assert (warm.stats.hits, warm.stats.misses) == (9, 3)
     other = sk.SpectrumCache(tmp_path)  # another svd_method is another key: never served this one's entries
     sk.compress(_model(), "svd", rank=6, svd_method="gram" if svd_method == "exact" else "exact", cache=other)
-    assert other.stats.hits == 0 and other.stats.misses == 3
+    assert other.stats.hits == 0 and other.stats.misses == 6
 
 
 def test_compress_other_methods_warn_once_and_leave_the_cache_alone(tmp_path):
@@ -139,6 +146,38 @@ def test_adapt_under_use_cache_block_and_refusal_of_a_bad_cache(tmp_path):
     assert all(p.requires_grad for p in model.parameters())  # refused before the model was touched
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_adapt_keys_with_the_constructor_hash_equal_a_fresh_hash(tmp_path, monkeypatch, kind):
+    """Inside adapt() the key reuses the adapter's base fingerprint (one SHA-256 pass, not two);
+    the key is the one a fresh hash of the weight gives (a layer built outside adapt hits it)."""
+    if kind == "linear":
+        model = _model()
+        layer_of = lambda m: m[2]  # noqa: E731
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        layer_of = lambda m: m.transformer.h[0].attn.c_attn  # noqa: E731
+        assert type(layer_of(model)).__name__ == "Conv1D"
+    layer = layer_of(model)
+    stored = layer.weight.T if kind == "conv1d" else layer.weight  # out × in, as factors sees it
+    assert content_fingerprint(stored) == f"{fingerprint(layer.weight)}-{'T' if kind == 'conv1d' else 'C'}"
+    fresh, changed = copy.deepcopy(model), copy.deepcopy(model)
+    calls = []
+    original = sk.cache.content_fingerprint
+    monkeypatch.setattr(sk.cache, "content_fingerprint", lambda W: calls.append(1) or original(W))
+    cache = sk.SpectrumCache(tmp_path)
+    sk.adapt(model, "pissa", rank=4, cache=cache)
+    assert calls == [] and cache.stats.misses > 0  # every key from the constructors' hashes
+    with use_cache(cache):  # outside adapt(): hashed afresh, the same key
+        get_method("pissa")(layer_of(fresh), rank=4, name="x")
+    assert len(calls) == 1 and cache.stats.hits == 1
+    layer_of(changed).weight.data[0, 0] += 1.0  # through .data: no version counter sees it
+    with use_cache(cache):
+        get_method("pissa")(layer_of(changed), rank=4, name="x")
+    assert cache.stats.hits == 1 and len(calls) == 2  # a miss: the changed weight was hashed again
+
+
 # ----- a changed weight misses ----------------------------------------------------------------------
 
 def test_weight_changed_in_place_is_a_miss_not_a_stale_entry(tmp_path):
@@ -155,7 +194,8 @@ def test_weight_changed_in_place_is_a_miss_not_a_stale_entry(tmp_path):
     sk.compress(fresh, "svd", rank=6)
     sk.compress(changed, "svd", rank=6, cache=cache)
     _assert_bitwise(_state(changed), _state(fresh))
-    assert cache.stats.misses == misses + 1 and cache.stats.hits == hits + 2  # only the changed layer recomputed
+    # only the changed layer recomputed (its spectrum and factors)
+    assert cache.stats.misses == misses + 2 and cache.stats.hits == hits + 4
     assert not torch.equal(changed[2].up, first[2].up)
 
     bitflip = torch.randn(16, 8)
@@ -248,7 +288,7 @@ def test_what_a_killed_writer_leaves_is_never_read(tmp_path):
     # killed between the rename of a whole shard and the index update: a shard nothing lists
     sk.compress(_model(), "svd", rank=6, cache=sk.SpectrumCache(tmp_path))
     unlisted = sorted(set(_shards(tmp_path)) - {tmp_path / e["file"] for e in json.loads(listed)["entries"].values()})
-    assert len(unlisted) == 3
+    assert len(unlisted) == 6  # three layers' spectra and factors
     index.write_text(listed)  # the index as it was before those writes
     cache = sk.SpectrumCache(tmp_path)
     want_compressed = _model()
@@ -258,10 +298,10 @@ def test_what_a_killed_writer_leaves_is_never_read(tmp_path):
         warnings.simplefilter("always")
         sk.compress(got, "svd", rank=6, cache=cache)
     lines = _cache_lines(caught)
-    assert len(lines) == 3 and all("not listed in the index" in line for line in lines)
+    assert len(lines) == 6 and all("not listed in the index" in line for line in lines)
     assert sorted(line.split(": ")[1] for line in lines) == [str(path) for path in unlisted]
     _assert_bitwise(_state(got), _state(want_compressed))
-    assert cache.stats.misses == 3 and cache.stats.hits == 0
+    assert cache.stats.misses == 6 and cache.stats.hits == 0
 
 
 # ----- k' ≤ k ---------------------------------------------------------------------------------------------
@@ -317,14 +357,14 @@ def test_low_memory_compress_and_adapter_init_take_a_cache(tmp_path):
     cache = sk.SpectrumCache(tmp_path / "cache")
     sk.compress(tmp_path / "model", "svd", ratio=0.3, low_memory=True, out=tmp_path / "a", cache=cache)
     sk.compress(tmp_path / "model", "svd", ratio=0.3, low_memory=True, out=tmp_path / "b", cache=cache)
-    assert cache.stats.misses == 14 and cache.stats.hits == 14  # 2 blocks of 7 layers
+    assert cache.stats.misses == cache.stats.hits == 28  # 2 blocks of 7 layers: spectra and factors
     from safetensors.torch import load_file
 
     for a in sorted((tmp_path / "a").glob("*.safetensors")):
         _assert_bitwise(load_file(str(tmp_path / "b" / a.name)), load_file(str(a)))
     for out in ("p1", "p2"):
         init_from_checkpoint(tmp_path / "model", "pissa", rank=4, out=tmp_path / out, cache=cache)
-    assert cache.stats.misses == 28 and cache.stats.hits == 28
+    assert cache.stats.misses == cache.stats.hits == 42
     _assert_bitwise(load_file(str(tmp_path / "p2" / "adapter.safetensors")),
                     load_file(str(tmp_path / "p1" / "adapter.safetensors")))
 

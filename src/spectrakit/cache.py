@@ -3,7 +3,8 @@
 Each entry is the result of one spectral computation on one matrix ``W``, stored under
 
 .. math::  \\text{key} = (\\operatorname{sha256}(\\text{dtype} \\,|\\, \\text{shape} \\,|\\, \\text{bytes of } W),
-           \\ \\text{dtype},\\ \\text{device},\\ \\text{method},\\ \\text{which},\\ \\text{versions}),\\qquad k
+           \\ \\text{layout},\\ \\text{dtype},\\ \\text{device},\\ \\text{method},
+           \\ \\text{which},\\ \\text{versions}),\\qquad k
 
 so a weight changed in place (one bit is enough) has another key and is recomputed, never served
 from a stale entry. ``method`` names what was computed and how (``"svdvals:auto:None"``,
@@ -105,28 +106,42 @@ class CacheStats:
         return f"{self.hits} hits, {self.misses} misses, {self.writes} written, {self.refused} refused"
 
 
+def stored_layout(W: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``W`` as its bytes lie in memory: ``(W, "C")``, or ``(W.mT, "T")`` for a transposed view
+    (``W.mT`` contiguous, e.g. a transformers ``Conv1D`` weight seen ``out × in``).
+
+    Args:
+        W: the tensor.
+    """
+    tensor = W.detach()
+    if not tensor.is_contiguous() and tensor.ndim == 2 and tensor.mT.is_contiguous():
+        return tensor.mT, "T"
+    return tensor, "C"
+
+
 def content_fingerprint(W: torch.Tensor) -> str:
-    """SHA-256 of ``W``'s dtype, shape and bytes (hex): equal for bitwise-equal tensors.
+    """``"<hex>-C"`` or ``"<hex>-T"``: the SHA-256 of the dtype, shape and bytes of ``W`` as
+    stored (:func:`stored_layout`), and its layout; equal for bitwise-equal tensors laid out
+    alike. A transposed view is hashed as stored, without a copy; its ``-T`` keeps it apart
+    from a contiguous tensor with the same bytes.
 
-    (SHA-256 rather than blake2b: with the CPU's SHA instructions it hashes about twice as
-    fast, and a warm cache's time is mostly this hash.)
-
-    A transposed view (``W.mT`` contiguous, e.g. a Conv1D weight seen ``out × in``) is hashed
-    as stored, without a copy, and marked so that it cannot collide with a contiguous tensor.
+    The hex part is exactly :func:`spectrakit.adapt.base.fingerprint` of the stored tensor, the
+    fingerprint an adapter keeps of its base weight, so ``adapt`` can key the cache with the
+    hash it has just computed instead of hashing the weight twice. (SHA-256 rather than
+    blake2b: with the CPU's SHA instructions it hashes about twice as fast, and a warm cache's
+    time is mostly this hash.)
 
     Args:
         W: the tensor (any device; its bytes are hashed on the CPU).
     """
-    tensor, layout = W.detach(), "C"
-    if not tensor.is_contiguous() and tensor.ndim == 2 and tensor.mT.is_contiguous():
-        tensor, layout = tensor.mT, "T"
+    tensor, layout = stored_layout(W)
     if tensor.is_meta:
         raise SpectrakitError(f"cache: a {tuple(W.shape)} meta tensor holds no data to fingerprint")
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     tensor = tensor.to("cpu").contiguous()
-    digest = hashlib.sha256(f"{W.dtype}|{tuple(W.shape)}|{layout}|".encode())
     if tensor.numel():
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+    return f"{digest.hexdigest()}-{layout}"
 
 
 def _file_hash(path: Path) -> str:
@@ -189,18 +204,19 @@ class SpectrumCache:
 
     # ----- what the verbs call ------------------------------------------------------------------
     def svdvals(self, W: torch.Tensor, *, compute: Callable[[], torch.Tensor],
-                method: str = "svdvals") -> torch.Tensor:
+                method: str = "svdvals", fingerprint: str | None = None) -> torch.Tensor:
         """The singular values of ``W``: from the cache, or ``compute()`` (then stored).
 
         Args:
             W: the matrix (its bytes, dtype, shape and device type make the key).
             compute: a zero-argument callable giving the values on a miss.
             method: what ``compute`` does, e.g. ``"svdvals:auto:None"`` (part of the key).
+            fingerprint: ``content_fingerprint(W)`` when the caller already has it (see :meth:`tensors`).
         """
-        return self.tensors(W, compute=lambda: {"S": compute()}, method=method)["S"]
+        return self.tensors(W, compute=lambda: {"S": compute()}, method=method, fingerprint=fingerprint)["S"]
 
     def svd(self, W: torch.Tensor, k: int, *, compute: Callable[[], Triplets], method: str = "svd",
-            which: str = "top") -> Triplets:
+            which: str = "top", fingerprint: str | None = None) -> Triplets:
         """``(U, S, Vh)`` of ``W``'s top (or bottom) ``k`` triplets: from an entry with ``k`` or more
         triplets, sliced to ``k``, or ``compute()`` (then stored).
 
@@ -211,6 +227,7 @@ class SpectrumCache:
             method: what ``compute`` does, e.g. ``"adapt-svd:krylov"`` (part of the key).
             which: ``"top"`` (an entry for ``k`` serves its leading ``k' ≤ k``) or ``"bottom"``
                 (its trailing ``k'``).
+            fingerprint: ``content_fingerprint(W)`` when the caller already has it (see :meth:`tensors`).
         """
         if which not in ("top", "bottom"):
             raise SpectrakitError(f"cache: which={which!r} must be 'top' or 'bottom'")
@@ -224,11 +241,11 @@ class SpectrumCache:
                                       f"Vh {tuple(Vh.shape)}, which are not the factors of one SVD")
             return {"U": U, "S": S, "Vh": Vh}
 
-        found = self.tensors(W, compute=computed, method=method, k=k, which=which)
+        found = self.tensors(W, compute=computed, method=method, k=k, which=which, fingerprint=fingerprint)
         return found["U"], found["S"], found["Vh"]
 
     def tensors(self, W: torch.Tensor, *, compute: Callable[[], Mapping[str, torch.Tensor]], method: str,
-                k: int | None = None, which: str = "all") -> dict[str, torch.Tensor]:
+                k: int | None = None, which: str = "all", fingerprint: str | None = None) -> dict[str, torch.Tensor]:
         """Any named tensors computed from ``W`` alone (e.g. ``compress``'s whole spectrum): from the
         cache, or ``compute()`` (then stored). The general form of :meth:`svdvals` and :meth:`svd`.
 
@@ -239,10 +256,13 @@ class SpectrumCache:
             k: with ``which="top"``/``"bottom"``: the number of SVD triplets (``U``, ``S``, ``Vh``)
                 wanted; ``None``: the entry is used whole.
             which: ``"all"``, or ``"top"``/``"bottom"`` for SVD triplets that may be sliced.
+            fingerprint: :func:`content_fingerprint` of ``W`` as it is now, when the caller has
+                just computed it over these very bytes (``adapt``: the adapter's base fingerprint);
+                ``None``: computed here. A wrong one would serve another matrix's entry.
         """
         if which not in ("all", "top", "bottom"):
             raise SpectrakitError(f"cache: which={which!r} must be 'all', 'top' or 'bottom'")
-        key = self._key(W, method, which)
+        key = self._key(W, method, which, fingerprint)
         entry = self._lookup(key, k)
         found = None if entry is None else self._read(entry, k, which)
         if found is None and entry is not None and not entry.get("garbled"):
@@ -264,8 +284,9 @@ class SpectrumCache:
         return value
 
     # ----- keys and the index -------------------------------------------------------------------
-    def _key(self, W: torch.Tensor, method: str, which: str) -> str:
-        return (f"{content_fingerprint(W)}/{str(W.dtype).replace('torch.', '')}/{W.device.type}/{method}/{which}/"
+    def _key(self, W: torch.Tensor, method: str, which: str, fingerprint: str | None = None) -> str:
+        content = content_fingerprint(W) if fingerprint is None else fingerprint
+        return (f"{content}/{str(W.dtype).replace('torch.', '')}/{W.device.type}/{method}/{which}/"
                 f"{_versions()}")
 
     def _index(self) -> dict[str, dict[str, Any]]:

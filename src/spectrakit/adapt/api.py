@@ -29,7 +29,7 @@ from .._atomic import atomic_save_path
 from .._targets import check_weight, layer_weight, module_sites, replace_module
 from ..cache import SpectrumCache, as_cache, use_cache
 from ..errors import SpectrakitError
-from .base import adapted_layers, find_targets, fingerprint, get_method, is_conv1d, tied_names
+from .base import adapted_layers, building, find_targets, fingerprint, get_method, is_conv1d, tied_names
 from .distributed import build_adapters
 
 FORMAT = "spectrakit-adapter"
@@ -88,11 +88,14 @@ def adapt(model: nn.Module, method: str, rank: int = 8, targets: str | list[str]
     for p in model.parameters():
         p.requires_grad_(False)
     sites = module_sites(model)
+    def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+        with building(layers[name]):  # a cache hit reuses the constructor's hash of the weight
+            return cls(layers[name], name=name, **kwargs)
+
     with contextlib.nullcontext() if cache is None else use_cache(cache):  # AdaptedLinear.factors reads it
-        shared = build_adapters(lambda name, kwargs: cls(layers[name], name=name, **kwargs), layers, plan,
-                                rewrites_base=cls.rewrites_base, distributed=distributed)
+        shared = build_adapters(build, layers, plan, rewrites_base=cls.rewrites_base, distributed=distributed)
         for name, kwargs in plan.items():
-            adapter = shared[name] if shared is not None else cls(layers[name], name=name, **kwargs)
+            adapter = shared[name] if shared is not None else build(name, kwargs)
             replace_module(model, sites[id(layers[name])], adapter)
     return model
 

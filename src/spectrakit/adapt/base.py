@@ -20,9 +20,12 @@ the same :func:`spectrakit.adapt` call.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import inspect
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any, ClassVar, NoReturn
 
 import torch
@@ -30,12 +33,35 @@ from torch import nn
 
 from .. import linalg
 from .._targets import select_targets
-from ..cache import active_cache
+from ..cache import active_cache, stored_layout
 from ..errors import SpectrakitError
 from .distributed import stand_in_factors
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REGISTRY: dict[str, type[AdaptedLinear]] = {}
+#: while one layer's adapter is built (:func:`building`): its weight's id and version counter then
+_BUILDING_LAYER: ContextVar[tuple[int, int] | None] = ContextVar("spectrakit_adapt_building_layer", default=None)
+
+
+@contextlib.contextmanager
+def building(layer: nn.Module) -> Iterator[None]:
+    """Mark the construction of ``layer``'s adapter (``cls(layer, …)`` inside the block).
+
+    Inside it, :meth:`AdaptedLinear.factors` keys the spectrum cache with the fingerprint the
+    constructor has just taken of the base weight instead of hashing it a second time, as
+    long as the weight's version counter shows no in-place write since the block began.
+    Outside such a block the weight is always hashed afresh, so a weight changed later
+    (even through ``.data``, which the counter does not see) is never keyed by an old hash.
+
+    Args:
+        layer: the ``nn.Linear`` or ``Conv1D`` about to be wrapped.
+    """
+    weight = layer.weight
+    token = _BUILDING_LAYER.set((id(weight), weight._version) if isinstance(weight, torch.Tensor) else None)
+    try:
+        yield
+    finally:
+        _BUILDING_LAYER.reset(token)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -271,7 +297,24 @@ class AdaptedLinear(nn.Module):
         # bottom triplets come from the whole exact SVD whatever svd_method says: one entry for all
         solver = svd_method if which == "top" else "exact"
         return cache.svd(weight, rank, compute=lambda: singular_factors(weight, rank, which, svd_method, dtype=dtype),
-                         method=f"adapt-svd:{solver}:{str(dtype).removeprefix('torch.')}", which=which)
+                         method=f"adapt-svd:{solver}:{str(dtype).removeprefix('torch.')}", which=which,
+                         fingerprint=self._fresh_fingerprint(weight))
+
+    def _fresh_fingerprint(self, weight: torch.Tensor) -> str | None:
+        """``content_fingerprint(weight)`` from ``base_fingerprint``, the SHA-256 the constructor
+        has just taken of these bytes (one pass over the weight instead of two), or ``None``
+        (hash again). Only inside :func:`building` for this layer, with the weight's version
+        counter unchanged since the block began (no in-place write since), and where the
+        weight as stored is this very parameter, so that both hashes cover the same bytes,
+        dtype and shape."""
+        parameter = self.base_layer.weight
+        if _BUILDING_LAYER.get() != (id(parameter), parameter._version):
+            return None
+        stored, layout = stored_layout(weight)
+        if (stored.shape != parameter.shape or not stored.is_contiguous() or not parameter.is_contiguous()
+                or stored.data_ptr() != parameter.data_ptr()):
+            return None
+        return f"{self.base_fingerprint}-{layout}"
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == self.adapter_dtype else x.to(self.adapter_dtype)
