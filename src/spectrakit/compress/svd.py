@@ -48,13 +48,14 @@ class PlainSVD(Method):
 
         content = content_fingerprint(W)  # one hash of the weight serves both of its entries
         found = cache.tensors(W, compute=compute, method=f"compress-svd:{svd_method}", fingerprint=content)
-        keys = {"cache": cache, "content": content, "svd_method": svd_method}
         if "vectors" in found:  # a Gram eigensolve: one side's vectors, the other formed from W later
             vectors = found["vectors"]
             tall = bool(found["tall"])
             return CachedFactorsSpectrum(found["S"], Transform(), U=None if tall else vectors,
-                                         Vh=vectors.mT if tall else None, weight=W, **keys)
-        return CachedFactorsSpectrum(found["S"], Transform(), U=found["U"], Vh=found["Vh"], weight_key=W, **keys)
+                                         Vh=vectors.mT if tall else None, weight=W, cache=cache, content=content,
+                                         svd_method=svd_method)
+        return CachedFactorsSpectrum(found["S"], Transform(), U=found["U"], Vh=found["Vh"], weight_key=W, cache=cache,
+                                     content=content, svd_method=svd_method)
 
 
 @dataclass
