@@ -7,7 +7,9 @@ chosen on the model skeleton (parameters on the meta device, built from ``config
 and the checkpoint's tensors are then read one at a time in name order. A targeted
 weight (with its bias) is put into its layer, the method's own class wraps it (the same
 SVD, the same ``W_res = W − s·B A`` as in memory), the adapter's tensors are kept and the
-residual weight is written; every other tensor is copied as it is. ``DIR`` then holds
+residual weight is written; every other tensor is copied as it is. Each block's adapter
+tensors go to a part file at the block's end, and ``adapter.safetensors`` is assembled from
+the parts by copying bytes, so memory holds one block, not the whole adapter. ``DIR`` then holds
 
 * the residual checkpoint: ``config.json``, safetensors shards (one per block) and
   ``model.safetensors.index.json``, with the source folder's tokenizer files, loadable with
@@ -155,7 +157,8 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
     biases = {checkpoint.stored_name(f"{name}.bias"): name for name, layer in layers.items()
               if getattr(layer, "bias", None) is not None and checkpoint.has(f"{name}.bias")}
 
-    adapter: dict[str, torch.Tensor] = {}
+    adapter: dict[str, torch.Tensor] = {}  # rank 0: this block's adapter tensors, spilled at its end
+    parts: list[Path] = []  # the spilled blocks, assembled into adapter.safetensors at the end
     layer_configs: dict[str, Any] = {}
     fingerprints: dict[str, str] = {}
     bias_of = {name: stored_name for stored_name, name in biases.items()}
@@ -178,6 +181,7 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
         owners (rank 0 queues them); then the block's shard."""
         if world == 1:
             output.flush()
+            _spill(output.file(ADAPTER_FILE).parent, adapter, parts)
             release_freed_memory()
             return
         agree(raise_failure, f"init {method}")
@@ -201,6 +205,8 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
             if bias is not None:
                 output.add({bias[0]: bias[1]})
         output.flush()
+        if this_rank == 0:
+            _spill(output.file(ADAPTER_FILE).parent, adapter, parts)
 
     def build(name: str, stored_name: str) -> None:
         layer = layers[name]
@@ -266,7 +272,7 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
         settle()
 
         def finish() -> None:
-            _write_adapter(output.file(ADAPTER_FILE), method, layers, layer_configs, fingerprints, adapter)
+            _write_adapter(output.file(ADAPTER_FILE), method, layers, layer_configs, fingerprints, parts)
             output.copy(checkpoint.folder / "config.json")
             for file in sorted(checkpoint.folder.iterdir()):
                 if (file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES)
@@ -289,14 +295,64 @@ def _layer_owners(layers: Mapping[str, nn.Module], world: int) -> dict[str, int]
     return {name: deal[i] for i, name in enumerate(names)}
 
 
-def _write_adapter(path: Path, method: str, layers: Iterable[str], configs: dict[str, Any],
-                   fingerprints: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-    """``adapter.safetensors`` as :func:`~spectrakit.save_adapter` writes it."""
+def _spill(folder: Path, tensors: dict[str, torch.Tensor], parts: list[Path]) -> None:
+    """Write one block's adapter tensors to a part file beside the output and let them go."""
+    if not tensors:
+        return
     from safetensors.torch import save_file
+
+    part = folder / f".adapter-part-{len(parts):05d}.safetensors"
+    save_file(tensors, str(part))
+    parts.append(part)
+    tensors.clear()
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (without ``__metadata__``) and where its data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _write_adapter(path: Path, method: str, layers: Iterable[str], configs: dict[str, Any],
+                   fingerprints: dict[str, str], parts: list[Path]) -> None:
+    """``adapter.safetensors`` in :func:`~spectrakit.save_adapter`'s format, assembled from the
+    blocks' part files (their data copied in chunks, so the adapter is never held whole); the
+    parts are removed."""
 
     order = list(layers)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "method": method,
               "layers": {name: configs[name] for name in order},
               "fingerprints": {name: fingerprints[name] for name in order}}
-    save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(config)})
+    header: dict[str, Any] = {"__metadata__": {_METADATA_KEY: json.dumps(config)}}
+    offset, layout = 0, []
+    for part in parts:
+        entries, start = _header(part)
+        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
+                            "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
+        layout.append((part, start, max((e["data_offsets"][1] for e in entries.values()), default=0)))
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(len(blob).to_bytes(8, "little"))
+        handle.write(blob)
+        for part, start, length in layout:
+            with open(part, "rb") as source:
+                source.seek(start)
+                _copy_exactly(source, handle, length, 16 * 2**20)
+            part.unlink()
 
+
+def _copy_exactly(source: Any, target: Any, length: int, chunk: int) -> None:
+    left = length
+    while left > 0:
+        data = source.read(min(chunk, left))
+        if not data:
+            raise SpectrakitError(f"{source.name}: ended {left} bytes early")
+        target.write(data)
+        left -= len(data)
