@@ -137,6 +137,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
     overhead = ", ".join(f"{m} {v} {c['cold_over_none_cpu']:.2f}×"
                          for m, cs in data["models"].items() for v, c in cs["cases"].items())
     ranks = ", ".join(map(str, data["ranks"]))
+    pissa = [s for (_, v), s in speedups.items() if v.startswith("pissa")] or [float("nan")]
     text = f"""# Spectrum cache: cold vs warm
 
 Machine: {data['machine']}. No GPU. Raw data: [`cache.json`](cache.json).
@@ -165,13 +166,17 @@ most of it: every `AdaptedLinear` takes the SHA-256 of its base weight when it i
 fingerprint `save_adapter` stores and `load_adapter` checks; the cache key reuses it, so a warm
 run hashes each weight once, not twice) and subtracts `s·B·A` from it, while block Krylov at
 rank 16 costs only a few passes over the matrix itself. The warm time is therefore about one
-hash pass plus the subtraction, and the cold ÷ warm ratio is bounded by (hash + SVD) ÷ hash —
-about 3–6× here, at any model size (both grow as `m·n` for a fixed rank), and lower with more
-threads (the SVD uses them, SHA-256 does not). A higher rank gives the SVD more to do and the
-cache more to save. For **plain svd** the eigensolve grows as `m·n·min(m, n)` and the cache
-also keeps the factors of the rank kept (the `m·n·k` product that forms one side from the
-weight), so a warm run is a hash pass and two reads per layer. A cold run with the cache costs
-{overhead} of an uncached run (the hashing and the fsync'ed writes).
+hash pass plus the subtraction, and cold ÷ warm is bounded by (hash + subtraction + SVD) ÷ (hash + subtraction):
+{min(pissa):.1f}–{max(pissa):.1f}× here, about the same at any model size (all grow as `m·n`
+for a fixed rank), and lower with more threads (the SVD uses them, SHA-256 does not). A higher rank
+gives the SVD more to do and the cache more to save. For **plain svd** the eigensolve grows as
+`m·n·min(m, n)` and the cache also keeps the factors of the rank kept (the `m·n·k` product that
+forms one side from the weight), so a warm run is a hash pass and two reads per layer; on the small reference model the
+rest of `compress` (building the `LowRankLinear` layers, the same in every run) is about half of
+the warm time. The cache then holds about as many bytes as the weights (one side's vectors and
+both factors). Wall times of cold runs include waiting for each shard's and the index's fsync on
+this machine's disk. A cold run with the cache costs
+{overhead} of an uncached run, CPU time (the hashing and the writes).
 """
     with atomic_write(path) as handle:
         handle.write(text)
@@ -184,7 +189,11 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,64", help="PiSSA ranks, comma-separated")
     parser.add_argument("--only", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--out", type=Path, default=OUT, help="folder for cache.json and cache.md")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite cache.md from cache.json, no runs")
     args = parser.parse_args()
+    if args.markdown_only:
+        write_markdown(json.loads((args.out / "cache.json").read_text()), args.out / "cache.md")
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # transformers' and torchao's import-time notices
     ranks = [int(r) for r in args.ranks.split(",")]
