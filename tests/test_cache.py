@@ -348,7 +348,7 @@ def test_adapt_rank_below_a_cached_one(tmp_path):
 
 # ----- checkpoint folders (what bench/scale.py calls) --------------------------------------------------
 
-def test_low_memory_compress_and_adapter_init_take_a_cache(tmp_path):
+def test_low_memory_compress_and_adapter_init_take_a_cache(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
@@ -366,6 +366,18 @@ def test_low_memory_compress_and_adapter_init_take_a_cache(tmp_path):
         init_from_checkpoint(tmp_path / "model", "pissa", rank=4, out=tmp_path / out, cache=cache)
     assert cache.stats.misses == cache.stats.hits == 42
     _assert_bitwise(load_file(str(tmp_path / "p2" / "adapter.safetensors")),
+                    load_file(str(tmp_path / "p1" / "adapter.safetensors")))
+
+    from spectrakit.cli import main  # the same from the command line: all hits in the folder filled above
+
+    for args in (["compress", str(tmp_path / "model"), "--method", "svd", "--low-memory", "--ratio", "0.3"],
+                 ["adapter-init", str(tmp_path / "model"), "--method", "pissa", "--rank", "4"]):
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / args[0]), "--cache", str(tmp_path / "cache")]) == 0
+        err = capsys.readouterr().err
+        assert f"spectrum cache {tmp_path / 'cache'}: " in err and ", 0 misses, 0 written, 0 refused" in err, args[0]
+        assert " 0 hits" not in err
+    _assert_bitwise(load_file(str(tmp_path / "adapter-init" / "adapter.safetensors")),
                     load_file(str(tmp_path / "p1" / "adapter.safetensors")))
 
 
