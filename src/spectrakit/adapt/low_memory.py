@@ -67,7 +67,7 @@ from ..errors import SpectrakitError
 from ..weights.checkpoint import Checkpoint
 from ..weights.record import natural_key
 from .api import _METADATA_KEY, FORMAT, FORMAT_VERSION
-from .base import AdaptedLinear, block_index, find_targets, fingerprint, get_method, is_conv1d, tied_names
+from .base import AdaptedLinear, block_index, building, find_targets, fingerprint, get_method, is_conv1d, tied_names
 from .distributed import _building
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -214,8 +214,8 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
         parameters = [f"{name}.weight", *([f"{name}.bias"] if bias_name is not None else [])]
         checkpoint.materialize(model, parameters)
         mine = owner_of[name] == this_rank
-        with _building(stand_in=not mine) if world > 1 else contextlib.nullcontext() as requests:
-            wrapped = cls(layer, name=name, **plan[name])
+        with _building(stand_in=not mine) if world > 1 else contextlib.nullcontext() as requests, building(layer):
+            wrapped = cls(layer, name=name, **plan[name])  # building: a cache key reuses the constructor's hash
         shared = requests is not None and requests.asked
         config = wrapped.config()
         if cls.rewrites_base:
