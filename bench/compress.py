@@ -314,7 +314,7 @@ def bound_timing(repeats: int) -> dict[str, dict[str, float]]:
         timing[label] = {**{f"{m} {clock}": best[m][clock] for m in runs for clock in ("wall", "cpu")},
                          "svd-llm vs svd (wall)": best["svd-llm"]["wall"] / best["svd"]["wall"],
                          "svd-llm vs svd (cpu)": best["svd-llm"]["cpu"] / best["svd"]["cpu"],
-                         "linear layers (the output head is not a target)": targets,
+                         "linear layers (with the output head, which is not a target)": targets,
                          "load min": min(loads), "load max": max(loads)}
         print(f"{label}: {timing[label]}", flush=True)
     return timing
@@ -340,6 +340,8 @@ def second_half(args: argparse.Namespace, ratios: list[float]) -> None:
     only = set(args.only.split(",")) if args.only else None
     for config in second_half_configs(ratios):
         if only is not None and config["method"] not in only:
+            continue
+        if args.allocations and config["allocation"] not in args.allocations.split(","):
             continue
         extra = {"lora_lr": args.lora_lr, "lora_epochs": args.lora_epochs} if config["lora_update"] else {}
         if config["allocation"] == "sensitivity":
@@ -492,6 +494,7 @@ def main() -> None:
     parser.add_argument("--bound-only", action="store_true",
                         help="only svd-llm's time against plain svd on one Llama-3.2-1B-shaped decoder block and "
                              "on GPT-2 small, --repeats interleaved rounds (printed as JSON)")
+    parser.add_argument("--allocations", help="--second-half: only these allocations (comma-separated)")
     parser.add_argument("--only", help="--second-half, --lora-study: only these methods (comma-separated)")
     parser.add_argument("--lora-study", action="store_true",
                         help="held-out bits/byte with lora_update over a grid of learning rates and passes "

@@ -4,6 +4,7 @@ heterogeneous ratios), ASVD's sensitivity search, lora_update, against float64 g
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -189,6 +190,26 @@ def test_heterogeneous_ratios_add_up_to_the_global_budget_exactly(ratio: float) 
     # heterogeneous: the fastest-decaying q (lowest truncation loss) is compressed most
     q = [ratios[f"layers.{i}.q"] for i in range(4)]
     assert q == sorted(q, reverse=True) and q[0] > q[-1]
+
+
+def test_heterogeneous_ratios_keep_every_loss_within_the_types_worst_at_the_uniform_rank() -> None:
+    from spectrakit.compress.allocation import heterogeneous_ranks
+
+    shapes = shapes_of_one_type()
+    # nearly lossless at the uniform rank (9 at 30 %: its tail is 15 × 1e-12), but 8 large components:
+    # the smallest loss of its type, so the largest ratio, which must stop where its loss would pass the worst
+    planted = torch.cat([torch.full((8,), 100.0), torch.full((16,), 1e-12)]).double()
+    shapes["layers.4.q"] = LayerShape(24, 32, planted)
+    ratios, ranks = heterogeneous_ratios(shapes, 0.3), heterogeneous_ranks(shapes, 0.3)
+    q = [name for name in shapes if name.endswith(".q")]
+    uniform = math.floor(0.7 * 24 * 32 / 56)
+    worst = max(float(shapes[name].losses[uniform:].sum()) for name in q)
+    assert ranks["layers.4.q"] == 8  # not rank 1: below 8 its loss would be ≥ 100 > the worst (≈ 8)
+    for name in q:
+        assert float(shapes[name].losses[ranks[name]:].sum()) <= worst * (1 + 1e-12) or ranks[name] >= uniform
+    removed = sum(ratios[name] * shapes[name].dense for name in q)
+    assert removed == pytest.approx(0.3 * sum(shapes[name].dense for name in q), rel=1e-12)
+    assert ratios["layers.4.q"] == max(ratios[name] for name in q)
 
 
 def test_svd_llm_v2_layer_with_zero_truncation_loss_keeps_zero_loss() -> None:

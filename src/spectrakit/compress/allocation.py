@@ -156,8 +156,11 @@ def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[st
     nonzero one (the paper normalizes the inverse of the log loss; scaling by ``e / L_min``
     first makes every logarithm at least 1, whatever the losses' units, so the spread of the
     ratios grows only with the log of the losses' spread), and clipped to what the layer can take: no
-    less than 0 (dense) and no more than rank 1 — or, for a layer whose loss is zero, the
-    rank where its loss stays zero. The clipped ratios are rescaled (a bisection on the
+    less than 0 (dense) and no more than the smallest rank at which its loss stays within the
+    type's largest loss at the uniform rank — or, for a layer whose loss is zero, the rank
+    where its loss stays zero. (A loss measured at the uniform rank says nothing about the
+    loss far below it: without that cap a layer whose inputs span few directions, nearly
+    lossless at the uniform rank, was sent to rank 1.) The clipped ratios are rescaled (a bisection on the
     common factor) so that each type's ratios, weighted by the layers' sizes, average
     ``ratio`` exactly; so do all the layers' (when every type can reach ``ratio``).
 
@@ -176,12 +179,16 @@ def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[st
             span = layer.in_features + layer.out_features
             k = max(1, min(math.floor((1 - ratio) * layer.dense / span), layer.full_rank))
             tail = float(layer.losses[k:].sum())
-            zero = tail <= _zero_tail(layer.losses)
-            loss[name] = 0.0 if zero else math.sqrt(tail)
-            floor_rank = 1
-            if zero:  # the smallest rank that keeps the loss zero
-                tails = torch.flip(torch.cumsum(torch.flip(layer.losses, [0]), 0), [0])  # tails[i] = Σ_{j≥i}
-                floor_rank = max(1, int((tails > _zero_tail(layer.losses)).sum()))
+            loss[name] = 0.0 if tail <= _zero_tail(layer.losses) else math.sqrt(tail)
+        worst = max(loss.values()) ** 2  # the type's largest truncation loss (squared) at the uniform rank
+        for name in names:
+            layer = layers[name]
+            span = layer.in_features + layer.out_features
+            # the smallest rank whose loss stays within the type's worst at the uniform rank (zero for a
+            # zero-loss type): the loss at the uniform rank says nothing about the loss far below it
+            tails = torch.flip(torch.cumsum(torch.flip(layer.losses, [0]), 0), [0])  # tails[i] = Σ_{j≥i}
+            cap = max(worst, _zero_tail(layer.losses)) if loss[name] > 0 else _zero_tail(layer.losses)
+            floor_rank = max(1, int((tails > cap).sum()))
             lowest[name] = 0.0
             highest[name] = max(0.0, 1 - span * floor_rank / layer.dense)
         sizes = {name: layers[name].dense for name in names}
