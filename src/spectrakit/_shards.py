@@ -83,14 +83,16 @@ class ShardedOutput:
                 raise SpectrakitError(f"tensor {name} is written twice")
             self.pending[name] = tensor.detach().to("cpu").contiguous()
 
+    def pending_bytes(self) -> int:
+        """Bytes of the tensors queued for the next shard."""
+        return sum(t.numel() * t.element_size() for t in self.pending.values())
+
     def flush(self) -> None:
         """Write the queued tensors as one shard and let them go (nothing queued: no shard)."""
         if not self.pending:
             return
-        from safetensors.torch import save_file
-
         file = self.tmp / f"model-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
+        write_safetensors(file, self.pending, {"format": "pt"})
         self.total_size += sum(t.numel() * t.element_size() for t in self.pending.values())
         self.shards.append((file, list(self.pending)))
         self.pending = {}
@@ -159,6 +161,43 @@ class ShardedOutput:
         self.pending = {}
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+
+
+#: safetensors' names of the torch dtypes
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into one ``bytes`` object, so a
+    shard briefly costs twice its size; here the header is written, then each (CPU,
+    contiguous) tensor's bytes straight from its storage.
+
+    Args:
+        path: the file to write.
+        tensors: name → CPU contiguous tensor, in the order the data is laid out.
+        metadata: the header's ``__metadata__`` (strings).
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise SpectrakitError(f"tensor {name}: dtype {tensor.dtype} cannot be written to safetensors")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(len(blob).to_bytes(8, "little"))
+        handle.write(blob)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def shard_files(index: Path) -> list[Path]:
