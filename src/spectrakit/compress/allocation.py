@@ -173,11 +173,11 @@ def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[st
         groups.setdefault(layer_type(name, layer), []).append(name)
     ratios: dict[str, float] = {}
     for names in groups.values():
-        loss, lowest, highest = {}, {}, {}
+        loss, lowest, highest, uniform = {}, {}, {}, {}
         for name in names:
             layer = layers[name]
             span = layer.in_features + layer.out_features
-            k = max(1, min(math.floor((1 - ratio) * layer.dense / span), layer.full_rank))
+            k = uniform[name] = max(1, min(math.floor((1 - ratio) * layer.dense / span), layer.full_rank))
             tail = float(layer.losses[k:].sum())
             loss[name] = 0.0 if tail <= _zero_tail(layer.losses) else math.sqrt(tail)
         worst = max(loss.values()) ** 2  # the type's largest truncation loss (squared) at the uniform rank
@@ -187,8 +187,12 @@ def heterogeneous_ratios(layers: dict[str, LayerShape], ratio: float) -> dict[st
             # the smallest rank whose loss stays within the type's worst at the uniform rank (zero for a
             # zero-loss type): the loss at the uniform rank says nothing about the loss far below it
             tails = torch.flip(torch.cumsum(torch.flip(layer.losses, [0]), 0), [0])  # tails[i] = Σ_{j≥i}
-            cap = max(worst, _zero_tail(layer.losses)) if loss[name] > 0 else _zero_tail(layer.losses)
-            floor_rank = max(1, int((tails > cap).sum()))
+            if loss[name] > 0:  # its own loss at the uniform rank is within the worst by definition (the
+                # cumulative sums round differently from the tail above, hence the min and the margin)
+                floor_rank = min(uniform[name], int((tails > worst * (1 + 1e-9)).sum()))
+            else:
+                floor_rank = int((tails > _zero_tail(layer.losses)).sum())
+            floor_rank = max(1, floor_rank)
             lowest[name] = 0.0
             highest[name] = max(0.0, 1 - span * floor_rank / layer.dense)
         sizes = {name: layers[name].dense for name in names}
