@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                         dtype=torch.float64 if args.float64 else None, farms=not args.no_farms,
                         xmin=args.xmin, mp_fit=args.mp_fit, conv_input_shape=args.conv_input,
                         progress=not args.quiet, conv=args.conv, conv2d_norm=not args.no_conv2d_norm,
-                        workers=args.workers, threads=args.threads, cache=cache)
+                        workers=args.workers, threads=args.threads, cache=cache,
+                        keep_spectra=not args.no_html)  # only the HTML report plots the spectra
     if rank == 0:
         report_cache(cache, args.quiet)
         _write(table, Path(args.out), "spectra", args.quiet)

@@ -47,6 +47,7 @@ class AnalyzeOptions:
     conv2d_norm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     cache: SpectrumCache | None = None  # travels to threads, workers and ranks (it pickles as its folder)
+    keep_spectra: bool = True  # False: each result drops its σ and FARMS ESD (only the report plots them)
 
     def wants_kernel(self, kind: str) -> bool:
         """Whether this record's spectrum needs the raw kernel (conv operator or per-tap slices)."""
@@ -195,6 +196,8 @@ def analyze_record(record: MatrixRecord, options: AnalyzeOptions) -> MatrixResul
         try:
             kernel = record.load() if options.wants_kernel(record.kind) else None
             metrics, spectrum, farms_evals = matrix_metrics(record.matrix(), options, kernel)
+            if not options.keep_spectra:  # a streamed run over many matrices would hold them all
+                spectrum = farms_evals = None
             return MatrixResult(record.name, metrics, spectrum, farms_evals)
         except SpectrakitError as error:
             reason = str(error)
@@ -299,7 +302,8 @@ def analyze(source: Any, *, farms: bool = True, include: str | Sequence[str] | N
     options = AnalyzeOptions(method=method, dtype=dtype, esd=esd, xmin=xmin, farms=farms,
                              farms_xmin=farms_xmin, mp_fit=mp_fit,
                              conv_input_shape=None if conv_input_shape is None else tuple(conv_input_shape),
-                             conv=conv, conv2d_norm=bool(conv2d_norm), cache=as_cache(cache))
+                             conv=conv, conv2d_norm=bool(conv2d_norm), cache=as_cache(cache),
+                             keep_spectra=bool(keep_spectra))
     records = list(iter_matrices(source, include=include, exclude=exclude))
     check_selection(source, records, include, exclude)
     check_conv_input(records, options.conv_input_shape)
