@@ -7,12 +7,11 @@ chosen on the model skeleton (parameters on the meta device, built from ``config
 and the checkpoint's tensors are then read one at a time in name order. A targeted
 weight (with its bias) is put into its layer, the method's own class wraps it (the same
 SVD, the same ``W_res = W − s·B A`` as in memory), the adapter's tensors are kept and the
-residual weight is written (a shard once the queued residuals pass two of the largest
-weights, and at each block's end); every other tensor is copied as it is. Each block's adapter
+residual weight is written; every other tensor is copied as it is. Each block's adapter
 tensors go to a part file at the block's end, and ``adapter.safetensors`` is assembled from
 the parts by copying bytes, so memory holds one block, not the whole adapter. ``DIR`` then holds
 
-* the residual checkpoint: ``config.json``, safetensors shards (a few per block) and
+* the residual checkpoint: ``config.json``, safetensors shards (one per block) and
   ``model.safetensors.index.json``, with the source folder's tokenizer files, loadable with
   ``transformers``' ``from_pretrained(DIR)``;
 * ``adapter.safetensors``, in :func:`~spectrakit.save_adapter`'s format:
@@ -165,10 +164,6 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
     bias_of = {name: stored_name for stored_name, name in biases.items()}
     stored = sorted(checkpoint.tensors, key=natural_key)
     owner_of = _layer_owners(layers, world)
-    # a shard is written once its residuals pass two of the largest weights, so the residuals
-    # queued for writing stay well below a block (the block's shard would hold them all)
-    shard_limit = 2 * max((layer_weight(layer).numel() * layer_weight(layer).element_size()
-                           for layer in layers.values()), default=0)
     # this block's layers whose SVD another rank computes: (stored weight name, base weight if kept, bias)
     awaited: dict[str, tuple[str, torch.Tensor | None, tuple[str, torch.Tensor] | None]] = {}
     asked: list[str] = []  # this block's layers whose method asked for factors (the same on every rank)
@@ -247,8 +242,6 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
                 output.add({stored_name: residual})
                 if bias is not None:
                     output.add({str(bias_name): bias})
-                if output.pending_bytes() >= shard_limit:
-                    output.flush()
         del wrapped, residual, bias
         Checkpoint.release(layer)
 
@@ -259,7 +252,7 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
         for stored_name in progress_bar(stored, total=len(stored), desc=f"init {method}",
                                         enabled=progress and this_rank == 0, unit="tensor"):
             group = block_index(stored_name)
-            if group != current:  # a shard at the end of each block, as the blocks come
+            if group != current:  # one shard per block, as the blocks come
                 settle()
                 current = group
             if stored_name in biases:
