@@ -83,10 +83,6 @@ class ShardedOutput:
                 raise SpectrakitError(f"tensor {name} is written twice")
             self.pending[name] = tensor.detach().to("cpu").contiguous()
 
-    def pending_bytes(self) -> int:
-        """Bytes of the tensors queued for the next shard."""
-        return sum(t.numel() * t.element_size() for t in self.pending.values())
-
     def flush(self) -> None:
         """Write the queued tensors as one shard and let them go (nothing queued: no shard)."""
         if not self.pending:
