@@ -1,7 +1,8 @@
 """Checkpoints larger than memory: spectrakit's streamed paths and weightwatcher on one sharded Llama folder.
 
 Run:  python bench/scale.py generate [--size-gb 8.6]
-      python bench/scale.py run [--size-gb 8.6] [--only analyze,analyze-2,...] [--timeout 600] [--json out.json]
+      python bench/scale.py run [--size-gb 8.6] [--only analyze,analyze-2:900,...] [--timeout 600] [--json out.json]
+      python bench/scale.py report --merge a.json b.json --json all.json   (the tables of several runs)
 
 ``generate`` writes, once, a Llama-architecture checkpoint of random float32 weights (seeded, each
 tensor from its own generator, so a tensor's values do not depend on the order of writing) as
@@ -24,8 +25,10 @@ process): wall time, and peak resident memory of the whole process tree (psutil,
   cache filled by the cold run;
 * ``pissa`` / ``pissa-2`` / ``pissa-warm``: PiSSA adapter init from the folder
   (``spectrakit.adapt.init_from_checkpoint``), cold, under torchrun, with a warm cache;
-* ``baseline``: the interpreter with torch, transformers and spectrakit imported, nothing else —
-  subtracted to give the memory each path adds.
+* ``baseline``: the interpreter with torch, transformers (and its Llama modeling code, which
+  building the skeleton imports: 124 MB of heap) and spectrakit imported, nothing else —
+  subtracted to give the memory each path adds; ``baseline-cli``: what ``spectrakit analyze``
+  imports; ``baseline-ww``: weightwatcher imported.
 
 The "largest block" is the bytes of the biggest decoder block's tensors (its attention and MLP
 matrices and norms); the issue's bar is a peak of at most 1.5× that.
@@ -248,11 +251,13 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
     proc = subprocess.Popen(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=ROOT)
     peak_tree, timed_out, status = 0, False, 0
+    usage: Any = None
+    cpu: dict[int, float] = {}  # each process's user + system seconds, as last polled
     hwm: dict[int, int] = {}
     anon: dict[int, int] = {}  # polled: the kernel keeps no high-water mark of these two
     mapped: dict[int, int] = {}
     while True:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             break
         try:
@@ -262,6 +267,8 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
             for member in tree:
                 try:
                     total += member.memory_info().rss
+                    times = member.cpu_times()
+                    cpu[member.pid] = times.user + times.system
                     status_now = memory_status(member.pid)
                     hwm[member.pid] = max(hwm.get(member.pid, 0), status_now.get("VmHWM", 0))
                     anon[member.pid] = max(anon.get(member.pid, 0), status_now.get("RssAnon", 0))
@@ -274,7 +281,7 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
         if time.perf_counter() - start > timeout:
             timed_out = True
             os.killpg(proc.pid, 9)
-            _, status = os.waitpid(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)
             break
         time.sleep(poll)
     wall = time.perf_counter() - start
@@ -287,7 +294,11 @@ def measure(command: list[str], timeout: float, *, poll: float = 0.02) -> dict[s
     for line in output.splitlines():
         if line.startswith("SCALE_RESULT "):
             result = json.loads(line.removeprefix("SCALE_RESULT "))
-    return {"command": command, "wall_s": wall, "timed_out": timed_out, "returncode": proc.returncode,
+    # CPU seconds of the whole tree (the kernel's, for the child and every descendant it reaped) and of
+    # its busiest process (polled): with one thread per process these do not grow with other agents' load
+    cpu_tree = usage.ru_utime + usage.ru_stime if usage is not None else math.nan
+    return {"command": command, "wall_s": wall, "cpu_s": cpu_tree, "cpu_s_max_process": max(cpu.values(), default=0.0),
+            "timed_out": timed_out, "returncode": proc.returncode,
             "peak_rss_tree": peak_tree, "peak_rss_process": max(hwm.values(), default=0),
             "peak_anon_process": max(anon.values(), default=0), "peak_file_process": max(mapped.values(), default=0),
             "result": result, "tail": "\n".join(output.splitlines()[-15:]) if proc.returncode else ""}
@@ -345,7 +356,11 @@ def child(task: str, folder: Path, out: Path | None, cache: Path | None, warm: b
     rank = join_group()
     start = time.perf_counter()
     info: dict[str, Any] = {}
-    if task in ("baseline", "baseline-cli"):
+    if task == "baseline":
+        # what building the Llama skeleton imports (transformers loads the modeling code lazily):
+        # 124 MB of resident heap on this machine that no streamed path can avoid
+        import transformers.models.llama.modeling_llama  # noqa: F401
+    elif task == "baseline-cli":
         pass
     elif task == "baseline-ww":
         import weightwatcher  # noqa: F401
@@ -493,27 +508,38 @@ def baseline_of(name: str) -> str:
     return {"analyze": "baseline-cli", "weightwatcher": "baseline-ww"}.get(name.split("-")[0], "baseline")
 
 
+def seconds(value: float) -> object:
+    """Seconds as the table shows them: whole from 100 on (``.3g`` would write 1.4e+03), else 0.1."""
+    if math.isnan(value):
+        return "–"
+    return int(round(value)) if abs(value) >= 100 else round(value, 1)
+
+
 def report(results: dict[str, Any], facts: dict[str, Any]) -> str:
     block = facts["largest_block_bytes"]
     rows = []
     for name, r in results.items():
         if "skipped" in r:
-            rows.append([name, r["skipped"]] + [""] * 9)
+            rows.append([name, r["skipped"]] + [""] * 11)
             continue
         peak = r["peak_rss_process"]
         base = results.get(baseline_of(name), {}).get("peak_rss_process", 0)
         if "unavailable" in r["result"]:
-            rows.append([name, "not available: " + r["result"]["unavailable"]] + [""] * 9)
+            rows.append([name, "not available: " + r["result"]["unavailable"]] + [""] * 11)
             continue
         rows.append([name, "timed out" if r["timed_out"] else ("failed" if r["returncode"] else "ok"),
-                     round(r["wall_s"], 1), r["result"].get("work_s", math.nan), round(r["peak_rss_tree"] / 1e6),
+                     seconds(r["wall_s"]), seconds(r["result"].get("work_s", math.nan)),
+                     seconds(r.get("cpu_s", math.nan)), seconds(r.get("cpu_s_max_process", math.nan)),
+                     round(r["peak_rss_tree"] / 1e6),
                      round(peak / 1e6), round(r.get("peak_anon_process", 0) / 1e6),
                      round(r.get("peak_file_process", 0) / 1e6), round(peak / block, 2), round((peak - base) / 1e6),
                      round((peak - base) / block, 2)])
-    table = markdown_table(["run", "status", "wall s", "work s", "peak tree MB", "peak process MB",
+    table = markdown_table(["run", "status", "wall s", "work s", "CPU s (tree)", "CPU s (busiest process)",
+                            "peak tree MB", "peak process MB",
                             "of it anon. MB", "file MB", "process ÷ block", "process − baseline MB",
                             "(process − baseline) ÷ block"], rows)
-    return table + "\n\n" + markdown_table(["ratio", "wall", "without start-up"], ratios(results))
+    return table + "\n\n" + markdown_table(["ratio", "wall", "wall without start-up", "CPU (busiest process)",
+                                            "CPU without start-up"], ratios(results))
 
 
 RATIOS = (("analyze-2", "analyze", "2 ranks ÷ 1 rank"), ("compress-svd-2", "compress-svd", "2 ranks ÷ 1 rank"),
@@ -522,12 +548,13 @@ RATIOS = (("analyze-2", "analyze", "2 ranks ÷ 1 rank"), ("compress-svd-2", "com
           ("weightwatcher", "analyze", "weightwatcher ÷ analyze"))
 
 
-def startup(results: dict[str, Any], name: str) -> float:
-    """Seconds an empty run of the same launcher takes (interpreter, imports, torchrun's rendezvous)."""
+def startup(results: dict[str, Any], name: str, key: str = "wall_s") -> float:
+    """Seconds (``key``: wall, or the busiest process's CPU) an empty run of the same launcher
+    takes (interpreter, imports, torchrun's rendezvous)."""
     ranks = "-2" if name.endswith("-2") else ""
     reference = ("baseline-cli" if name.startswith("analyze") else baseline_of(name)) + ranks
     run = results.get(reference, {})
-    return run["wall_s"] if run.get("returncode") == 0 else 0.0
+    return float(run.get(key, 0.0)) if run.get("returncode") == 0 else 0.0
 
 
 def ratios(results: dict[str, Any]) -> list[list[object]]:
@@ -540,13 +567,20 @@ def ratios(results: dict[str, Any]) -> list[list[object]]:
         if ok(top) and ok(bottom):
             a, b = results[top]["wall_s"], results[bottom]["wall_s"]
             a_net, b_net = a - startup(results, top), b - startup(results, bottom)
-            rows.append([f"{top} ÷ {bottom} ({label})", round(a / b, 3), round(a_net / b_net, 3)])
+            # with one thread per process, the busiest process's CPU seconds are the wall time a
+            # machine with a free core per rank would show (other agents' load does not enter)
+            key = "cpu_s_max_process"
+            cpu_a, cpu_b = (results[n].get(key, math.nan) for n in (top, bottom))
+            cpu_a_net, cpu_b_net = cpu_a - startup(results, top, key), cpu_b - startup(results, bottom, key)
+            rows.append([f"{top} ÷ {bottom} ({label})", round(a / b, 3), round(a_net / b_net, 3),
+                         round(cpu_a / cpu_b, 3) if cpu_b else math.nan,
+                         round(cpu_a_net / cpu_b_net, 3) if cpu_b_net else math.nan])
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["generate", "run", "child"])
+    parser.add_argument("action", choices=["generate", "run", "child", "report"])
     parser.add_argument("task", nargs="?", help="child only: the path to run")
     parser.add_argument("--size-gb", type=float, default=8.6, help="checkpoint size in 10⁹ bytes (default 8.6)")
     parser.add_argument("--only", help="comma-separated runs, in this order, each NAME or NAME:SECONDS (its own "
@@ -560,6 +594,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json")
     parser.add_argument("--scratch", help="folder for outputs and caches (default: a fresh one under bench/.cache)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--merge", nargs="*", default=[], help="report: JSON files of run (later ones win per "
+                        "run), merged into --json and printed as the tables")
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -568,6 +604,14 @@ def main() -> None:
     if args.action == "generate":
         folder = checkpoint(args.size_gb)
         print(folder, sizes(folder))
+    elif args.action == "report":
+        merged: dict[str, Any] = {}
+        for name in args.merge:
+            part = json.loads(Path(name).read_text())
+            merged = {**part, "runs": {**merged.get("runs", {}), **part["runs"]}}
+        if args.json:
+            Path(args.json).write_text(json.dumps(merged, indent=1))
+        print(report(merged["runs"], merged["sizes"]))
     elif args.action == "child":
         child(args.task, args.folder, args.out, args.cache, args.warm,
               tuple(int(v) for v in args.calibration.split("x")))  # type: ignore[arg-type]
