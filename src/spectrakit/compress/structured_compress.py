@@ -100,7 +100,7 @@ def compress_structured(model: nn.Module, method: str, *, ratio: float | None, r
 
 #: how far above ``ratio`` the removed fraction may land before a warning (a structure comes in
 #: steps of ``blocks·(in + out)`` weights, so an exact budget is rare)
-OVERSHOOT = 0.05
+_OVERSHOOT = 0.05
 
 
 def _warn_off_budget(method: str, ratio: float, layers: dict[str, LayerReport], before: int, after: int) -> None:
@@ -112,7 +112,7 @@ def _warn_off_budget(method: str, ratio: float, layers: dict[str, LayerReport], 
         warnings.warn(f"{method}: ratio={ratio} is out of reach: {len(dense)} of {len(layers)} layers (e.g. "
                       f"{dense[0]}) have no {method} structure within their budget and stay dense, so only "
                       f"{removed:.1%} of the targeted weights were removed", CompressionWarning, stacklevel=4)
-    elif removed > ratio + OVERSHOOT:
+    elif removed > ratio + _OVERSHOOT:
         name, worst = max(((n, r) for n, r in layers.items() if r.replaced),
                           key=lambda item: item[1].parameters_before - item[1].parameters_after)
         limit = ("at most gcd(in, out) blocks of rank 1" if method == "monarch"
