@@ -322,7 +322,7 @@ def compress(model: nn.Module | str | os.PathLike[str], method: str = "svd-llm",
         return dispatch(model, method, sequential=sequential, low_memory=low_memory, out=out, ratio=ratio, rank=rank,
                         energy=energy, calibration=calibration, allocation=allocation, targets=targets,
                         only_if_smaller=only_if_smaller, svd_method=svd_method, progress=progress,
-                        lora_update=lora_update, options=options, cache=cache)
+                        lora_update=lora_update, options=options, cache=cache, distributed=distributed)
     if not isinstance(model, nn.Module):
         raise SpectrakitError(f"model: expected a torch.nn.Module or a checkpoint folder, got {type(model).__name__}")
     if (method == "modegpt" or method in STRUCTURES) and (lora_update or search_batches is not None):
