@@ -165,6 +165,35 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
+class DiscardedOutput:
+    """What a ``torchrun`` rank other than 0 writes into: nothing (rank 0 writes the output).
+    It takes every call a :class:`ShardedOutput` takes."""
+
+    def __enter__(self) -> DiscardedOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add(self, tensors: Any) -> None:
+        """Drops ``tensors`` (args: ``tensors``, what rank 0 would write)."""
+
+    def flush(self) -> None:
+        """Nothing to write."""
+
+    def write_text(self, name: str, text: str) -> None:
+        """Drops a text file (args: ``name``, ``text``)."""
+
+    def write_json(self, name: str, value: Any) -> None:
+        """Drops a JSON file (args: ``name``, ``value``)."""
+
+    def copy(self, source: Path) -> None:
+        """Drops a copied file (args: ``source``)."""
+
+    def commit(self) -> None:
+        """Nothing to put in place."""
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """A safetensors file written tensor by tensor from the tensors' own memory.
 

@@ -60,7 +60,7 @@ from torch import nn
 from .._distributed import agree, distributed_group, exchange, owners
 from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
-from .._shards import ShardedOutput
+from .._shards import DiscardedOutput, ShardedOutput
 from .._targets import layer_weight
 from ..cache import use_cache
 from ..errors import SpectrakitError
@@ -111,28 +111,6 @@ def init_from_checkpoint(source_dir: str | os.PathLike[str], method: str, rank: 
     group = distributed_group(distributed)
     with contextlib.nullcontext() if cache is None else use_cache(cache):  # the methods' SVDs read it
         return _init(source_dir, method, cls, rank, out, targets, progress, options, group)
-
-
-class _Discard:
-    """What a rank other than 0 writes into: nothing."""
-
-    def __enter__(self) -> _Discard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add(self, tensors: Any) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def copy(self, source: Path) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
 
 
 def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLinear], rank: int,
@@ -246,7 +224,7 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
         Checkpoint.release(layer)
 
     # rank 0 writes; every rank learns at once if the folder cannot be written
-    opened: Any = agree(lambda: ShardedOutput(out, marker=ADAPTER_FILE) if this_rank == 0 else _Discard(), "out")
+    opened: Any = agree(lambda: ShardedOutput(out, marker=ADAPTER_FILE) if this_rank == 0 else DiscardedOutput(), "out")
     with opened as output:
         current: int | None = None
         for stored_name in progress_bar(stored, total=len(stored), desc=f"init {method}",

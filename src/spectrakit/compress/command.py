@@ -116,6 +116,20 @@ def _load_source(source: str | None, needs_text: bool = True) -> tuple[Any, Any]
     return model.eval(), tokenizer
 
 
+def calibration_text(args: argparse.Namespace) -> bytes:
+    """The calibration text: ``--calib-text``'s file, else enough of the code corpus's
+    training split for ``--calib`` windows of ``--seq-len`` (args: ``args``, the parsed CLI)."""
+    from .. import data
+    from ..errors import SpectrakitError
+
+    if not args.calib_text:
+        return data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
+    try:
+        return Path(args.calib_text).read_bytes()
+    except OSError as error:
+        raise SpectrakitError(f"--calib-text {args.calib_text}: {error.strerror or error}") from None
+
+
 def calibration_batches(text: bytes, tokenizer: Any, count: int, seq_len: int, batch_size: int,
                         seed: int) -> list[Any]:
     """``count`` windows of ``seq_len`` tokens in batches of ``batch_size`` (bytes or token ids)."""
@@ -166,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, rank: int, cache: Any = None) -> int:
-    from .. import data
     from .._atomic import atomic_write
     from .._distributed import agree
     from ..errors import SpectrakitError
@@ -201,14 +214,8 @@ def _run(args: argparse.Namespace, rank: int, cache: Any = None) -> int:
     model, tokenizer = agree(lambda: _load_source(args.source, needs_text=calibrates), "load")
     calibration = None
     if calibrates:
-        if args.calib_text:
-            try:
-                text = Path(args.calib_text).read_bytes()
-            except OSError as error:
-                raise SpectrakitError(f"--calib-text {args.calib_text}: {error.strerror or error}") from None
-        else:
-            text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
-        calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
+        calibration = calibration_batches(calibration_text(args), tokenizer,
+                                          args.calib, args.seq_len, args.batch_size, args.seed)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             # the text is both the encoder's input and the decoder's target
             calibration = [{"input_ids": ids, "labels": ids} for ids in calibration]

@@ -58,7 +58,7 @@ from torch import nn
 from .._distributed import agree, distributed_group, exchange
 from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
-from .._shards import ShardedOutput
+from .._shards import DiscardedOutput, ShardedOutput
 from .._targets import layer_weight
 from ..cache import use_cache
 from ..errors import SpectrakitError
@@ -113,34 +113,6 @@ def _release_parameters(model: nn.Module, names: Iterable[str], aliases: dict[st
 def _write_shard(output: Any, tensors: dict[str, Any]) -> None:
     output.add(tensors)
     output.flush()
-
-
-class _Discard:
-    """What a rank other than 0 writes into: nothing (rank 0 writes the output)."""
-
-    def __enter__(self) -> _Discard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add(self, tensors: Any) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def write_text(self, name: str, text: str) -> None:
-        pass
-
-    def write_json(self, name: str, value: Any) -> None:
-        pass
-
-    def copy(self, source: Path) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
 
 
 def _capture_share(model: nn.Module, block: nn.Module, calibration: Iterable[Any], group: tuple[int, int] | None,
@@ -286,7 +258,7 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
     reports: dict[str, Any] = {}
     calibration_seconds = 0.0
     # rank 0 writes; every rank learns at once if the folder cannot be written
-    opened: Any = agree(lambda: ShardedOutput(out, marker=persist.CONFIG) if this_rank == 0 else _Discard(),
+    opened: Any = agree(lambda: ShardedOutput(out, marker=persist.CONFIG) if this_rank == 0 else DiscardedOutput(),
                          "out")
     with opened as output:
         # 1. embeddings and the rest outside the blocks (but the head): the first block's inputs, then shard 1
@@ -439,10 +411,9 @@ def run_command(args: Any) -> int:
     import json
     import sys
 
-    from .. import data
     from .._atomic import atomic_write
     from .api import compress
-    from .command import calibration_batches
+    from .command import calibration_batches, calibration_text
 
     if args.source is None:
         raise SpectrakitError("--low-memory needs SOURCE, a Hugging Face checkpoint folder (the bundled reference "
@@ -456,14 +427,8 @@ def run_command(args: Any) -> int:
     calibration = None
     if args.method != "svd":
         tokenizer = _tokenizer(folder, checkpoint_config)
-        if args.calib_text:
-            try:
-                text = Path(args.calib_text).read_bytes()
-            except OSError as error:
-                raise SpectrakitError(f"--calib-text {args.calib_text}: {error.strerror or error}") from None
-        else:
-            text = data.code_corpus("train", max_bytes=max(2_000_000, 4 * args.calib * args.seq_len))
-        calibration = calibration_batches(text, tokenizer, args.calib, args.seq_len, args.batch_size, args.seed)
+        calibration = calibration_batches(calibration_text(args), tokenizer,
+                                          args.calib, args.seq_len, args.batch_size, args.seed)
     from .._distributed import torchrun_group
 
     with torchrun_group() as rank, warnings.catch_warnings(record=True) as caught:  # under torchrun: rank 0 writes
