@@ -43,6 +43,8 @@ RANK_SCRIPT = textwrap.dedent('''
     batches = torch.load(Path(folder) / "batches.pt", weights_only=True)
     sk.compress(folder, "svd", ratio=0.3, out=out / "svd", low_memory=True)
     report = sk.compress(folder, "svd-llm", ratio=0.3, calibration=batches, out=out / "svd-llm", low_memory=True)
+    # one batch for two ranks: rank 1 has none of its own, yet takes part in every block's collectives
+    sk.compress(folder, "svd-llm", ratio=0.3, calibration=batches[:1], out=out / "svd-llm-one", low_memory=True)
     sk.adapt.init_from_checkpoint(folder, "pissa", rank=4, out=out / "pissa")
     torch.manual_seed(5)  # lora's random A: every rank draws alike, rank 0 writes its own
     sk.adapt.init_from_checkpoint(folder, "lora", rank=4, out=out / "lora")
@@ -131,6 +133,9 @@ def test_low_memory_compress_under_torchrun_equals_one_process(launched, tmp_pat
     report = _one_process(lambda: sk.compress(folder, "svd-llm", ratio=0.3, calibration=batches,
                                               out=tmp_path / "svd-llm", low_memory=True, distributed=False))
     _compare(tmp_path / "svd-llm", out / "svd-llm", rtol=1e-4)  # the Gram sums are added in another order
+    _one_process(lambda: sk.compress(folder, "svd-llm", ratio=0.3, calibration=batches[:1],
+                                     out=tmp_path / "svd-llm-one", low_memory=True, distributed=False))
+    _compare(tmp_path / "svd-llm-one", out / "svd-llm-one", rtol=1e-4)  # fewer batches than ranks
     first, second = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert first["tokens"] == second["tokens"] == report.calibration_tokens == 5 * 2 * 16  # every batch once
     assert first["ranks"] == second["ranks"] == report.ranks

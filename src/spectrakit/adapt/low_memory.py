@@ -256,9 +256,9 @@ def _init(source_dir: str | os.PathLike[str], method: str, cls: type[AdaptedLine
                 if (file.is_file() and file.name != "config.json" and not file.name.endswith(_WEIGHT_SUFFIXES)
                         and not file.name.startswith(".") and file.stat().st_size <= _COPY_LIMIT):
                     output.copy(file)
-            output.commit()
 
-        agree(finish if this_rank == 0 else lambda: None, "write")  # the folder appears only if all got here
+        agree(finish if this_rank == 0 else lambda: None, "write")
+        output.commit()  # the folder appears only once every rank got here
     return Path(out)
 
 

@@ -55,7 +55,7 @@ from typing import Any
 
 from torch import nn
 
-from .._distributed import agree, distributed_group, exchange
+from .._distributed import _comm_device, agree, distributed_group, exchange
 from .._memory import release_freed_memory
 from .._progress import progress as progress_bar
 from .._shards import DiscardedOutput, ShardedOutput
@@ -142,7 +142,7 @@ def _capture_share(model: nn.Module, block: nn.Module, calibration: Iterable[Any
         return capture_inputs(model, block, batches, progress=progress and rank == 0)
 
     inputs = agree(work, "calibration")
-    tokens = torch.tensor([inputs.tokens], dtype=torch.int64)
+    tokens = torch.tensor([inputs.tokens], dtype=torch.int64, device=_comm_device())  # nccl takes no CPU tensor
     dist.all_reduce(tokens)
     return inputs, int(tokens.item())
 
@@ -303,8 +303,8 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
             del matrices, block_layers
             grouped[index] = {}  # the dense layers are not kept
             block = blocks[index]  # its layers were replaced in place
-            if solver.needs and index < len(blocks) - 1 and inputs.hidden:
-                agree(partial(run_block, block, inputs), "calibration")
+            if solver.needs and index < len(blocks) - 1:  # a collective: every rank, batches of its own or not
+                agree(partial(run_block, block, inputs) if inputs.hidden else lambda: None, "calibration")
             agree(partial(_write_shard, output, block.state_dict(prefix=f"{name}.")), "write")
             Checkpoint.release(block)
             release_freed_memory()  # glibc would otherwise keep the freed block in a fragmented heap
@@ -337,9 +337,9 @@ def compress_checkpoint(source: str | os.PathLike[str], method: str, solver: Any
                 "architecture": persist._hf_class(model) or "module", "layers": persist._layers(model),
                 "dtype": str(dtype).removeprefix("torch."), "buffer_dtypes": buffers, "report": report.to_dict(),
                 "source": str(Path(source))})
-            output.commit()
 
-        agree(finish, "write")  # the folder appears only if every rank got here
+        agree(finish, "write")
+        output.commit()  # the folder appears only once every rank got here
     return report
 
 
