@@ -27,7 +27,7 @@ import transformers  # noqa: E402
 import spectrakit as sk  # noqa: E402
 
 RANK_SCRIPT = textwrap.dedent('''
-    import importlib, json, sys
+    import importlib, json, os, sys
     from pathlib import Path
 
     import torch
@@ -71,7 +71,10 @@ RANK_SCRIPT = textwrap.dedent('''
             setattr(module, attribute, original)
     (out / f"rank{rank}.json").write_text(json.dumps({"tokens": report.calibration_tokens, "ranks": report.ranks,
                                                       "failures": failures}))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: a gloo thread joinable at exit could abort the rank
 ''')
 
 
