@@ -105,8 +105,14 @@ def check_writable_folder(path: str | os.PathLike, option: str = "--out") -> Pat
     if ancestor.exists() and not ancestor.is_dir():
         raise SpectrakitError(f"{option} {folder}: {ancestor} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".spectrakit-write-check.", dir=folder)
+        for attempt in range(3):
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".spectrakit-write-check.", dir=folder)
+                break
+            except FileNotFoundError:  # another process (a torchrun rank) checking the same --out removed
+                if attempt == 2:       # the folder it had created between our mkdir and our probe
+                    raise
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
